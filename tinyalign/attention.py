@@ -1,0 +1,124 @@
+"""Attention: one function, two paths.
+
+* `flex`: FlexAttention (`torch.nn.attention.flex_attention`) compiled with `torch.compile`. The
+  mask is a tiny Python `mask_mod(b, h, q_idx, kv_idx) -> bool` that the compiler fuses into the
+  kernel, so padding, causality and (later) packing cost no [T, T] tensor at all.
+* `eager`: the textbook softmax(QK^T / sqrt(d)) V on a dense boolean mask made from the very same
+  `mask_mod`. It is kept as the reference the tests hold the fast path to, nothing else.
+
+The model builds one `AttentionMask` per forward pass and `prepare()`s it once; every layer then
+calls `attend(q, k, v, prepared)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+# Compiled kernels are specialised to shapes. Sequence lengths are rounded up to this multiple so
+# one compiled kernel serves every length in a bucket (a new length would otherwise recompile).
+LENGTH_BUCKET = 128
+
+
+@dataclass
+class AttentionMask:
+    """Which keys each query may see.
+
+    key_valid: [B, S] bool, False for padding keys (None: all valid).
+    causal: query i sees key j only if j <= i + query_offset.
+    query_offset: [] long tensor, the key index of query 0 (non-zero when decoding with a KV cache).
+        A tensor, not an int, so a compiled kernel does not specialise on the decoding step.
+    """
+
+    key_valid: torch.Tensor | None = None
+    causal: bool = True
+    query_offset: torch.Tensor | None = None
+
+    def mask_mod(self):
+        key_valid, causal = self.key_valid, self.causal
+        offset = self.query_offset if self.query_offset is not None else 0
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            visible = key_valid[b, kv_idx]
+            if causal:
+                visible = visible & (kv_idx <= q_idx + offset)
+            return visible
+
+        return mask_mod
+
+
+@dataclass
+class PreparedMask:
+    """An AttentionMask in the form one backend consumes, built once and shared by all layers."""
+
+    backend: str
+    q_len: int  # true lengths; the flex path pads up to a bucket and slices back
+    kv_len: int
+    q_padded: int = 0
+    kv_padded: int = 0
+    block_mask: BlockMask | None = None  # flex
+    dense: torch.Tensor | None = None  # eager: [B, 1, Q, KV] bool
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def prepare(mask: AttentionMask, batch: int, q_len: int, kv_len: int, device, backend: str = "flex") -> PreparedMask:
+    key_valid = mask.key_valid
+    if key_valid is None:
+        key_valid = torch.ones(batch, kv_len, dtype=torch.bool, device=device)
+    if backend == "eager":
+        full = AttentionMask(key_valid, mask.causal, mask.query_offset).mask_mod()
+        b = torch.arange(batch, device=device)[:, None, None, None]
+        q = torch.arange(q_len, device=device)[None, None, :, None]
+        kv = torch.arange(kv_len, device=device)[None, None, None, :]
+        dense = full(b, 0, q, kv).expand(batch, 1, q_len, kv_len)
+        return PreparedMask("eager", q_len, kv_len, dense=dense)
+    if backend != "flex":
+        raise ValueError(f"attention backend must be 'flex' or 'eager', got {backend!r}")
+    # Pad keys to the bucket as invalid keys; padded queries see nothing and are sliced off.
+    q_pad, kv_pad = _round_up(q_len, LENGTH_BUCKET), _round_up(kv_len, LENGTH_BUCKET)
+    key_valid = F.pad(key_valid, (0, kv_pad - kv_len), value=False)
+    padded = AttentionMask(key_valid, mask.causal, mask.query_offset)
+    block_mask = create_block_mask(padded.mask_mod(), batch, None, q_pad, kv_pad, device=device)
+    return PreparedMask("flex", q_len, kv_len, q_pad, kv_pad, block_mask=block_mask)
+
+
+_compiled_flex = None
+
+
+def _flex():
+    """torch.compile(flex_attention), made on first use: without compiling, FlexAttention runs an
+    unfused reference implementation that materialises the full score matrix."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        # Vision and text attention, training and decoding and several length buckets each
+        # specialise the kernel once; allow for that many rather than falling back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PreparedMask) -> torch.Tensor:
+    """q: [B, H, Q, D]; k, v: [B, H_kv, KV, D] with H a multiple of H_kv (GQA). Returns [B, H, Q, D]."""
+    if mask.backend == "eager":
+        return eager_attention(q, k, v, mask.dense)
+    q = F.pad(q, (0, 0, 0, mask.q_padded - q.shape[2]))
+    k = F.pad(k, (0, 0, 0, mask.kv_padded - k.shape[2]))
+    v = F.pad(v, (0, 0, 0, mask.kv_padded - v.shape[2]))
+    out = _flex()(q, k, v, block_mask=mask.block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    return out[:, :, : mask.q_len]
+
+
+def eager_attention(q, k, v, dense_mask):
+    """Reference path. A query that sees no key at all (padding) outputs zeros, as FlexAttention does."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, KV, D]
+    scores = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5  # [B, H, Q, KV]
+    scores = scores.masked_fill(~dense_mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all -inf rows give NaN -> 0
+    return (probs @ v.float()).to(q.dtype)

@@ -1,0 +1,141 @@
+"""The LLaMA-2 decoder that Vicuna-v1.5 (and so LLaVA-1.5) is built on (Touvron et al. 2023,
+arXiv 2307.09288): RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP.
+
+Names mirror the checkpoint: `embed_tokens`, `layers.{i}.self_attn.q_proj`, `layers.{i}.mlp.gate_proj`,
+`layers.{i}.input_layernorm`, `norm`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import PreparedMask, attend
+from .config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019), computed in float32 as LLaMA does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype):
+    """positions [B, T] -> cos, sin [B, 1, T, head_dim] (RoFormer, Su et al. 2021, eq. 34).
+
+    LLaMA as ported to transformers uses the "rotate half" layout: the pair rotated together is
+    (x[i], x[i + head_dim/2]), so the frequencies are laid out twice, [f_0..f_{d/2-1}, f_0..f_{d/2-1}].
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, head_dim]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):  # x [B, H, T, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Static key/value cache: one preallocated [B, H_kv, max_len, D] buffer pair per layer, so a
+    decoding step has the same shapes every time (what makes a compiled decode step possible).
+
+    key_valid [B, max_len]: False for the slots of left padding; the caller fills it in.
+    """
+
+    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype, device):
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.max_len = max_len
+        self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+
+    def update(self, layer: int, positions: torch.Tensor, k, v):
+        """Write k, v [B, H_kv, T, D] at cache slots `positions` [T]; return the whole cache."""
+        self.keys[layer].index_copy_(2, positions, k)
+        self.values[layer].index_copy_(2, positions, v)
+        return self.keys[layer], self.values[layer]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask: PreparedMask, cache: KVCache | None = None, cache_slots=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, cache_slots, k, v)  # [B, H_kv, max_len, D]
+        out = attend(q, k, v, mask)  # [B, H, T, D]; GQA: each K/V head serves H / H_kv query heads
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_index)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, cache_slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_slots)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Token embeddings -> blocks -> final norm. The LM head lives on the LLaVA model (untied)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, embeds, positions, mask: PreparedMask, cache: KVCache | None = None, cache_slots=None):
+        """embeds [B, T, D], positions [B, T] (RoPE positions) -> hidden states [B, T, D]."""
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
+        x = embeds
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only each block's input; recompute its activations during backward.
+                x = checkpoint(block, x, cos, sin, mask, cache, cache_slots, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, cache_slots)
+        return self.norm(x)
