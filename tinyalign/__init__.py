@@ -4,6 +4,7 @@ written out by hand. Li, Lin & Pei, ACL 2024 (arXiv 2402.10884)."""
 from .config import LlavaConfig, TextConfig, VisionConfig, preset
 from .generate import generate
 from .model import Llava
+from . import images
 from .processor import IGNORE_INDEX, Encoded, Processor, SequenceTooLong
 from .weights import load_model, random_model, save_model
 

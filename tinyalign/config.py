@@ -228,7 +228,7 @@ def config_from_original_dict(d: dict, vision: VisionConfig, source: str = "conf
     text = text_config_from_dict({k: v for k, v in d.items() if k != "model_type"}, source)
     return LlavaConfig(
         vision=vision, text=text,
-        image_token_index=max(text.vocab_size, 32000),  # past the vocabulary: spliced, never embedded
+        image_token_index=text.vocab_size,  # just past the vocabulary (32000, as llava-hf): never embedded
         vision_feature_layer=d.get("mm_vision_select_layer", -2),
         vision_feature_select_strategy="full" if select == "cls_patch" else "default",
     )

@@ -90,7 +90,7 @@ class Processor:
                     vision = vision_config_from_dict(read_json(clip / "config.json"), str(clip / "config.json"))
                 full = raw.get("mm_vision_select_feature", "patch") == "cls_patch"
                 seq_len = vision.num_patches + full
-                image_index = max(raw.get("vocab_size", 32000), 32000)
+                image_index = raw.get("vocab_size", 32000)  # just past the vocabulary, as in load_model
             else:
                 cfg = config_from_hf_dict(raw, str(folder / "config.json"))
                 vision, image_index, seq_len = cfg.vision, cfg.image_token_index, cfg.image_seq_length

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,6 +48,10 @@ CLIP_KEY_MAP = [(r"^vision_model\.", "vision_tower.")]  # a CLIP folder; its tex
 # Buffers older transformers versions saved and that this code recomputes: safe to pass over.
 IGNORED_KEYS = re.compile(r"(\.position_ids|\.rotary_emb\.inv_freq)$")
 CLIP_FOREIGN_KEYS = re.compile(r"^(text_model\.|visual_projection\.|text_projection\.|logit_scale)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: unknown, missing or duplicated tensors, wrong shapes."""
 
 
 def map_key(name: str, key_map) -> str | None:
@@ -96,7 +101,12 @@ def iter_tensors(path: Path):
             raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # files from before torch 1.6 (not zip) cannot be mmapped
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises many kinds here; name the file
             raise ValueError(f"{path}: could not read it with torch.load(weights_only=True): {e}") from None
         yield from state.items()
@@ -110,12 +120,15 @@ def iter_tensors(path: Path):
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, source: str, dtype, device):
     module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    current = module._parameters.get(leaf)
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    current = module._parameters.get(leaf) if module is not None else None
     if current is None:
-        raise KeyError(f"{source}: tensor {name!r} has no place in the model")
+        raise CheckpointError(f"{source}: tensor {name!r} has no place in the model")
     if tuple(current.shape) != tuple(tensor.shape):
-        raise ValueError(
+        raise CheckpointError(
             f"{source}: tensor {name!r} has shape {list(tensor.shape)} but the config implies "
             f"{list(current.shape)}: the config and the weights disagree"
         )
@@ -132,9 +145,9 @@ def fill_from_files(model: nn.Module, files: list[Path], key_map, dtype, device,
                 continue
             name = map_key(raw_name, key_map)
             if name is None:
-                raise KeyError(f"{path}: unknown tensor {raw_name!r} (not part of a LLaVA-1.5 checkpoint)")
+                raise CheckpointError(f"{path}: unknown tensor {raw_name!r} (not part of a LLaVA-1.5 checkpoint)")
             if name in filled:
-                raise KeyError(f"{path}: tensor {raw_name!r} is also in {filled[name]}")
+                raise CheckpointError(f"{path}: tensor {raw_name!r} is also in {filled[name]}")
             _set_tensor(model, name, tensor, f"{path}", dtype, device)
             filled[name] = path
 
@@ -143,7 +156,7 @@ def check_complete(model: nn.Module, filled: dict, where: str):
     missing = [name for name, p in model.named_parameters() if name not in filled]
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
-        raise KeyError(f"{where}: the checkpoint lacks these tensors: {shown}")
+        raise CheckpointError(f"{where}: the checkpoint lacks these tensors: {shown}")
 
 
 def build_empty(cfg: LlavaConfig) -> Llava:
@@ -271,7 +284,10 @@ def save_model(model: Llava, out_dir, processor=None, max_shard_bytes: int = MAX
     if processor is None and getattr(model, "source_dir", None) is not None:
         from .processor import Processor
 
-        processor = Processor.from_pretrained(model.source_dir, image_token_index=model.cfg.image_token_index)
+        try:
+            processor = Processor.from_pretrained(model.source_dir, image_token_index=model.cfg.image_token_index)
+        except FileNotFoundError as e:
+            warnings.warn(f"saving {out_dir} without tokenizer files: {e}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(to_hf_dict(cfg), indent=2) + "\n")

@@ -1,0 +1,67 @@
+"""Shared test fixtures: tiny LLaVA checkpoints written to disk by transformers (the reference)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared"
+LLAMA_TOKENIZER = SHARED / "tokenizers" / "llama-spm-32k" / "tokenizer.json"
+IMAGES = SHARED / "images"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Tiny shapes with the real structure. Image 28 px / patch 14 -> 4 patches per image.
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+              image_size=28, patch_size=14, projection_dim=16)
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=384, max_position_embeddings=512, rms_norm_eps=1e-5)
+IMAGE_ID = 320  # original layout: vocabulary 320, the image id just past it
+
+
+def make_hf_model(seed=0, text=None, vision=None, **llava_kwargs):
+    """A transformers LlavaForConditionalGeneration with random weights, scaled up a little so that
+    a wrong detail moves the logits by far more than the tolerance."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**{**VISION, **(vision or {})}),
+        text_config=LlamaConfig(**{**TEXT, **(text or {})}),
+        image_token_index=IMAGE_ID, image_seq_length=4, **llava_kwargs,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.add_(0.1 * torch.randn_like(p))  # norms away from 1 so a missing scale is caught
+            else:
+                p.normal_(0.0, 0.08)
+    return model
+
+
+def save_hf(model, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """(path, transformers model) of the default tiny checkpoint (GQA, strategy 'default', layer -2)."""
+    model = make_hf_model()
+    return save_hf(model, tmp_path_factory.mktemp("hf") / "tiny"), model
+
+
+def image_tokens(n_images: int, per_image: int = 4) -> list[int]:
+    return [IMAGE_ID] * (n_images * per_image)
+
+
+def write_json(path: Path, obj):
+    path.write_text(json.dumps(obj, indent=2))
