@@ -91,3 +91,23 @@ def test_image_token_count_mismatch_is_a_clear_error(hf_checkpoint):
         model(ids, pixels[:2], mask)
     with pytest.raises(ValueError, match="no pixel_values"):
         model(ids)
+
+
+def test_cpu_training_path_matches_transformers_in_value_and_gradient(hf_checkpoint):
+    """With gradients on, a CPU forward goes through SDPA (FlexAttention has no CPU backward); the
+    loss and the gradients of the trainable parts match transformers'."""
+    path, hf = hf_checkpoint
+    ours = tinyalign.load_model(path)
+    ids, pixels, mask = make_batch(ours.cfg.image_seq_length, "left")
+    labels = ids.masked_fill(mask == 0, -100)
+    ours_loss = torch.nn.functional.cross_entropy(ours(ids, pixels, mask)[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    hf_loss = hf(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=labels).loss
+    assert abs(ours_loss.item() - hf_loss.item()) <= TOL
+    ours_loss.backward()
+    hf_loss.backward()
+    pairs = [(ours.multi_modal_projector.linear_1.weight, hf.model.multi_modal_projector.linear_1.weight),
+             (ours.language_model.layers[0].self_attn.k_proj.weight, hf.model.language_model.layers[0].self_attn.k_proj.weight),
+             (ours.lm_head.weight, hf.lm_head.weight)]
+    for a, b in pairs:
+        assert a.grad.abs().max() > 0 and (a.grad - b.grad).abs().max().item() <= 1e-5
+    hf.zero_grad()

@@ -6,6 +6,9 @@
 * `eager`: the textbook softmax(QK^T / sqrt(d)) V on a dense boolean mask made from the very same
   `mask_mod`. It is kept as the reference the tests hold the fast path to, nothing else.
 
+FlexAttention has no backward pass on CPU (torch 2.13), so a CPU forward that needs gradients
+(training on a laptop) takes the same mask, made dense, through `F.scaled_dot_product_attention`.
+
 The model builds one `AttentionMask` per forward pass and `prepare()`s it once; every layer then
 calls `attend(q, k, v, prepared)`.
 """
@@ -54,36 +57,43 @@ class AttentionMask:
 class PreparedMask:
     """An AttentionMask in the form one backend consumes, built once and shared by all layers."""
 
-    backend: str
+    backend: str  # "flex", "sdpa" or "eager"
     q_len: int  # true lengths; the flex path pads up to a bucket and slices back
     kv_len: int
     q_padded: int = 0
     kv_padded: int = 0
     block_mask: BlockMask | None = None  # flex
-    dense: torch.Tensor | None = None  # eager: [B, 1, Q, KV] bool
+    dense: torch.Tensor | None = None  # sdpa, eager: [B, 1, Q, KV] bool
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def dense_mask(mask: AttentionMask, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Evaluate the mask_mod on every (b, q, kv) at once by broadcasting: [B, 1, Q, KV] bool."""
+    b = torch.arange(batch, device=device)[:, None, None, None]
+    q = torch.arange(q_len, device=device)[None, None, :, None]
+    kv = torch.arange(kv_len, device=device)[None, None, None, :]
+    return mask.mask_mod()(b, 0, q, kv).expand(batch, 1, q_len, kv_len)
+
+
 def prepare(mask: AttentionMask, batch: int, q_len: int, kv_len: int, device, backend: str = "flex") -> PreparedMask:
-    key_valid = mask.key_valid
-    if key_valid is None:
-        key_valid = torch.ones(batch, kv_len, dtype=torch.bool, device=device)
-    if backend == "eager":
-        full = AttentionMask(key_valid, mask.causal, mask.query_offset).mask_mod()
-        b = torch.arange(batch, device=device)[:, None, None, None]
-        q = torch.arange(q_len, device=device)[None, None, :, None]
-        kv = torch.arange(kv_len, device=device)[None, None, None, :]
-        dense = full(b, 0, q, kv).expand(batch, 1, q_len, kv_len)
-        return PreparedMask("eager", q_len, kv_len, dense=dense)
-    if backend != "flex":
+    device = torch.device(device)
+    if mask.key_valid is None:
+        mask = AttentionMask(torch.ones(batch, kv_len, dtype=torch.bool, device=device), mask.causal,
+                             mask.query_offset)
+    if backend not in ("flex", "eager"):
         raise ValueError(f"attention backend must be 'flex' or 'eager', got {backend!r}")
-    # Pad keys to the bucket as invalid keys; padded queries see nothing and are sliced off.
-    q_pad, kv_pad = _round_up(q_len, LENGTH_BUCKET), _round_up(kv_len, LENGTH_BUCKET)
-    key_valid = F.pad(key_valid, (0, kv_pad - kv_len), value=False)
-    padded = AttentionMask(key_valid, mask.causal, mask.query_offset)
+    if backend == "flex" and device.type == "cpu" and torch.is_grad_enabled():
+        backend = "sdpa"  # no FlexAttention backward on CPU: the same mask, dense, through SDPA
+    if backend != "flex":
+        return PreparedMask(backend, q_len, kv_len, dense=dense_mask(mask, batch, q_len, kv_len, device))
+    # Round lengths up to the bucket: padded keys are invalid, padded queries are sliced off. A
+    # single query (a decoding step) is left alone: its shape never changes anyway.
+    q_pad = q_len if q_len == 1 else _round_up(q_len, LENGTH_BUCKET)
+    kv_pad = _round_up(kv_len, LENGTH_BUCKET)
+    padded = AttentionMask(F.pad(mask.key_valid, (0, kv_pad - kv_len), value=False), mask.causal, mask.query_offset)
     block_mask = create_block_mask(padded.mask_mod(), batch, None, q_pad, kv_pad, device=device)
     return PreparedMask("flex", q_len, kv_len, q_pad, kv_pad, block_mask=block_mask)
 
@@ -107,6 +117,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PreparedMask
     """q: [B, H, Q, D]; k, v: [B, H_kv, KV, D] with H a multiple of H_kv (GQA). Returns [B, H, Q, D]."""
     if mask.backend == "eager":
         return eager_attention(q, k, v, mask.dense)
+    if mask.backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=q.shape[1] != k.shape[1])
     q = F.pad(q, (0, 0, 0, mask.q_padded - q.shape[2]))
     k = F.pad(k, (0, 0, 0, mask.kv_padded - k.shape[2]))
     v = F.pad(v, (0, 0, 0, mask.kv_padded - v.shape[2]))

@@ -52,49 +52,58 @@ class Llava(nn.Module):
             states = [s[:, 1:] for s in states]  # drop CLS, keep the patches
         return self.multi_modal_projector(torch.cat(states, dim=-1))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with image features written over the image-token positions. [B, T, D]"""
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features written over the image-token positions. [B, T, D]
+
+        image_features [N, S, D]: already projected features (from `image_features()`), so that a
+        caller that uses one image in several sequences (DPO: chosen and rejected) runs the tower once.
+        """
         is_image = input_ids == self.cfg.image_token_index  # [B, T]
         # The image id may lie past the vocabulary (original checkpoints): never look it up.
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
         n_tokens = int(is_image.sum())
-        if pixel_values is None:
+        if pixel_values is None and image_features is None:
             if n_tokens:
                 raise ValueError(f"input_ids hold {n_tokens} image tokens (id {self.cfg.image_token_index}) "
                                  "but no pixel_values were given")
             return embeds
-        if pixel_values.ndim != 4:
+        if pixel_values is not None and pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must be [num_images, C, H, W], got shape {list(pixel_values.shape)}")
         per_image = self.cfg.image_seq_length
-        n_images = pixel_values.shape[0]
+        n_images = (pixel_values if image_features is None else image_features).shape[0]
         if n_tokens != n_images * per_image:
             raise ValueError(
                 f"input_ids hold {n_tokens} image tokens (id {self.cfg.image_token_index}) but {n_images} image(s) "
                 f"x {per_image} features = {n_images * per_image} were given: each image needs exactly "
                 f"{per_image} consecutive image tokens"
             )
-        features = self.image_features(pixel_values).to(embeds.dtype)  # [N, S, D]
+        if image_features is None:
+            image_features = self.image_features(pixel_values)
+        features = image_features.to(embeds.dtype)  # [N, S, D]
         # Row-major order: the k-th image in pixel_values fills the k-th run of image tokens.
         return embeds.masked_scatter(is_image[..., None], features)
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None,
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None, image_features=None,
                 cache: KVCache | None = None, cache_offset: int = 0, logits_to_keep: int = 0) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (the last `logits_to_keep` positions if > 0).
 
         attention_mask [B, T]: 1 for real tokens, 0 for padding (None: no padding).
         position_ids [B, T]: RoPE positions; default 0..T-1 (+ cache_offset), as transformers does.
+        image_features [N, S, D]: projected features to use instead of running the tower on pixel_values.
         cache, cache_offset: decode with a static KV cache; these T tokens go to slots offset..offset+T-1.
         """
-        return self.lm_head(self.hidden_states(input_ids, pixel_values, attention_mask, position_ids=position_ids,
-                                               cache=cache, cache_offset=cache_offset)[:, -logits_to_keep:])
+        hidden = self.hidden_states(input_ids, pixel_values, attention_mask, position_ids=position_ids,
+                                    image_features=image_features, cache=cache, cache_offset=cache_offset)
+        return self.lm_head(hidden[:, -logits_to_keep:])
 
     def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None,
-                      cache: KVCache | None = None, cache_offset: int = 0) -> torch.Tensor:
+                      image_features=None, cache: KVCache | None = None, cache_offset: int = 0) -> torch.Tensor:
         """Like forward, but stops before the LM head: [B, T, D]."""
         B, T = input_ids.shape
         device = input_ids.device
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_features)
         if position_ids is None:
             position_ids = torch.arange(cache_offset, cache_offset + T, device=device).expand(B, T)
         if cache is None:
