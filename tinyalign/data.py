@@ -1,0 +1,399 @@
+"""Datasets: the file formats the paper uses, read and validated up front, and batches made from them.
+
+Formats (JSON list or JSONL, one object per line):
+
+* conversations (LLaVA; the paper's `standard_sft.json`, `rejection_sampling.json`):
+  `{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}, ...]}`
+* the paper's DPO file: `{"image", "question": {"from": "human", "value"}, "chosen": {"from": "gpt", "value"},
+  "rejected": {...}, "ref_win_logp"?, "ref_rej_logp"?, ...score columns}`
+* plain pairs: `{"image"?, "prompt", "chosen", "rejected"}` (strings)
+* scored samples: `{"image"?, "prompt", "responses": [{"text", "scores": {"helpfulness": 0-4, ...}}]}`
+
+A record that cannot be used (no prompt, an empty answer, chosen == rejected, a missing image with
+`skip_bad`) is dropped with a reason; `DataReport` counts every drop and says so, nothing is silent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .processor import IMAGE_TAG, Encoded, Processor, SequenceTooLong
+
+ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+QUALITY = ("helpfulness", "correctness", "coherence")  # the paper's pair score, 0-12
+
+
+class DataError(ValueError):
+    """A data file or record that cannot be read; the message names the file and the record."""
+
+
+@dataclass
+class DataReport:
+    """What was kept and what was dropped, and why."""
+
+    source: str
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+
+    def drop(self, reason: str, record: str):
+        self.dropped[reason] += 1
+        self.examples.setdefault(reason, record)
+
+    def summary(self) -> str:
+        text = f"{self.source}: {self.kept} kept"
+        for reason, n in self.dropped.most_common():
+            text += f"; {n} dropped ({reason}, e.g. {self.examples[reason]})"
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Conversation:
+    id: str
+    images: list[str]
+    turns: list[dict]
+
+
+@dataclass
+class Pair:
+    id: str
+    images: list[str]
+    prompt: str  # the human turn, "<image>" tag included where there is an image
+    chosen: str
+    rejected: str
+    ref_chosen: float | None = None  # sum of log p under the starting model, if the file has it
+    ref_rejected: float | None = None
+
+
+@dataclass
+class Scored:
+    id: str
+    images: list[str]
+    prompt: str
+    responses: list[tuple[str, dict]]  # (text, {attribute: 0-4})
+
+
+def read_records(path) -> list[dict]:
+    """A JSON list, or JSONL with one object per line. Errors name the file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: data file not found")
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: record {i} is a {type(record).__name__}, not an object")
+    return records
+
+
+def _name(path, i: int, record: dict) -> str:
+    return f"{Path(path).name} record {i}" + (f" (id {record['id']})" if "id" in record else "")
+
+
+def _images(record: dict) -> list[str]:
+    image = record.get("image")
+    if image is None or image == "":
+        return []
+    return [image] if isinstance(image, str) else list(image)
+
+
+def _text(value) -> str | None:
+    """A turn given as a string or as {"from", "value"}."""
+    if isinstance(value, dict):
+        value = value.get("value")
+    return value if isinstance(value, str) else None
+
+
+def _with_image_tag(prompt: str, n_images: int) -> str:
+    if n_images and IMAGE_TAG not in prompt:
+        return (IMAGE_TAG + "\n") * n_images + prompt
+    return prompt
+
+
+def read_conversations(path) -> tuple[list[Conversation], DataReport]:
+    report, out = DataReport(str(path)), []
+    for i, r in enumerate(read_records(path)):
+        name = _name(path, i, r)
+        turns = r.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            report.drop("no conversations", name)
+            continue
+        if any(not isinstance(t, dict) or not isinstance(t.get("value"), str) for t in turns):
+            report.drop("a turn without a text value", name)
+            continue
+        if any(t.get("from") == "gpt" and not t["value"].strip() for t in turns):
+            report.drop("empty answer", name)
+            continue
+        out.append(Conversation(str(r.get("id", i)), _images(r), turns))
+    report.kept = len(out)
+    return out, report
+
+
+def read_pairs(path) -> tuple[list[Pair], DataReport]:
+    """The paper's DPO file or plain pairs; reference log-probs kept when the file has them."""
+    report, out = DataReport(str(path)), []
+    for i, r in enumerate(read_records(path)):
+        name = _name(path, i, r)
+        prompt = _text(r.get("question", r.get("prompt")))
+        chosen, rejected = _text(r.get("chosen")), _text(r.get("rejected"))
+        if not prompt or not prompt.replace(IMAGE_TAG, "").strip():
+            report.drop("no prompt", name)
+        elif not chosen or not chosen.strip() or not rejected or not rejected.strip():
+            report.drop("empty answer", name)
+        elif chosen.strip() == rejected.strip():
+            report.drop("chosen == rejected", name)
+        else:
+            images = _images(r)
+            ref_c = r.get("ref_win_logp", r.get("ref_chosen_logp"))
+            ref_r = r.get("ref_rej_logp", r.get("ref_rejected_logp"))
+            out.append(Pair(str(r.get("id", i)), images, _with_image_tag(prompt, len(images)), chosen, rejected,
+                            float(ref_c) if ref_c is not None else None, float(ref_r) if ref_r is not None else None))
+    report.kept = len(out)
+    return out, report
+
+
+def read_scored(path) -> tuple[list[Scored], DataReport]:
+    report, out = DataReport(str(path)), []
+    for i, r in enumerate(read_records(path)):
+        name = _name(path, i, r)
+        prompt = _text(r.get("prompt"))
+        responses = r.get("responses")
+        if not prompt or not prompt.replace(IMAGE_TAG, "").strip():
+            report.drop("no prompt", name)
+            continue
+        if not isinstance(responses, list) or not responses:
+            report.drop("no responses", name)
+            continue
+        parsed = []
+        for j, resp in enumerate(responses):
+            scores = resp.get("scores") if isinstance(resp, dict) else None
+            if not isinstance(scores, dict):
+                raise DataError(f"{name}: response {j} has no 'scores' object")
+            for attribute in QUALITY:
+                value = scores.get(attribute)
+                if not isinstance(value, (int, float)) or not 0 <= value <= 4:
+                    raise DataError(f"{name}: response {j}: {attribute} must be a number 0-4, got {value!r}")
+            parsed.append((resp.get("text") or "", scores))
+        images = _images(r)
+        out.append(Scored(str(r.get("id", i)), images, _with_image_tag(prompt, len(images)), parsed))
+    report.kept = len(out)
+    return out, report
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's rules: pairs for DPO, the best answer for rejection sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def quality(scores: dict) -> float:
+    """helpfulness + correctness + coherence, 0-12 (section 3.2 of the paper)."""
+    return sum(scores[a] for a in QUALITY)
+
+
+def build_pairs(scored: list[Scored], seed: int = 0, min_gap: float = 2) -> tuple[list[Pair], DataReport]:
+    """chosen = the best-scored answer (the first of equals); rejected = one drawn at random among the
+    answers scoring at least `min_gap` lower. A prompt whose answers spread by less than min_gap
+    gives no pair."""
+    rng = random.Random(seed)
+    report, pairs = DataReport("build_pairs"), []
+    for s in scored:
+        answers = [(text, quality(scores)) for text, scores in s.responses if text.strip()]
+        if len(answers) < len(s.responses):
+            report.drop("empty answer", s.id)
+        if len(answers) < 2:
+            report.drop("fewer than two answers", s.id)
+            continue
+        best_text, best = max(answers, key=lambda a: a[1])  # max keeps the first of equals
+        worse = [text for text, q in answers if q <= best - min_gap and text.strip() != best_text.strip()]
+        if not worse:
+            report.drop(f"answers spread by less than {min_gap}", s.id)
+            continue
+        pairs.append(Pair(s.id, s.images, s.prompt, best_text, rng.choice(worse)))
+    report.kept = len(pairs)
+    return pairs, report
+
+
+def select_best(scored: list[Scored]) -> list[Conversation]:
+    """Rejection sampling: the top-rated answer of each prompt as an SFT conversation. Ties go to
+    the higher total over all five attributes, then to the earlier answer."""
+    out = []
+    for s in scored:
+        ranked = [(quality(sc), sum(sc.get(a, 0) for a in ATTRIBUTES), -j, text)
+                  for j, (text, sc) in enumerate(s.responses) if text.strip()]
+        if ranked:
+            best = max(ranked)[3]
+            out.append(Conversation(s.id, s.images, [{"from": "human", "value": s.prompt},
+                                                     {"from": "gpt", "value": best}]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenised examples and batches
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_images(images: list[str], image_folder, name: str) -> list[Path]:
+    paths = []
+    for image in images:
+        path = Path(image)
+        if not path.is_absolute() and image_folder is not None:
+            path = Path(image_folder) / path
+        paths.append(path)
+    return paths
+
+
+def check_image(path: Path, name: str):
+    """Open the header now, so a missing or corrupt image fails before training, not hours into it."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except FileNotFoundError:
+        raise DataError(f"{name}: image {path} not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{name}: image {path} is not readable ({e})") from None
+
+
+@dataclass
+class SFTExample:
+    encoded: Encoded
+    images: list[Path]
+
+
+@dataclass
+class PairExample:
+    id: str
+    chosen: Encoded
+    rejected: Encoded
+    images: list[Path]
+    ref_chosen: float | None = None
+    ref_rejected: float | None = None
+
+
+def _prepare_images(images, image_folder, name, report, skip_bad):
+    paths = resolve_images(images, image_folder, name)
+    try:
+        for p in paths:
+            check_image(p, name)
+    except DataError as e:
+        if not skip_bad:
+            raise DataError(f"{e} (pass --skip-bad to skip such records)") from None
+        report.drop("missing or unreadable image", str(e))
+        return None
+    return paths
+
+
+def sft_examples(records: list[Conversation], processor: Processor, image_folder=None, max_length=None,
+                 skip_bad=False, source="data") -> tuple[list[SFTExample], DataReport]:
+    report, out = DataReport(source), []
+    for r in records:
+        name = f"{source} record {r.id}"
+        paths = _prepare_images(r.images, image_folder, name, report, skip_bad)
+        if paths is None:
+            continue
+        turns = r.turns
+        if paths and not any(IMAGE_TAG in t["value"] for t in turns):
+            turns = [{**turns[0], "value": _with_image_tag(turns[0]["value"], len(paths))}] + turns[1:]
+        try:
+            encoded = processor.encode(turns, max_length=max_length, where=name)
+        except SequenceTooLong as e:
+            report.drop(f"longer than --max-length {max_length}", str(e).split(":")[0])
+            continue
+        if encoded.num_images != len(paths):
+            raise DataError(f"{name}: {encoded.num_images} <image> tags for {len(paths)} image file(s)")
+        if not encoded.num_supervised:
+            report.drop("no answer to learn from", name)
+            continue
+        out.append(SFTExample(encoded, paths))
+    report.kept = len(out)
+    return out, report
+
+
+def pair_examples(pairs: list[Pair], processor: Processor, image_folder=None, max_length=None, skip_bad=False,
+                  source="data") -> tuple[list[PairExample], DataReport]:
+    report, out = DataReport(source), []
+    for p in pairs:
+        name = f"{source} record {p.id}"
+        paths = _prepare_images(p.images, image_folder, name, report, skip_bad)
+        if paths is None:
+            continue
+        try:
+            chosen, rejected = (processor.encode([{"from": "human", "value": p.prompt}, {"from": "gpt", "value": a}],
+                                                 max_length=max_length, where=name) for a in (p.chosen, p.rejected))
+        except SequenceTooLong as e:
+            report.drop(f"longer than --max-length {max_length}", str(e).split(":")[0])
+            continue
+        if chosen.num_images != len(paths):
+            raise DataError(f"{name}: {chosen.num_images} <image> tags for {len(paths)} image file(s)")
+        out.append(PairExample(p.id, chosen, rejected, paths, p.ref_chosen, p.ref_rejected))
+    report.kept = len(out)
+    return out, report
+
+
+def load_pixels(processor: Processor, paths: list[Path], cache: dict | None = None) -> torch.Tensor | None:
+    """[N, 3, S, S] for the images of a batch (in order), or None; a small cache skips re-decoding."""
+    if not paths:
+        return None
+    tensors = []
+    for path in paths:
+        if cache is not None and path in cache:
+            tensors.append(cache[path])
+            continue
+        try:
+            pixels = processor.images(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"while making a batch: {e}") from None
+        if cache is not None:
+            cache[path] = pixels
+        tensors.append(pixels)
+    return torch.stack(tensors)
+
+
+def collate_sft(examples: list[SFTExample], processor: Processor, pixel_cache=None) -> dict:
+    batch = processor.collate([e.encoded for e in examples])
+    batch["pixel_values"] = load_pixels(processor, [p for e in examples for p in e.images], pixel_cache)
+    return batch
+
+
+def collate_pairs(examples: list[PairExample], processor: Processor, pixel_cache=None) -> dict:
+    """One batch of 2B rows: the B chosen sequences, then the B rejected ones. pixel_values holds each
+    pair's images once; the training step runs the tower on them once and uses the features for
+    both halves (`torch.cat([features, features])`)."""
+    batch = processor.collate([e.chosen for e in examples] + [e.rejected for e in examples])
+    batch["pixel_values"] = load_pixels(processor, [p for e in examples for p in e.images], pixel_cache)
+    batch["ref_chosen"] = _ref(examples, "ref_chosen")
+    batch["ref_rejected"] = _ref(examples, "ref_rejected")
+    return batch
+
+
+def _ref(examples, field_name):
+    values = [getattr(e, field_name) for e in examples]
+    return None if any(v is None for v in values) else torch.tensor(values, dtype=torch.float32)
+
+
+def file_digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

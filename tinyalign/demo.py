@@ -1,0 +1,255 @@
+"""The embedded demo: a synthetic "shapes" world and a tiny LLaVA, so every script runs on a laptop.
+
+Each image (56 x 56) holds one to three copies of one shape in one colour, placed in the cells of a
+2 x 2 grid. Questions ask for the colour, the shape, the count, or whether a given cell is filled;
+the world knows the truth, so a rule-based annotator can rate any answer on the paper's five
+attributes (helpfulness, correctness, coherence, complexity, verbosity; 0-4 each).
+
+The SFT data is noisy the way real instruction data is: some answers are plain wrong, and some
+mistakes are systematic (its annotators often call yellow "green", triangles "squares", three
+"two"). A model fine-tuned on it learns those mistakes; the ratings know the truth, so preference
+pairs built from them can unlearn them. That is the demo's small version of the paper's story.
+
+Files written (the formats of the real data, so the demo exercises the real readers):
+  images/NNNNN.png, sft.json (LLaVA conversations), scored.jsonl (answers with ratings),
+  heldout.jsonl (questions with the exact expected answer).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from .config import LlavaConfig, TextConfig, VisionConfig
+from .images import ImageProcessor
+from .processor import SYSTEM_PROMPTS, Processor
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
+SHAPES = {"square": "squares", "circle": "circles", "triangle": "triangles"}
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+CELLS = ["top left", "top right", "bottom left", "bottom right"]
+IMAGE_SIZE = 56
+VERBOSE_TAIL = "It is easy to see in the picture , which has a plain white background ."
+EVASIVE = "I am not sure ."
+
+
+@dataclass
+class Scene:
+    color: str
+    shape: str
+    cells: list[int]  # which of the four cells hold a shape
+
+    @property
+    def count(self) -> int:
+        return len(self.cells)
+
+
+def random_scene(rng: random.Random) -> Scene:
+    return Scene(rng.choice(list(COLORS)), rng.choice(list(SHAPES)), sorted(rng.sample(range(4), rng.randint(1, 3))))
+
+
+def draw(scene: Scene) -> Image.Image:
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
+    pen = ImageDraw.Draw(image)
+    half = IMAGE_SIZE // 2
+    for cell in scene.cells:
+        x0, y0 = (cell % 2) * half + 5, (cell // 2) * half + 5
+        box = (x0, y0, x0 + half - 10, y0 + half - 10)
+        fill = COLORS[scene.color]
+        if scene.shape == "square":
+            pen.rectangle(box, fill=fill)
+        elif scene.shape == "circle":
+            pen.ellipse(box, fill=fill)
+        else:
+            pen.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=fill)
+    return image
+
+
+# ---------------------------------------------------------------------------------------------
+# Questions, answers and the rule-based annotator
+# ---------------------------------------------------------------------------------------------
+
+KINDS = ("color", "shape", "count", "where")
+# The SFT data's systematic mistakes, and how often they happen.
+CONFUSIONS = {("color", "yellow"): "green", ("shape", "triangle"): "square", ("count", "three"): "two"}
+CONFUSION_RATE = 0.6
+
+
+def question(kind: str, cell: int = 0) -> str:
+    return {"color": "What color are the shapes ?", "shape": "What shape do you see ?",
+            "count": "How many shapes are there ?", "where": f"Is there a shape at the {CELLS[cell]} ?"}[kind]
+
+
+def truth(scene: Scene, kind: str, cell: int = 0) -> str:
+    return {"color": scene.color, "shape": scene.shape, "count": NUMBERS[scene.count],
+            "where": "yes" if cell in scene.cells else "no"}[kind]
+
+
+def say(kind: str, value: str) -> str:
+    """The one correct, concise way to give `value` as an answer."""
+    if kind == "color":
+        return f"The shapes are {value} ."
+    if kind == "shape":
+        return f"The shapes are {SHAPES[value]} ."
+    if kind == "count":
+        return "There is one shape ." if value == "one" else f"There are {value} shapes ."
+    return "Yes , there is ." if value == "yes" else "No , there is not ."
+
+
+def wrong_values(kind: str, right: str) -> list[str]:
+    options = {"color": list(COLORS), "shape": list(SHAPES), "count": list(NUMBERS.values()), "where": ["yes", "no"]}
+    return [v for v in options[kind] if v != right]
+
+
+def sft_answer_value(kind: str, right: str, rng: random.Random, noise: float) -> str:
+    """The value an SFT annotator writes: sometimes a random mistake, sometimes a systematic one."""
+    if rng.random() < noise:
+        return rng.choice(wrong_values(kind, right))
+    if (kind, right) in CONFUSIONS and rng.random() < CONFUSION_RATE:
+        return CONFUSIONS[(kind, right)]
+    return right
+
+
+def candidates(kind: str, right: str, rng: random.Random) -> list[tuple[str, str]]:
+    """Answers of varying quality, as (style, text): what samples from a model trained on the SFT
+    data look like, its systematic mistake included."""
+    wrong = CONFUSIONS.get((kind, right)) or rng.choice(wrong_values(kind, right))
+    words = say(kind, right).split()
+    rng.shuffle(words)
+    return [("correct", say(kind, right)), ("correct verbose", f"{say(kind, right)} {VERBOSE_TAIL}"),
+            ("wrong", say(kind, wrong)), ("wrong verbose", f"{say(kind, wrong)} {VERBOSE_TAIL}"),
+            ("garbled", " ".join(words)), ("evasive", EVASIVE)]
+
+
+def annotate(kind: str, right: str, text: str) -> dict:
+    """Rate an answer 0-4 on the five attributes, knowing the truth."""
+    correct_start = text.startswith(say(kind, right))
+    is_wrong = any(text.startswith(say(kind, w)) for w in wrong_values(kind, right))
+    coherent = correct_start or is_wrong or text == EVASIVE
+    n_words = len(text.split())
+    verbose = VERBOSE_TAIL in text
+    return {
+        "helpfulness": (3 if verbose else 4) if correct_start else (1 if text == EVASIVE or not coherent else 0),
+        "correctness": 4 if correct_start else (2 if text == EVASIVE or not coherent else 0),
+        "coherence": 4 if coherent else 1,
+        "complexity": 2 if verbose else 1,
+        "verbosity": 1 if n_words <= 4 else 2 if n_words <= 8 else 3 if n_words <= 16 else 4,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the world to disk
+# ---------------------------------------------------------------------------------------------
+
+
+def make_world(folder, seed: int = 0, n_sft: int = 4000, n_scored: int = 1500, n_heldout: int = 200,
+               sft_noise: float = 0.1) -> dict:
+    """Write images and the data files; return their paths. SFT answers are randomly wrong with
+    probability `sft_noise`, on top of the systematic CONFUSIONS."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    files = {k: folder / name for k, name in
+             [("sft", "sft.json"), ("scored", "scored.jsonl"), ("heldout", "heldout.jsonl")]}
+    sft, scored, heldout = [], [], []
+    for i in range(n_sft + n_scored + n_heldout):
+        scene, kind, cell = random_scene(rng), rng.choice(KINDS), rng.randrange(4)
+        image = f"images/{i:05d}.png"
+        draw(scene).save(folder / image)
+        right = truth(scene, kind, cell)
+        prompt = "<image>\n" + question(kind, cell)
+        if i < n_sft:
+            answer = say(kind, sft_answer_value(kind, right, rng, sft_noise))
+            sft.append({"id": f"sft-{i}", "image": image, "conversations": [
+                {"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]})
+        elif i < n_sft + n_scored:
+            picked = rng.sample(candidates(kind, right, rng), 4)  # four "samples" per prompt, as in the paper
+            scored.append({"id": f"scored-{i}", "image": image, "prompt": prompt, "responses": [
+                {"text": text, "scores": annotate(kind, right, text)} for _, text in picked]})
+        else:
+            heldout.append({"id": f"heldout-{i}", "image": image, "prompt": prompt, "answer": say(kind, right),
+                            "kind": kind})
+    files["sft"].write_text(json.dumps(sft, indent=1))
+    files["scored"].write_text("".join(json.dumps(r) + "\n" for r in scored))
+    files["heldout"].write_text("".join(json.dumps(r) + "\n" for r in heldout))
+    files["images"] = folder
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny model and its word-level tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def demo_vocabulary() -> list[str]:
+    words = set()
+    texts = list(SYSTEM_PROMPTS.values()) + ["USER : ASSISTANT :", VERBOSE_TAIL, EVASIVE]
+    for kind in KINDS:
+        texts += [question(kind, c) for c in range(4)]
+        for value in ["red", "green", "blue", "yellow", "square", "circle", "triangle", "one", "two", "three",
+                      "yes", "no"]:
+            try:
+                texts.append(say(kind, value))
+            except KeyError:
+                pass
+    pre = pre_tokenizers.Whitespace()
+    for text in texts:
+        words.update(w for w, _ in pre.pre_tokenize_str(text))
+    return ["<unk>", "<s>", "</s>"] + sorted(words) + ["<image>", "<pad>"]
+
+
+def demo_tokenizer() -> Tokenizer:
+    """Whole words and punctuation: enough for this world, and readable when decoded."""
+    vocab = {w: i for i, w in enumerate(demo_vocabulary())}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(["<unk>", "<s>", "</s>", "<image>", "<pad>"])
+    return tokenizer
+
+
+def demo_processor(image_mode: str = "pad") -> Processor:
+    tokenizer = demo_tokenizer()
+    vision = demo_config().vision
+    return Processor(tokenizer, image_token_index=tokenizer.token_to_id("<image>"),
+                     image_seq_length=vision.num_patches, images=ImageProcessor(size=vision.image_size, mode=image_mode))
+
+
+def demo_config() -> LlavaConfig:
+    vocab = len(demo_vocabulary())
+    return LlavaConfig(
+        vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4, image_size=IMAGE_SIZE,
+                            patch_size=28),
+        text=TextConfig(vocab_size=-(-vocab // 64) * 64, hidden_size=128, intermediate_size=384, num_layers=3,
+                        num_heads=4, num_kv_heads=2, max_position_embeddings=512, pad_token_id=vocab - 1),
+        image_token_index=vocab - 2,
+    )
+
+
+def read_heldout(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@torch.no_grad()
+def exact_answer_accuracy(model, processor: Processor, heldout: list[dict], image_folder, batch_size: int = 50) -> float:
+    """Fraction of held-out questions whose greedy answer is exactly the expected one (then </s>)."""
+    from .generate import generate
+
+    model.eval()
+    right = 0
+    for start in range(0, len(heldout), batch_size):
+        chunk = heldout[start:start + batch_size]
+        prompts = [processor.encode([{"from": "human", "value": r["prompt"]}]) for r in chunk]
+        batch = processor.collate(prompts, padding_side="left")
+        pixels = processor.images.batch([Path(image_folder) / r["image"] for r in chunk])
+        targets = [processor.tokenize(r["answer"]) + [processor.eos_token_id] for r in chunk]
+        out = generate(model, batch["input_ids"].to(model.device), pixels.to(model.device),
+                       batch["attention_mask"].to(model.device), max_new_tokens=max(map(len, targets)),
+                       pad_token_id=processor.pad_token_id)
+        right += sum(out[i, : len(t)].tolist() == t for i, t in enumerate(targets))
+    return right / len(heldout)

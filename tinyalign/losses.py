@@ -1,0 +1,93 @@
+"""The losses of the paper's four methods, each a few lines next to the equation it implements.
+
+Conventions: `labels` hold -100 wherever a token is not supervised (system prompt, question, image,
+padding); logits at position t score the label at t + 1, so every function shifts by one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def shift(logits: torch.Tensor, labels: torch.Tensor):
+    """Align predictions with targets: logits[:, t] predicts labels[:, t + 1]."""
+    return logits[:, :-1], labels[:, 1:]
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """log p(answer | prompt) per sequence: the sum (or mean) of log p(label) over supervised tokens.
+
+    logits [B, T, V], labels [B, T] -> [B]. The first answer token is scored by the logits of the last
+    prompt token, which the shift takes care of; prompt and padding (-100) contribute nothing.
+    """
+    logits, labels = shift(logits, labels)
+    supervised = labels != IGNORE_INDEX
+    token_logps = torch.gather(logits.float().log_softmax(-1), 2, labels.clamp(min=0)[..., None]).squeeze(-1)
+    total = (token_logps * supervised).sum(-1)
+    return total / supervised.sum(-1).clamp(min=1) if average else total
+
+
+def answer_logps(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor, average: bool = False,
+                 chunk: int = 1024) -> torch.Tensor:
+    """sequence_logps without the [B, T, V] logits: the LM head and the log-softmax run only on the
+    positions that predict a supervised token, `chunk` rows at a time (float32 inside a chunk).
+
+    hidden [B, T, D] (the decoder output), labels [B, T] -> [B]. Equal to
+    sequence_logps(lm_head(hidden), labels) up to float rounding.
+    """
+    hidden, labels = shift(hidden, labels)
+    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # the N scored positions
+    picked = hidden[rows, cols]  # [N, D]
+    targets = labels[rows, cols]  # [N]
+    token_logps = []
+    for start in range(0, len(targets), chunk):
+        logits = lm_head(picked[start:start + chunk]).float()  # [n, V], never all at once
+        token_logps.append(logits.gather(1, targets[start:start + chunk, None]).squeeze(1) - logits.logsumexp(-1))
+    token_logps = torch.cat(token_logps) if token_logps else hidden.new_zeros(0, dtype=torch.float32)
+    total = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
+    return total / (labels != IGNORE_INDEX).sum(-1).clamp(min=1) if average else total
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token cross-entropy averaged over supervised tokens: what SFT, rejection sampling and SteerLM minimise."""
+    logits, labels = shift(logits, labels)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def sft_loss_from_hidden(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor) -> torch.Tensor:
+    """sft_loss without the [B, T, V] logits (see answer_logps): the same number, less memory."""
+    n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+    return -answer_logps(hidden, lm_head, labels).sum() / n_tokens
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0):
+    """Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290, eq. 7) and two relatives.
+
+    Inputs are per-pair sequence log-probs [B]. With the implicit reward r(x, y) = beta * log(pi(y|x) /
+    pi_ref(y|x)) (eq. 5) and h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)):
+
+    * "sigmoid" (DPO, eq. 7): -log sigmoid(beta * h). With label_smoothing eps ("conservative DPO",
+      Mitchell 2023): -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h), for labels flipped
+      with probability eps.
+    * "ipo" (Azar et al. 2023, arXiv 2310.12036, eq. 17): (h - 1 / (2 beta))^2.
+    * "hinge" (SLiC, Zhao et al. 2023, arXiv 2305.10425): max(0, 1 - beta h).
+
+    Returns (per-pair losses [B], chosen rewards [B], rejected rewards [B]); rewards are detached.
+    """
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"loss_type must be 'sigmoid', 'ipo' or 'hinge', got {loss_type!r}")
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards

@@ -1,0 +1,304 @@
+"""What the three training scripts share, so that each script shows only its method's loop.
+
+Trainable parts (the paper's recipe), optimizer groups, the cosine schedule, the deterministic data
+order, metrics.jsonl, checkpoints that can be resumed exactly, and the final save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from .lora import apply_lora, merge_lora, save_adapter
+
+# ---------------------------------------------------------------------------------------------
+# Arguments. Defaults are None so a script can tell "not given" from "given": not given means the
+# paper's value for a real run, or the demo's value when --model is not given.
+# ---------------------------------------------------------------------------------------------
+
+
+def common_arguments(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", help="checkpoint folder (llava-hf or original LLaVA layout); omit to run the built-in demo")
+    a("--vision-tower", help="CLIP folder, for original LLaVA checkpoints")
+    a("--data", help="training data file (JSON or JSONL)")
+    a("--eval-data", help="held-out data file; default: hold out --eval-fraction of --data")
+    a("--eval-fraction", type=float, help="share of --data held out when there is no --eval-data")
+    a("--image-folder", help="folder that relative image paths in the data are relative to")
+    a("--out", help="output folder (metrics.jsonl, checkpoint/, model/)")
+    a("--epochs", type=float)
+    a("--batch-size", type=int, help="examples (pairs for DPO) per micro-batch")
+    a("--grad-accum", type=int, help="micro-batches per optimizer step")
+    a("--lr", type=float, help="learning rate of the decoder (LoRA or full)")
+    a("--projector-lr", type=float, help="learning rate of the projector")
+    a("--weight-decay", type=float, default=0.0)
+    a("--warmup-ratio", type=float, default=0.03)
+    a("--max-grad-norm", type=float, default=1.0)
+    a("--lora-r", type=int, help="LoRA rank on the decoder; 0 trains the decoder fully")
+    a("--lora-alpha", type=float)
+    a("--lora-dropout", type=float, default=0.05)
+    a("--max-length", type=int, help="longer sequences are dropped (and counted), never cut")
+    a("--max-steps", type=int, help="stop after this many optimizer steps (default: all epochs)")
+    a("--eval-every", type=int, help="held-out evaluation every N steps (and always at the end)")
+    a("--save-every", type=int, help="resumable checkpoint every N steps (and always at the end)")
+    a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    a("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
+    a("--save-adapter", action="store_true", help="also save the LoRA adapter alone (PEFT layout)")
+    a("--skip-bad", action="store_true", help="skip (and count) records with a missing or unreadable image")
+    a("--template", default="vicuna_v1", choices=["vicuna_v1", "llava_v1"])
+    a("--image-mode", default="pad", choices=["pad", "crop"])
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--seed", type=int, default=0)
+    return p
+
+
+def fill_defaults(args, paper: dict, demo: dict) -> bool:
+    """Fill every argument left as None from the demo's values (no --model) or the paper's. Returns
+    True for a demo run."""
+    is_demo = args.model is None
+    for key, value in (demo if is_demo else paper).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return is_demo
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's trainable parts and the optimizer
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_trainable(model, lora_r: int, lora_alpha: float, lora_dropout: float, gradient_checkpointing=False) -> str:
+    """Vision tower frozen; projector trained fully; decoder through LoRA (lora_r > 0) or fully.
+    Trainable weights are kept in float32 even when the frozen ones are bf16 (AdamW's small updates
+    vanish in bf16); the compute still runs in bf16 under autocast."""
+    model.requires_grad_(False)
+    model.multi_modal_projector.requires_grad_(True)
+    if lora_r > 0:
+        apply_lora(model.language_model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
+        model.multi_modal_projector.float()
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+    else:
+        model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    model.language_model.gradient_checkpointing = gradient_checkpointing
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable"
+
+
+def make_optimizer(model, lr: float, projector_lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """Two groups, as in the paper: the projector at its own learning rate, everything else at lr."""
+    projector = [p for p in model.multi_modal_projector.parameters() if p.requires_grad]
+    ids = {id(p) for p in projector}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": rest, "lr": lr, "name": "decoder"}, {"params": projector, "lr": projector_lr, "name": "projector"}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay, betas=(0.9, 0.999))
+
+
+def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warmup over warmup_ratio of the steps, then cosine decay to zero."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(device: str):
+    """bf16 autocast on CUDA (the paper's precision); plain float32 elsewhere."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data order: a function of (seed, epoch) alone, so a resumed run sees exactly the same batches
+# ---------------------------------------------------------------------------------------------
+
+
+def micro_batches(n_examples: int, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
+    """Every micro-batch of the run, in order: each epoch is a fresh seeded permutation."""
+    batches = []
+    for epoch in range(math.ceil(epochs)):
+        order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        if epoch + 1 > epochs:  # a fractional last epoch
+            order = order[: int(round((epochs - epoch) * n_examples))]
+        batches += [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return batches
+
+
+def split_held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out): a seeded fraction held out, at least one item each when there are two."""
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_held = min(len(items) - 1, max(1, round(fraction * len(items))))
+    held = set(order[:n_held])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder: metrics.jsonl, resumable checkpoints, the final model
+# ---------------------------------------------------------------------------------------------
+
+
+class Run:
+    """out/metrics.jsonl, out/checkpoint/ (resumable training state), out/model/ (the final checkpoint)."""
+
+    def __init__(self, out, args, total_steps: int):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.args = args
+        self.total_steps = total_steps
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.last_good = None
+        self._t0, self._tokens = time.time(), 0
+        if not args.resume and self.metrics_path.exists():
+            self.metrics_path.unlink()  # a fresh run starts a fresh log
+        self.bar = None
+
+    # -- logging -----------------------------------------------------------------------------
+    def start_progress(self, first_step: int):
+        self.bar = tqdm(total=self.total_steps, initial=first_step, desc=f"{self.out.name}", dynamic_ncols=True)
+
+    def count_tokens(self, n: int):
+        self._tokens += n
+
+    def log(self, step: int, metrics: dict, split: str = "train"):
+        record = {"step": step, "split": split, **{k: _plain(v) for k, v in metrics.items()}}
+        if split == "train":
+            elapsed = time.time() - self._t0
+            record["tokens_per_s"] = round(self._tokens / max(elapsed, 1e-9), 1)
+            self._t0, self._tokens = time.time(), 0
+            if self.bar is not None:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "rewards/accuracy")})
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    def check_finite(self, loss: torch.Tensor, step: int):
+        if not torch.isfinite(loss):
+            where = f"{self.out / 'checkpoint'} (step {self.last_good})" if self.last_good is not None else "none yet"
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}: stopping. Last good checkpoint: {where}")
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_state(self, step: int, model, optimizer, scheduler):
+        """Everything a resumed run needs to continue as if never stopped, written atomically."""
+        state = {
+            "step": step,
+            "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "args": {k: v for k, v in vars(self.args).items() if k != "resume"},
+        }
+        folder = self.out / "checkpoint"
+        tmp = self.out / f".checkpoint.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        torch.save(state, tmp / "training_state.pt")
+        old = self.out / f".checkpoint.old-{os.getpid()}"
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        self.last_good = step
+
+    def load_state(self, model, optimizer, scheduler) -> int:
+        path = self.out / "checkpoint" / "training_state.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        state = torch.load(path, weights_only=False)
+        params = dict(model.named_parameters())
+        missing = set(n for n, p in params.items() if p.requires_grad) - set(state["trainable"])
+        if missing:
+            raise ValueError(f"--resume: {path} does not fit this model/arguments (lacks {sorted(missing)[:3]} ...)")
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.last_good = state["step"]
+        return state["step"]
+
+    def save_final(self, model, processor):
+        """Merge LoRA into the weights and write a plain llava-hf checkpoint to out/model."""
+        from .weights import save_model
+
+        if self.args.save_adapter and self.args.lora_r > 0:
+            save_adapter(model.language_model, self.out / "adapter", self.args.lora_r, self.args.lora_alpha,
+                         self.args.lora_dropout)
+        merge_lora(model)
+        return save_model(model, self.out / "model", processor=processor)
+
+    def finish(self):
+        if self.bar is not None:
+            self.bar.close()
+        plot_metrics(self.metrics_path, self.out / "curves.png")
+
+
+def _plain(v):
+    if torch.is_tensor(v):
+        v = v.item()
+    return round(v, 6) if isinstance(v, float) else v
+
+
+def plot_metrics(metrics_path: Path, png: Path, keys=None):
+    """A PNG of the training curves, when matplotlib is installed (the optional `plot` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    keys = keys or [k for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
+                    if any(k in r for r in records)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for split in ("train", "eval"):
+            points = [(r["step"], r[key]) for r in records if r.get("split") == split and key in r]
+            if points:
+                ax.plot(*zip(*points), marker="o" if split == "eval" else None, label=split)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+def trainable_parameters(model: nn.Module):
+    return [p for p in model.parameters() if p.requires_grad]
