@@ -26,16 +26,18 @@ import torch
 from tinyalign import Processor, load_model
 from tinyalign.data import (collate_pairs, file_digest, pair_examples, read_pairs, read_records, read_scored,
                             build_pairs)
-from tinyalign.demo import demo_processor, exact_answer_accuracy, read_heldout
+from tinyalign.demo import demo_processor, exact_answer_accuracy, read_heldout, sample_and_rate
 from tinyalign.losses import answer_logps, dpo_loss
 from tinyalign.training import (Run, autocast, common_arguments, cosine_schedule, fill_defaults, make_optimizer,
                                 micro_batches, seed_everything, setup_trainable, split_held_out)
 
 PAPER = dict(epochs=3, batch_size=8, grad_accum=4, lr=5e-5, projector_lr=2e-5, lora_r=128, lora_alpha=256,
-             max_length=3000, eval_every=100, save_every=200, eval_fraction=0.02)
-# The demo's model is tiny and its data small: larger steps, LoRA of rank 32 on the decoder.
-DEMO = dict(epochs=3, batch_size=16, grad_accum=1, lr=2e-3, projector_lr=1e-2, lora_r=32, lora_alpha=64,
-            max_length=256, eval_every=25, save_every=50, eval_fraction=0.1, out="runs/demo-dpo")
+             max_length=3000, eval_every=100, save_every=200, eval_fraction=0.02, sft_weight=0.0)
+# The demo's model is tiny and very sure of its own samples (a whole answer at log p ~ -1). Plain DPO
+# then lowers chosen and rejected alike until generation breaks; the NLL term on the chosen answer
+# (the authors' SFT_weight option) holds the chosen answers up. Larger steps, LoRA of rank 32.
+DEMO = dict(epochs=4, batch_size=16, grad_accum=1, lr=1e-3, projector_lr=3e-3, lora_r=32, lora_alpha=64,
+            max_length=256, eval_every=25, save_every=50, eval_fraction=0.1, sft_weight=1.0, out="runs/demo-dpo")
 DEMO_SFT = Path("runs/demo-sft")
 DEMO_DATA = Path("runs/demo-data")
 
@@ -46,7 +48,7 @@ def parse(argv=None):
     a("--beta", type=float, default=0.1, help="strength of the KL constraint to the reference")
     a("--loss-type", default="sigmoid", choices=["sigmoid", "ipo", "hinge"])
     a("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed rate of flipped labels")
-    a("--sft-weight", type=float, default=0.0, help="weight of an added NLL term on the chosen answer")
+    a("--sft-weight", type=float, help="weight of an added NLL term on the chosen answer (paper: 0)")
     a("--average-logps", action="store_true", help="mean instead of sum of token log-probs per answer")
     a("--ref", choices=["precomputed", "live"], default="precomputed",
       help="precomputed: one pass before training, cached; live: keep a frozen copy of the start model")
@@ -171,14 +173,20 @@ def step_metrics(model, batch, args, ref_model=None):
     return loss, metrics
 
 
-def ensure_demo_start():
-    """The demo starts from the SFT demo's checkpoint; make it if it is not there yet (about a minute)."""
+def ensure_demo_start(device) -> tuple[Path, Path]:
+    """The demo starts from the SFT demo's checkpoint (made now if missing, about a minute) and
+    from that model's own rated samples (made now if missing): the paper's pipeline in miniature."""
     if not (DEMO_SFT / "model" / "config.json").exists():
         import train_sft
 
         print(f"No {DEMO_SFT / 'model'} yet: running the SFT demo first.")
         train_sft.main([])
-    return DEMO_SFT / "model"
+    samples = DEMO_SFT / "samples.jsonl"
+    if not samples.exists():
+        print("Sampling 4 answers per prompt from the SFT model and rating them (the rule-based annotator)...")
+        model = load_model(DEMO_SFT / "model", device=device)
+        sample_and_rate(model, demo_processor(), read_heldout(DEMO_DATA / "prompts.jsonl"), DEMO_DATA, samples)
+    return DEMO_SFT / "model", samples
 
 
 def main(argv=None):
@@ -186,8 +194,8 @@ def main(argv=None):
     seed_everything(args.seed)
     if args.demo:
         print("No --model: running the built-in demo (DPO on the shapes world, from the SFT demo's model).")
-        args.model = str(ensure_demo_start())
-        args.data = args.data or str(DEMO_DATA / "scored.jsonl")
+        start, samples = ensure_demo_start(args.device)
+        args.model, args.data = str(start), args.data or str(samples)
         args.image_folder = args.image_folder or str(DEMO_DATA)
     model = load_model(args.model, device=args.device, vision_tower=args.vision_tower)
     processor = (demo_processor(args.image_mode) if args.demo else

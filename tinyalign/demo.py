@@ -11,8 +11,11 @@ mistakes are systematic (its annotators often call yellow "green", triangles "sq
 pairs built from them can unlearn them. That is the demo's small version of the paper's story.
 
 Files written (the formats of the real data, so the demo exercises the real readers):
-  images/NNNNN.png, sft.json (LLaVA conversations), scored.jsonl (answers with ratings),
-  heldout.jsonl (questions with the exact expected answer).
+  images/NNNNN.png, sft.json (LLaVA conversations), prompts.jsonl (questions for preference data,
+  with the truth the annotator needs), heldout.jsonl (questions with the exact expected answer).
+`sample_and_rate` then does what the paper did with Gemini: the SFT model answers each prompt four
+times (temperature 0.7), the annotator rates every answer, and the result is a scored-samples file
+that `build_pairs` turns into DPO pairs.
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ def draw(scene: Scene) -> Image.Image:
     pen = ImageDraw.Draw(image)
     half = IMAGE_SIZE // 2
     for cell in scene.cells:
-        x0, y0 = (cell % 2) * half + 5, (cell // 2) * half + 5
-        box = (x0, y0, x0 + half - 10, y0 + half - 10)
+        x0, y0 = (cell % 2) * half + 2, (cell // 2) * half + 2
+        box = (x0, y0, x0 + half - 4, y0 + half - 4)
         fill = COLORS[scene.color]
         if scene.shape == "square":
             pen.rectangle(box, fill=fill)
@@ -94,9 +97,9 @@ def truth(scene: Scene, kind: str, cell: int = 0) -> str:
 def say(kind: str, value: str) -> str:
     """The one correct, concise way to give `value` as an answer."""
     if kind == "color":
-        return f"The shapes are {value} ."
+        return f"The color is {value} ."
     if kind == "shape":
-        return f"The shapes are {SHAPES[value]} ."
+        return f"They are {SHAPES[value]} ."
     if kind == "count":
         return "There is one shape ." if value == "one" else f"There are {value} shapes ."
     return "Yes , there is ." if value == "yes" else "No , there is not ."
@@ -114,17 +117,6 @@ def sft_answer_value(kind: str, right: str, rng: random.Random, noise: float) ->
     if (kind, right) in CONFUSIONS and rng.random() < CONFUSION_RATE:
         return CONFUSIONS[(kind, right)]
     return right
-
-
-def candidates(kind: str, right: str, rng: random.Random) -> list[tuple[str, str]]:
-    """Answers of varying quality, as (style, text): what samples from a model trained on the SFT
-    data look like, its systematic mistake included."""
-    wrong = CONFUSIONS.get((kind, right)) or rng.choice(wrong_values(kind, right))
-    words = say(kind, right).split()
-    rng.shuffle(words)
-    return [("correct", say(kind, right)), ("correct verbose", f"{say(kind, right)} {VERBOSE_TAIL}"),
-            ("wrong", say(kind, wrong)), ("wrong verbose", f"{say(kind, wrong)} {VERBOSE_TAIL}"),
-            ("garbled", " ".join(words)), ("evasive", EVASIVE)]
 
 
 def annotate(kind: str, right: str, text: str) -> dict:
@@ -148,7 +140,7 @@ def annotate(kind: str, right: str, text: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_world(folder, seed: int = 0, n_sft: int = 4000, n_scored: int = 1500, n_heldout: int = 200,
+def make_world(folder, seed: int = 0, n_sft: int = 4000, n_prompts: int = 1500, n_heldout: int = 200,
                sft_noise: float = 0.1) -> dict:
     """Write images and the data files; return their paths. SFT answers are randomly wrong with
     probability `sft_noise`, on top of the systematic CONFUSIONS."""
@@ -156,9 +148,9 @@ def make_world(folder, seed: int = 0, n_sft: int = 4000, n_scored: int = 1500, n
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     files = {k: folder / name for k, name in
-             [("sft", "sft.json"), ("scored", "scored.jsonl"), ("heldout", "heldout.jsonl")]}
-    sft, scored, heldout = [], [], []
-    for i in range(n_sft + n_scored + n_heldout):
+             [("sft", "sft.json"), ("prompts", "prompts.jsonl"), ("heldout", "heldout.jsonl")]}
+    sft, prompts, heldout = [], [], []
+    for i in range(n_sft + n_prompts + n_heldout):
         scene, kind, cell = random_scene(rng), rng.choice(KINDS), rng.randrange(4)
         image = f"images/{i:05d}.png"
         draw(scene).save(folder / image)
@@ -168,15 +160,13 @@ def make_world(folder, seed: int = 0, n_sft: int = 4000, n_scored: int = 1500, n
             answer = say(kind, sft_answer_value(kind, right, rng, sft_noise))
             sft.append({"id": f"sft-{i}", "image": image, "conversations": [
                 {"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]})
-        elif i < n_sft + n_scored:
-            picked = rng.sample(candidates(kind, right, rng), 4)  # four "samples" per prompt, as in the paper
-            scored.append({"id": f"scored-{i}", "image": image, "prompt": prompt, "responses": [
-                {"text": text, "scores": annotate(kind, right, text)} for _, text in picked]})
+        elif i < n_sft + n_prompts:
+            prompts.append({"id": f"prompt-{i}", "image": image, "prompt": prompt, "kind": kind, "truth": right})
         else:
             heldout.append({"id": f"heldout-{i}", "image": image, "prompt": prompt, "answer": say(kind, right),
                             "kind": kind})
     files["sft"].write_text(json.dumps(sft, indent=1))
-    files["scored"].write_text("".join(json.dumps(r) + "\n" for r in scored))
+    files["prompts"].write_text("".join(json.dumps(r) + "\n" for r in prompts))
     files["heldout"].write_text("".join(json.dumps(r) + "\n" for r in heldout))
     files["images"] = folder
     return files
@@ -224,11 +214,41 @@ def demo_config() -> LlavaConfig:
     vocab = len(demo_vocabulary())
     return LlavaConfig(
         vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4, image_size=IMAGE_SIZE,
-                            patch_size=28),
+                            patch_size=14),
         text=TextConfig(vocab_size=-(-vocab // 64) * 64, hidden_size=128, intermediate_size=384, num_layers=3,
                         num_heads=4, num_kv_heads=2, max_position_embeddings=512, pad_token_id=vocab - 1),
         image_token_index=vocab - 2,
     )
+
+
+@torch.no_grad()
+def sample_and_rate(model, processor: Processor, prompts: list[dict], image_folder, out_path, n: int = 4,
+                    temperature: float = 0.7, batch_size: int = 64, seed: int = 0) -> Path:
+    """The paper's data collection in miniature: n sampled answers per prompt, each rated by the
+    rule-based annotator, written as a scored-samples JSONL file (`build_pairs` reads it)."""
+    from .generate import generate
+
+    model.eval()
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    records = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        encoded = [processor.encode([{"from": "human", "value": r["prompt"]}]) for r in chunk]
+        batch = processor.collate(encoded * n, padding_side="left")  # n copies of the chunk, one after another
+        pixels = processor.images.batch([Path(image_folder) / r["image"] for r in chunk] * n)
+        out = generate(model, batch["input_ids"].to(model.device), pixels.to(model.device),
+                       batch["attention_mask"].to(model.device), max_new_tokens=24, temperature=temperature,
+                       pad_token_id=processor.pad_token_id, generator=generator)
+        texts = [processor.decode(row) for row in out]
+        for j, r in enumerate(chunk):
+            answers = [texts[k * len(chunk) + j] for k in range(n)]
+            records.append({"id": r["id"], "image": r["image"], "prompt": r["prompt"], "responses": [
+                {"text": a, "scores": annotate(r["kind"], r["truth"], a)} for a in answers]})
+    out_path = Path(out_path)
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(out_path)
+    return out_path
 
 
 def read_heldout(path) -> list[dict]:
