@@ -135,8 +135,12 @@ def main(argv=None):
         run.log(step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0]})
         if held and args.eval_every and step % args.eval_every == 0 and step < total_steps:
             run.log(step, evaluate(model, held, processor, args), split="eval")
-        if args.save_every and step % args.save_every == 0 and step < total_steps:
+        if args.save_every and step % args.save_every == 0 and step < total_steps or run.should_stop(step):
             run.save_state(step, model, optimizer, scheduler)
+        if run.should_stop(step):
+            run.finish()
+            print(f"stopped after step {step} of {total_steps}; continue with --resume")
+            return {}
     # ---------------------------------------------------------------------------------------------
 
     final = evaluate(model, held, processor, args) if held else {}

@@ -65,3 +65,17 @@ def image_tokens(n_images: int, per_image: int = 4) -> list[int]:
 
 def write_json(path: Path, obj):
     path.write_text(json.dumps(obj, indent=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A small shapes world on disk and a randomly initialised tiny checkpoint (with its tokenizer)
+    that the training scripts can be pointed at like any real checkpoint."""
+    import tinyalign
+    from tinyalign.demo import demo_config, demo_processor, make_world
+
+    root = tmp_path_factory.mktemp("world")
+    files = make_world(root / "data", seed=1, n_sft=96, n_prompts=48, n_heldout=16)
+    model = tinyalign.random_model(demo_config(), seed=1)
+    checkpoint = tinyalign.save_model(model, root / "start", processor=demo_processor())
+    return {"root": root, "checkpoint": checkpoint, **files}

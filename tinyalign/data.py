@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .processor import IMAGE_TAG, Encoded, Processor, SequenceTooLong
+from .processor import IMAGE_TAG, Encoded, Processor
 
 ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 QUALITY = ("helpfulness", "correctness", "coherence")  # the paper's pair score, 0-12
@@ -318,10 +318,9 @@ def sft_examples(records: list[Conversation], processor: Processor, image_folder
         turns = r.turns
         if paths and not any(IMAGE_TAG in t["value"] for t in turns):
             turns = [{**turns[0], "value": _with_image_tag(turns[0]["value"], len(paths))}] + turns[1:]
-        try:
-            encoded = processor.encode(turns, max_length=max_length, where=name)
-        except SequenceTooLong as e:
-            report.drop(f"longer than --max-length {max_length}", str(e).split(":")[0])
+        encoded = processor.encode(turns, where=name)
+        if max_length is not None and len(encoded.input_ids) > max_length:
+            report.drop(f"longer than --max-length {max_length}", name)  # dropped, never cut
             continue
         if encoded.num_images != len(paths):
             raise DataError(f"{name}: {encoded.num_images} <image> tags for {len(paths)} image file(s)")
@@ -341,11 +340,10 @@ def pair_examples(pairs: list[Pair], processor: Processor, image_folder=None, ma
         paths = _prepare_images(p.images, image_folder, name, report, skip_bad)
         if paths is None:
             continue
-        try:
-            chosen, rejected = (processor.encode([{"from": "human", "value": p.prompt}, {"from": "gpt", "value": a}],
-                                                 max_length=max_length, where=name) for a in (p.chosen, p.rejected))
-        except SequenceTooLong as e:
-            report.drop(f"longer than --max-length {max_length}", str(e).split(":")[0])
+        chosen, rejected = (processor.encode([{"from": "human", "value": p.prompt}, {"from": "gpt", "value": a}],
+                                             where=name) for a in (p.chosen, p.rejected))
+        if max_length is not None and max(len(chosen.input_ids), len(rejected.input_ids)) > max_length:
+            report.drop(f"longer than --max-length {max_length}", name)  # dropped, never cut
             continue
         if chosen.num_images != len(paths):
             raise DataError(f"{name}: {chosen.num_images} <image> tags for {len(paths)} image file(s)")

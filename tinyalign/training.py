@@ -50,7 +50,9 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     a("--lora-alpha", type=float)
     a("--lora-dropout", type=float, default=0.05)
     a("--max-length", type=int, help="longer sequences are dropped (and counted), never cut")
-    a("--max-steps", type=int, help="stop after this many optimizer steps (default: all epochs)")
+    a("--max-steps", type=int, help="train for this many optimizer steps in all (default: all epochs)")
+    a("--stop-after", type=int, help="end this session after N steps, the schedule still that of the whole run "
+                                      "(continue with --resume)")
     a("--eval-every", type=int, help="held-out evaluation every N steps (and always at the end)")
     a("--save-every", type=int, help="resumable checkpoint every N steps (and always at the end)")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -215,7 +217,7 @@ class Run:
             "scheduler": scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "args": {k: v for k, v in vars(self.args).items() if k != "resume"},
+            "args": {k: v for k, v in vars(self.args).items() if k not in ("resume", "stop_after")},
         }
         folder = self.out / "checkpoint"
         tmp = self.out / f".checkpoint.tmp-{os.getpid()}"
@@ -260,6 +262,10 @@ class Run:
                          self.args.lora_dropout)
         merge_lora(model)
         return save_model(model, self.out / "model", processor=processor)
+
+    def should_stop(self, step: int) -> bool:
+        """True when this session's --stop-after is reached (a checkpoint is saved, the run resumable)."""
+        return self.args.stop_after is not None and step >= self.args.stop_after and step < self.total_steps
 
     def finish(self):
         if self.bar is not None:

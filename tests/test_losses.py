@@ -1,0 +1,91 @@
+"""The losses, against values worked out independently (plain Python floats, loops)."""
+
+import math
+
+import pytest
+import torch
+
+from tinyalign.losses import answer_logps, dpo_loss, sequence_logps, sft_loss, sft_loss_from_hidden
+
+
+def log_sigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+PAIRS = [(-10.0, -12.0, -11.0, -11.0), (-5.0, -4.0, -6.0, -3.0), (-20.0, -20.5, -19.0, -21.0)]
+
+
+CASES = [(t, beta, 0.0) for t in ("sigmoid", "ipo", "hinge") for beta in (0.1, 0.5)] + [("sigmoid", 0.1, 0.2)]
+
+
+@pytest.mark.parametrize("loss_type,beta,smoothing", CASES)  # label smoothing is a sigmoid-loss option
+def test_dpo_loss_family(loss_type, beta, smoothing):
+    pc, pr, rc, rr = (torch.tensor(col) for col in zip(*PAIRS))
+    losses, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=smoothing)
+    for i, (a, b, c, d) in enumerate(PAIRS):
+        h = (a - c) - (b - d)  # log-ratio of chosen minus log-ratio of rejected
+        expected = {
+            "sigmoid": -(1 - smoothing) * log_sigmoid(beta * h) - smoothing * log_sigmoid(-beta * h),
+            "ipo": (h - 1 / (2 * beta)) ** 2,
+            "hinge": max(0.0, 1 - beta * h),
+        }[loss_type]
+        assert losses[i].item() == pytest.approx(expected, rel=1e-6, abs=1e-6)
+        assert chosen[i].item() == pytest.approx(beta * (a - c))
+        assert rejected[i].item() == pytest.approx(beta * (b - d))
+
+
+def test_dpo_loss_rejects_unknown_type():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="loss_type must be"):
+        dpo_loss(x, x, x, x, loss_type="kto")
+
+
+def test_dpo_gradient_raises_chosen_and_lowers_rejected():
+    pc, pr = torch.tensor([-3.0], requires_grad=True), torch.tensor([-3.0], requires_grad=True)
+    losses, _, _ = dpo_loss(pc, pr, torch.tensor([-3.0]), torch.tensor([-3.0]))
+    losses.sum().backward()
+    assert pc.grad.item() < 0 < pr.grad.item()  # descent raises log p(chosen), lowers log p(rejected)
+
+
+def make_logits_and_labels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    # row 0: prompt (3 tokens) then a 3-token answer; row 1: prompt (2), answer (2), padding (2)
+    labels = torch.tensor([[-100, -100, -100, 4, 7, 2], [-100, -100, 5, 2, -100, -100]])
+    return logits, labels
+
+
+def test_sequence_logps_scores_exactly_the_answer_tokens():
+    logits, labels = make_logits_and_labels()
+    logp = logits.log_softmax(-1)
+    # Worked out by hand: the first answer token (position 3 in row 0) is scored by position 2's logits.
+    row0 = logp[0, 2, 4] + logp[0, 3, 7] + logp[0, 4, 2]
+    row1 = logp[1, 1, 5] + logp[1, 2, 2]
+    got = sequence_logps(logits, labels)
+    assert got.tolist() == pytest.approx([row0.item(), row1.item()], rel=1e-6)
+    assert sequence_logps(logits, labels, average=True).tolist() == pytest.approx([row0.item() / 3, row1.item() / 2],
+                                                                                  rel=1e-6)
+    # Nothing of the prompt or padding matters: change those logits and the result stays.
+    changed = logits.clone()
+    changed[0, :2] += 100.0
+    changed[1, 3:] -= 50.0
+    assert torch.equal(sequence_logps(changed, labels), got)
+
+
+def test_answer_logps_equals_full_logits_path():
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 6, 8)
+    head = torch.nn.Linear(8, 11, bias=False)
+    _, labels = make_logits_and_labels()
+    for average in (False, True):
+        for chunk in (1, 2, 1024):
+            assert torch.allclose(answer_logps(hidden, head, labels, average=average, chunk=chunk),
+                                  sequence_logps(head(hidden), labels, average=average), atol=1e-6)
+    assert sft_loss_from_hidden(hidden, head, labels).item() == pytest.approx(sft_loss(head(hidden), labels).item(), rel=1e-6)
+
+
+def test_sft_loss_is_token_mean_cross_entropy():
+    logits, labels = make_logits_and_labels()
+    logp = logits.log_softmax(-1)
+    terms = [logp[0, 2, 4], logp[0, 3, 7], logp[0, 4, 2], logp[1, 1, 5], logp[1, 2, 2]]
+    assert sft_loss(logits, labels).item() == pytest.approx(-sum(t.item() for t in terms) / 5, rel=1e-6)

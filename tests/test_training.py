@@ -1,0 +1,172 @@
+"""The training scripts end to end on a tiny checkpoint: LoRA merge, reference log-probs, resume, NaN."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_hf_model
+from test_parity import make_batch
+
+import tinyalign
+import train_dpo
+import train_sft
+from tinyalign.data import pair_examples, read_pairs
+from tinyalign.demo import read_heldout, say, truth, wrong_values
+from tinyalign.lora import LoRALinear, apply_lora, merge_lora
+
+
+def sft_args(world, out, *extra):
+    return ["--model", str(world["checkpoint"]), "--data", str(world["sft"]), "--image-folder", str(world["images"]),
+            "--out", str(out), "--lora-r", "4", "--lora-alpha", "8", "--batch-size", "8", "--grad-accum", "2",
+            "--lr", "1e-3", "--projector-lr", "1e-3", "--eval-every", "2", "--save-every", "0", "--device", "cpu",
+            "--eval-fraction", "0.1", *extra]
+
+
+def write_pairs(world, path):
+    """Pairs for the world's prompts: the true answer over a wrong one, or over an evasive one."""
+    records = []
+    for i, r in enumerate(read_heldout(world["prompts"])):
+        wrong = say(r["kind"], wrong_values(r["kind"], r["truth"])[0]) if i % 2 else "I am not sure ."
+        records.append({"id": r["id"], "image": r["image"], "prompt": r["prompt"],
+                        "chosen": say(r["kind"], r["truth"]), "rejected": wrong})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def dpo_args(world, pairs, out, *extra):
+    return ["--model", str(world["checkpoint"]), "--data", str(pairs), "--image-folder", str(world["images"]),
+            "--out", str(out), "--lora-r", "4", "--lora-alpha", "8", "--batch-size", "8", "--lr", "5e-3",
+            "--projector-lr", "1e-3", "--eval-every", "0", "--save-every", "0", "--device", "cpu",
+            "--cache-dir", str(out.parent / "cache"), "--eval-fraction", "0.25", *extra]
+
+
+def metrics(out, split="train"):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["split"] == split]
+
+
+def trainable_state(out):
+    return torch.load(out / "checkpoint" / "training_state.pt", weights_only=False)["trainable"]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lora_merge_leaves_logits_unchanged_and_transformers_agrees(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    hf = make_hf_model()
+    path = hf.save_pretrained(tmp_path / "hf") or tmp_path / "hf"
+    model = tinyalign.load_model(path)
+    model.attn_backend = "eager"
+    names = apply_lora(model.language_model, r=4, alpha=8, dropout=0.05)
+    assert len(names) == 2 * 7  # q, k, v, o, gate, up, down in each of the two blocks
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0, 0.1)  # as if trained
+    model.eval()
+    ids, pixels, mask = make_batch(4, "right")
+    with torch.no_grad():
+        with_lora = model(ids, pixels, mask)
+        assert (with_lora - hf(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits).abs().max() > 1e-2
+        assert merge_lora(model) == 14 and not any(isinstance(m, LoRALinear) for m in model.modules())
+        merged = model(ids, pixels, mask)
+    assert (merged - with_lora)[mask.bool()].abs().max().item() <= 1e-5
+    saved = tinyalign.save_model(model, tmp_path / "merged")
+    reloaded = LlavaForConditionalGeneration.from_pretrained(saved, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = reloaded(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+    assert (theirs - with_lora)[mask.bool()].abs().max().item() <= 1e-4
+
+
+def test_sft_run_writes_metrics_checkpoints_and_a_loadable_model(tiny_world, tmp_path):
+    out = tmp_path / "sft"
+    final = train_sft.main(sft_args(tiny_world, out, "--max-steps", "4", "--save-adapter"))
+    train = metrics(out)
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all({"loss", "lr", "tokens_per_s"} <= set(r) for r in train)
+    assert [r["step"] for r in metrics(out, "eval")] == [2, 4] and "loss" in final
+    model = tinyalign.load_model(out / "model")  # merged: a plain checkpoint
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_rejection_sampling_trains_on_the_best_answers(tiny_world, tmp_path, capsys):
+    scored = tmp_path / "scored.jsonl"
+    rows = []
+    for r in read_heldout(tiny_world["prompts"]):
+        right = say(r["kind"], r["truth"])
+        rows.append({"id": r["id"], "image": r["image"], "prompt": r["prompt"], "responses": [
+            {"text": "I am not sure .", "scores": {"helpfulness": 1, "correctness": 2, "coherence": 4}},
+            {"text": right, "scores": {"helpfulness": 4, "correctness": 4, "coherence": 4}}]})
+    scored.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = sft_args(tiny_world, tmp_path / "rs", "--max-steps", "2", "--select", "best")
+    args[args.index("--data") + 1] = str(scored)
+    train_sft.main(args)
+    assert "48 kept" in capsys.readouterr().out
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_world, tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train_sft.main(sft_args(tiny_world, whole, "--max-steps", "6"))
+    train_sft.main(sft_args(tiny_world, parts, "--max-steps", "6", "--stop-after", "3"))
+    assert torch.load(parts / "checkpoint" / "training_state.pt", weights_only=False)["step"] == 3
+    train_sft.main(sft_args(tiny_world, parts, "--max-steps", "6", "--resume"))
+    a, b = trainable_state(whole), trainable_state(parts)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in metrics(whole)] == [r["loss"] for r in metrics(parts)]
+
+
+def test_precomputed_reference_logps_equal_live_ones(tiny_world, tmp_path):
+    pairs_path = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
+    args = train_dpo.parse(dpo_args(tiny_world, pairs_path, tmp_path / "x"))
+    model = tinyalign.load_model(tiny_world["checkpoint"])
+    processor = tinyalign.Processor.from_pretrained(tiny_world["checkpoint"])
+    examples, _ = pair_examples(read_pairs(pairs_path)[0], processor, tiny_world["images"])
+    cache = tmp_path / "ref.json"
+    assert train_dpo.fill_reference(model, examples, processor, args, cache).startswith("computed now")
+    with torch.no_grad():
+        live_c, live_r = train_dpo.pair_logps(model, train_dpo.collate_pairs(examples, processor), "cpu")
+    assert torch.allclose(torch.tensor([e.ref_chosen for e in examples]), live_c, atol=1e-5)
+    assert torch.allclose(torch.tensor([e.ref_rejected for e in examples]), live_r, atol=1e-5)
+    again, _ = pair_examples(read_pairs(pairs_path)[0], processor, tiny_world["images"])
+    assert train_dpo.fill_reference(model, again, processor, args, cache).startswith("from the cache")
+    assert [e.ref_chosen for e in again] == [e.ref_chosen for e in examples]
+
+
+def test_dpo_with_precomputed_or_live_reference_trains_identically(tiny_world, tmp_path):
+    pairs_path = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
+    train_dpo.main(dpo_args(tiny_world, pairs_path, tmp_path / "pre", "--max-steps", "3"))
+    train_dpo.main(dpo_args(tiny_world, pairs_path, tmp_path / "live", "--max-steps", "3", "--ref", "live"))
+    pre, live = metrics(tmp_path / "pre"), metrics(tmp_path / "live")
+    for a, b in zip(pre, live):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-5)
+
+
+def test_dpo_learns_the_preferences(tiny_world, tmp_path):
+    """Held-out reward accuracy starts at 0 (all rewards are 0 against itself) and rises; the loss falls."""
+    pairs_path = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
+    out = tmp_path / "dpo"
+    final = train_dpo.main(dpo_args(tiny_world, pairs_path, out, "--epochs", "6"))
+    start = metrics(out, "eval")[0]
+    assert start["step"] == 0 and start["rewards/accuracy"] == 0.0 and start["loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert final["rewards/accuracy"] >= 0.5 and final["loss"] < 0.6
+    train = metrics(out)
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
+            "logps/rejected", "lr", "tokens_per_s"} <= set(train[0])
+    assert sum(r["loss"] for r in train[-3:]) / 3 < train[0]["loss"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_world, tmp_path):
+    out = tmp_path / "nan"
+    args = sft_args(tiny_world, out, "--max-steps", "6", "--lr", "1e30", "--projector-lr", "1e30", "--save-every", "1",
+                    "--lora-r", "0")
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step 2: stopping. Last good checkpoint: "
+                                                 r".*checkpoint \(step 1\)"):
+        train_sft.main(args)
+    state = torch.load(out / "checkpoint" / "training_state.pt", weights_only=False)
+    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["trainable"].values())
+    assert not (out / "model").exists()
