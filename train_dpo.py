@@ -36,7 +36,7 @@ PAPER = dict(epochs=3, batch_size=8, grad_accum=4, lr=5e-5, projector_lr=2e-5, l
 # The demo's model is tiny and very sure of its own samples (a whole answer at log p ~ -1). Plain DPO
 # then lowers chosen and rejected alike until generation breaks; the NLL term on the chosen answer
 # (the authors' SFT_weight option) holds the chosen answers up. Larger steps, LoRA of rank 32.
-DEMO = dict(epochs=4, batch_size=16, grad_accum=1, lr=1e-3, projector_lr=3e-3, lora_r=32, lora_alpha=64,
+DEMO = dict(epochs=6, batch_size=16, grad_accum=1, lr=1e-3, projector_lr=3e-3, lora_r=32, lora_alpha=64,
             max_length=256, eval_every=25, save_every=50, eval_fraction=0.1, sft_weight=1.0, out="runs/demo-dpo")
 DEMO_SFT = Path("runs/demo-sft")
 DEMO_DATA = Path("runs/demo-data")
