@@ -27,9 +27,10 @@ from tinyalign import Processor, load_model
 from tinyalign.data import (collate_pairs, file_digest, pair_examples, read_pairs, read_records, read_scored,
                             build_pairs)
 from tinyalign.demo import demo_processor, exact_answer_accuracy, read_heldout, sample_and_rate
-from tinyalign.losses import answer_logps, dpo_loss
-from tinyalign.training import (Run, autocast, common_arguments, cosine_schedule, fill_defaults, make_optimizer,
-                                micro_batches, seed_everything, setup_trainable, split_held_out)
+from tinyalign.losses import dpo_loss
+from tinyalign.training import (Run, autocast, common_arguments, cosine_schedule, fill_defaults, finish_distributed,
+                                init_distributed, make_optimizer, mean_over_ranks, micro_batches, my_share,
+                                seed_everything, setup_trainable, split_held_out, wrap_ddp)
 
 PAPER = dict(epochs=3, batch_size=8, grad_accum=4, lr=5e-5, projector_lr=2e-5, lora_r=128, lora_alpha=256,
              max_length=3000, eval_every=100, save_every=200, eval_fraction=0.02, sft_weight=0.0)
@@ -67,15 +68,14 @@ def parse(argv=None):
 
 
 def pair_logps(model, batch: dict, device, average: bool = False):
-    """-> (log p(chosen) [B], log p(rejected) [B]): sums (or means) over each answer's tokens."""
+    """-> (log p(chosen) [B], log p(rejected) [B]): sums (or means) over each answer's tokens.
+
+    The batch holds the B chosen rows, then the B rejected rows, and each pair's image(s) once:
+    repeat_images=2 runs the tower once and reuses its features for both halves."""
     pixels = batch["pixel_values"]
-    features = None
-    if pixels is not None:
-        features = model.image_features(pixels.to(device))  # [N, S, D]: once per image, not per answer
-        features = torch.cat([features, features])  # the rejected rows use the same images, in the same order
-    hidden = model.hidden_states(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                                 image_features=features)
-    logps = answer_logps(hidden, model.lm_head, batch["labels"].to(device), average=average)
+    logps = model(batch["input_ids"].to(device), None if pixels is None else pixels.to(device),
+                  batch["attention_mask"].to(device), labels=batch["labels"].to(device), average_logps=average,
+                  repeat_images=2)
     return logps.chunk(2)
 
 
@@ -116,7 +116,7 @@ def fill_reference(model, examples, processor, args, cache_path: Path):
     reference_logps(model, missing, processor, args)
     cached.update({e.id: [e.ref_chosen, e.ref_rejected] for e in missing})
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_suffix(f".tmp-{os.getpid()}")
+    tmp = cache_path.with_suffix(f".tmp-{os.getpid()}")  # written whole, then renamed: never half a file
     tmp.write_text(json.dumps(cached))
     os.replace(tmp, cache_path)
     return f"computed now, cached in {cache_path}"
@@ -191,6 +191,7 @@ def ensure_demo_start(device) -> tuple[Path, Path]:
 
 def main(argv=None):
     args = parse(argv)
+    rank, world = init_distributed(args)
     seed_everything(args.seed)
     if args.demo:
         print("No --model: running the built-in demo (DPO on the shapes world, from the SFT demo's model).")
@@ -225,13 +226,15 @@ def main(argv=None):
 
     print(setup_trainable(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.gradient_checkpointing))
     optimizer = make_optimizer(model, args.lr, args.projector_lr, args.weight_decay)
-    batches = micro_batches(len(train), args.batch_size, args.epochs, args.seed)
+    # --batch-size is per process: a micro-batch of the whole run holds batch_size x world pairs.
+    batches = micro_batches(len(train), args.batch_size * world, args.epochs, args.seed, drop_last=world > 1)
     total_steps = math.ceil(len(batches) / args.grad_accum)
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
     scheduler = cosine_schedule(optimizer, total_steps, args.warmup_ratio)
-    run = Run(args.out, args, total_steps)
+    run = Run(args.out, args, total_steps, rank)
     step = run.load_state(model, optimizer, scheduler) if args.resume else 0
+    trainer = wrap_ddp(model, world, args.device)  # `model` stays the plain module: eval, save
     if held and not args.resume:
         run.log(0, start_metrics, split="eval")
     run.start_progress(step)
@@ -242,9 +245,9 @@ def main(argv=None):
         group = batches[step * args.grad_accum:(step + 1) * args.grad_accum]
         logged = {}
         for micro in group:
-            batch = collate_pairs([train[i] for i in micro], processor)
+            batch = collate_pairs([train[i] for i in my_share(micro, rank, world)], processor)
             with autocast(args.device):
-                loss, metrics = step_metrics(model, batch, args, ref_model)
+                loss, metrics = step_metrics(trainer, batch, args, ref_model)
             run.check_finite(loss, step + 1)
             (loss / len(group)).backward()
             for k, v in metrics.items():
@@ -256,25 +259,29 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         step += 1
         run.bar.update(1)
-        run.log(step, {**logged, "lr": scheduler.get_last_lr()[0]})
-        if held and args.eval_every and step % args.eval_every == 0 and step < total_steps:
+        run.log(step, {**mean_over_ranks(logged, world), "lr": scheduler.get_last_lr()[0]})
+        if held and args.eval_every and step % args.eval_every == 0 and step < total_steps and rank == 0:
             run.log(step, evaluate(model, held, processor, args, ref_model), split="eval")
         if args.save_every and step % args.save_every == 0 and step < total_steps or run.should_stop(step):
             run.save_state(step, model, optimizer, scheduler)
         if run.should_stop(step):
             run.finish()
             print(f"stopped after step {step} of {total_steps}; continue with --resume")
+            finish_distributed(world)
             return {}
     # ---------------------------------------------------------------------------------------------
 
-    final = evaluate(model, held, processor, args, ref_model) if held else {}
     run.save_state(step, model, optimizer, scheduler)
-    if args.demo:
-        final.update(demo_summary(model, processor, args, start_metrics, final))
-    run.log(step, final, split="eval")
-    saved = run.save_final(model, processor)
+    final = {}
+    if rank == 0:
+        final = evaluate(model, held, processor, args, ref_model) if held else {}
+        if args.demo:
+            final.update(demo_summary(model, processor, args, start_metrics, final))
+        run.log(step, final, split="eval")
+        saved = run.save_final(model, processor)
+        print(f"model saved to {saved}; metrics in {run.metrics_path}")
     run.finish()
-    print(f"model saved to {saved}; metrics in {run.metrics_path}")
+    finish_distributed(world)
     return final
 
 

@@ -20,9 +20,9 @@ import torch
 from tinyalign import Processor, load_model, random_model
 from tinyalign.data import (collate_sft, read_conversations, read_scored, select_best, sft_examples)
 from tinyalign.demo import demo_config, demo_processor, exact_answer_accuracy, make_world, read_heldout
-from tinyalign.losses import sft_loss_from_hidden
-from tinyalign.training import (Run, autocast, common_arguments, cosine_schedule, fill_defaults, make_optimizer,
-                                micro_batches, seed_everything, setup_trainable, split_held_out)
+from tinyalign.training import (Run, autocast, common_arguments, cosine_schedule, fill_defaults, finish_distributed,
+                                init_distributed, make_optimizer, mean_over_ranks, micro_batches, my_share,
+                                seed_everything, setup_trainable, split_held_out, sum_over_ranks, wrap_ddp)
 
 PAPER = dict(epochs=3, batch_size=16, grad_accum=2, lr=4e-4, projector_lr=2e-5, lora_r=128, lora_alpha=256,
              max_length=2048, eval_every=200, save_every=500, eval_fraction=0.02)
@@ -59,11 +59,10 @@ def evaluate(model, examples, processor, args) -> dict:
         batch = collate_sft(examples[start:start + args.batch_size], processor)
         labels = batch["labels"].to(args.device)
         with autocast(args.device):
-            hidden = model.hidden_states(batch["input_ids"].to(args.device), _to(batch["pixel_values"], args.device),
-                                         batch["attention_mask"].to(args.device))
-            n = int((labels[:, 1:] != -100).sum())
-            total += sft_loss_from_hidden(hidden, model.lm_head, labels).item() * n
-        tokens += n
+            logps = model(batch["input_ids"].to(args.device), _to(batch["pixel_values"], args.device),
+                          batch["attention_mask"].to(args.device), labels=labels)
+        total -= logps.sum().item()
+        tokens += int((labels[:, 1:] != -100).sum())
     model.train()
     return {"loss": total / max(tokens, 1)}
 
@@ -74,11 +73,12 @@ def _to(x, device):
 
 def main(argv=None):
     args = parse(argv)
+    rank, world = init_distributed(args)
     seed_everything(args.seed)
     if args.demo:
         print("No --model: running the built-in demo (a tiny LLaVA on the synthetic shapes world).")
-        world = make_world(DEMO_DATA, seed=args.seed)
-        args.data, args.image_folder = args.data or str(world["sft"]), args.image_folder or str(world["images"])
+        files = make_world(DEMO_DATA, seed=args.seed)
+        args.data, args.image_folder = args.data or str(files["sft"]), args.image_folder or str(files["images"])
         model, processor = random_model(demo_config(), seed=args.seed, device=args.device), demo_processor(args.image_mode)
     else:
         model = load_model(args.model, device=args.device, vision_tower=args.vision_tower)
@@ -100,13 +100,15 @@ def main(argv=None):
 
     print(setup_trainable(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.gradient_checkpointing))
     optimizer = make_optimizer(model, args.lr, args.projector_lr, args.weight_decay)
-    batches = micro_batches(len(train), args.batch_size, args.epochs, args.seed)
+    # --batch-size is per process: a micro-batch of the whole run holds batch_size x world examples.
+    batches = micro_batches(len(train), args.batch_size * world, args.epochs, args.seed, drop_last=world > 1)
     total_steps = math.ceil(len(batches) / args.grad_accum)
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
     scheduler = cosine_schedule(optimizer, total_steps, args.warmup_ratio)
-    run = Run(args.out, args, total_steps)
+    run = Run(args.out, args, total_steps, rank)
     step = run.load_state(model, optimizer, scheduler) if args.resume else 0
+    trainer = wrap_ddp(model, world, args.device)  # `model` stays the plain module: eval, save
     pixel_cache = {}  # the demo's images are tiny: decode each once
     run.start_progress(step)
     model.train()
@@ -116,12 +118,15 @@ def main(argv=None):
         group = batches[step * args.grad_accum:(step + 1) * args.grad_accum]
         step_loss = 0.0
         for micro in group:
-            batch = collate_sft([train[i] for i in micro], processor, pixel_cache if args.demo else None)
+            batch = collate_sft([train[i] for i in my_share(micro, rank, world)], processor,
+                                pixel_cache if args.demo else None)
+            labels = batch["labels"].to(args.device)
+            # Token-mean over the whole micro-batch (all processes), whatever each process holds.
+            n_tokens = sum_over_ranks((labels[:, 1:] != -100).sum(), world).clamp(min=1)
             with autocast(args.device):
-                hidden = model.hidden_states(batch["input_ids"].to(args.device),
-                                             _to(batch["pixel_values"], args.device),
-                                             batch["attention_mask"].to(args.device))
-                loss = sft_loss_from_hidden(hidden, model.lm_head, batch["labels"].to(args.device)) / len(group)
+                logps = trainer(batch["input_ids"].to(args.device), _to(batch["pixel_values"], args.device),
+                                batch["attention_mask"].to(args.device), labels=labels)  # [B]: answer log-probs
+                loss = -logps.sum() * world / n_tokens / len(group)  # DDP averages over processes
             run.check_finite(loss, step + 1)
             loss.backward()
             step_loss += loss.item()
@@ -132,27 +137,31 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         step += 1
         run.bar.update(1)
-        run.log(step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0]})
-        if held and args.eval_every and step % args.eval_every == 0 and step < total_steps:
+        run.log(step, {**mean_over_ranks({"loss": step_loss}, world), "lr": scheduler.get_last_lr()[0]})
+        if held and args.eval_every and step % args.eval_every == 0 and step < total_steps and rank == 0:
             run.log(step, evaluate(model, held, processor, args), split="eval")
         if args.save_every and step % args.save_every == 0 and step < total_steps or run.should_stop(step):
             run.save_state(step, model, optimizer, scheduler)
         if run.should_stop(step):
             run.finish()
             print(f"stopped after step {step} of {total_steps}; continue with --resume")
+            finish_distributed(world)
             return {}
     # ---------------------------------------------------------------------------------------------
 
-    final = evaluate(model, held, processor, args) if held else {}
     run.save_state(step, model, optimizer, scheduler)
-    if args.demo:
-        heldout = read_heldout(DEMO_DATA / "heldout.jsonl")
-        final["exact_answer_accuracy"] = exact_answer_accuracy(model, processor, heldout, args.image_folder)
-    run.log(step, final, split="eval")
-    saved = run.save_final(model, processor)
+    final = {}
+    if rank == 0:
+        final = evaluate(model, held, processor, args) if held else {}
+        if args.demo:
+            heldout = read_heldout(DEMO_DATA / "heldout.jsonl")
+            final["exact_answer_accuracy"] = exact_answer_accuracy(model, processor, heldout, args.image_folder)
+        run.log(step, final, split="eval")
+        saved = run.save_final(model, processor)
+        print(f"\nheld-out: {', '.join(f'{k} {v:.4f}' for k, v in final.items())}")
+        print(f"model saved to {saved}; metrics in {run.metrics_path}")
     run.finish()
-    print(f"\nheld-out: {', '.join(f'{k} {v:.4f}' for k, v in final.items())}")
-    print(f"model saved to {saved}; metrics in {run.metrics_path}")
+    finish_distributed(world)
     return final
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .attention import AttentionMask, prepare
 from .config import LlavaConfig
 from .llama import KVCache, LlamaModel
+from .losses import answer_logps
 from .vision import VisionTower
 
 
@@ -86,16 +87,29 @@ class Llava(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None, image_features=None,
-                cache: KVCache | None = None, cache_offset: int = 0, logits_to_keep: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, cache_offset: int = 0, logits_to_keep: int = 0,
+                labels=None, average_logps: bool = False, repeat_images: int = 1) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (the last `logits_to_keep` positions if > 0).
+
+        With labels [B, T] (-100 where not supervised): returns instead the log-probability of each
+        sequence's supervised tokens [B] (summed, or averaged), computed on those positions only and
+        in chunks, so the [B, T, vocab] logits never exist. Training calls this, through forward so
+        that a DDP wrapper sees it. repeat_images: the rows are that many stacked copies of the same
+        prompts (DPO: the chosen rows, then the rejected rows); the tower runs once on pixel_values
+        and its features serve every copy.
 
         attention_mask [B, T]: 1 for real tokens, 0 for padding (None: no padding).
         position_ids [B, T]: RoPE positions; default 0..T-1 (+ cache_offset), as transformers does.
         image_features [N, S, D]: projected features to use instead of running the tower on pixel_values.
         cache, cache_offset: decode with a static KV cache; these T tokens go to slots offset..offset+T-1.
         """
+        if repeat_images > 1 and pixel_values is not None:
+            image_features = torch.cat([self.image_features(pixel_values)] * repeat_images)
+            pixel_values = None
         hidden = self.hidden_states(input_ids, pixel_values, attention_mask, position_ids=position_ids,
                                     image_features=image_features, cache=cache, cache_offset=cache_offset)
+        if labels is not None:
+            return answer_logps(hidden, self.lm_head, labels, average=average_logps)
         return self.lm_head(hidden[:, -logits_to_keep:])
 
     def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None,

@@ -136,14 +136,16 @@ def autocast(device: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def micro_batches(n_examples: int, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
-    """Every micro-batch of the run, in order: each epoch is a fresh seeded permutation."""
+def micro_batches(n_examples: int, batch_size: int, epochs: float, seed: int, drop_last: bool = False) -> list[list[int]]:
+    """Every micro-batch of the run, in order: each epoch is a fresh seeded permutation.
+    drop_last: leave out a short last batch of each epoch (so that several processes split evenly)."""
     batches = []
     for epoch in range(math.ceil(epochs)):
         order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
         if epoch + 1 > epochs:  # a fractional last epoch
             order = order[: int(round((epochs - epoch) * n_examples))]
-        batches += [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        batches += [order[i:i + batch_size] for i in range(0, len(order), batch_size)
+                    if not drop_last or i + batch_size <= len(order)]
     return batches
 
 
@@ -164,6 +166,67 @@ def seed_everything(seed: int):
 
 
 # ---------------------------------------------------------------------------------------------
+# Several processes (torchrun --nproc_per_node N): DDP. Each micro-batch of the global batch is cut
+# into N equal contiguous shares; DDP averages the gradients, so a step equals the one-process step
+# on the whole micro-batch. Only rank 0 evaluates, logs and writes files.
+# ---------------------------------------------------------------------------------------------
+
+
+def init_distributed(args) -> tuple[int, int]:
+    """(rank, world size). Under torchrun: join the process group (NCCL on CUDA, gloo on CPU) and
+    pick this process's GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if torch.device(args.device).type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def wrap_ddp(model, world: int, device: str):
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.device(device).index] if torch.device(device).type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def my_share(micro: list[int], rank: int, world: int) -> list[int]:
+    per = len(micro) // world
+    return micro[rank * per:(rank + 1) * per]
+
+
+def sum_over_ranks(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def mean_over_ranks(metrics: dict, world: int) -> dict:
+    if world == 1:
+        return metrics
+    values = sum_over_ranks(torch.tensor(list(metrics.values()), dtype=torch.float64), world) / world
+    return dict(zip(metrics, values.tolist()))
+
+
+def finish_distributed(world: int):
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
 # The run folder: metrics.jsonl, resumable checkpoints, the final model
 # ---------------------------------------------------------------------------------------------
 
@@ -171,21 +234,24 @@ def seed_everything(seed: int):
 class Run:
     """out/metrics.jsonl, out/checkpoint/ (resumable training state), out/model/ (the final checkpoint)."""
 
-    def __init__(self, out, args, total_steps: int):
+    def __init__(self, out, args, total_steps: int, rank: int = 0):
         self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.writes = rank == 0  # with several processes, rank 0 alone logs and writes
+        if self.writes:
+            self.out.mkdir(parents=True, exist_ok=True)
         self.args = args
         self.total_steps = total_steps
         self.metrics_path = self.out / "metrics.jsonl"
         self.last_good = None
         self._t0, self._tokens = time.time(), 0
-        if not args.resume and self.metrics_path.exists():
+        if self.writes and not args.resume and self.metrics_path.exists():
             self.metrics_path.unlink()  # a fresh run starts a fresh log
         self.bar = None
 
     # -- logging -----------------------------------------------------------------------------
     def start_progress(self, first_step: int):
-        self.bar = tqdm(total=self.total_steps, initial=first_step, desc=f"{self.out.name}", dynamic_ncols=True)
+        self.bar = tqdm(total=self.total_steps, initial=first_step, desc=f"{self.out.name}", dynamic_ncols=True,
+                        disable=not self.writes)
 
     def count_tokens(self, n: int):
         self._tokens += n
@@ -198,8 +264,9 @@ class Run:
             self._t0, self._tokens = time.time(), 0
             if self.bar is not None:
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "rewards/accuracy")})
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.writes:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         return record
 
     def check_finite(self, loss: torch.Tensor, step: int):
@@ -210,6 +277,9 @@ class Run:
     # -- checkpoints -------------------------------------------------------------------------
     def save_state(self, step: int, model, optimizer, scheduler):
         """Everything a resumed run needs to continue as if never stopped, written atomically."""
+        self.last_good = step
+        if not self.writes:
+            return
         state = {
             "step": step,
             "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
@@ -229,7 +299,6 @@ class Run:
             os.replace(folder, old)
         os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
-        self.last_good = step
 
     def load_state(self, model, optimizer, scheduler) -> int:
         path = self.out / "checkpoint" / "training_state.pt"
@@ -257,6 +326,8 @@ class Run:
         """Merge LoRA into the weights and write a plain llava-hf checkpoint to out/model."""
         from .weights import save_model
 
+        if not self.writes:
+            return None
         if self.args.save_adapter and self.args.lora_r > 0:
             save_adapter(model.language_model, self.out / "adapter", self.args.lora_r, self.args.lora_alpha,
                          self.args.lora_dropout)
@@ -270,7 +341,8 @@ class Run:
     def finish(self):
         if self.bar is not None:
             self.bar.close()
-        plot_metrics(self.metrics_path, self.out / "curves.png")
+        if self.writes:
+            plot_metrics(self.metrics_path, self.out / "curves.png")
 
 
 def _plain(v):
