@@ -29,7 +29,7 @@ from tinyalign.data import (collate_pairs, file_digest, pair_examples, read_pair
 from tinyalign.demo import demo_processor, exact_answer_accuracy, read_heldout, sample_and_rate
 from tinyalign.losses import dpo_loss
 from tinyalign.training import (Run, autocast, common_arguments, cosine_schedule, fill_defaults, finish_distributed,
-                                init_distributed, make_optimizer, mean_over_ranks, micro_batches, my_share,
+                                init_distributed, make_optimizer, mean_over_ranks, micro_batches, my_share, optimizer_step,
                                 seed_everything, setup_trainable, split_held_out, wrap_ddp)
 
 PAPER = dict(epochs=3, batch_size=8, grad_accum=4, lr=5e-5, projector_lr=2e-5, lora_r=128, lora_alpha=256,
@@ -253,20 +253,11 @@ def main(argv=None):
             for k, v in metrics.items():
                 logged[k] = logged.get(k, 0.0) + v / len(group)
             run.count_tokens(int(batch["attention_mask"].sum()))
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
         step += 1
-        run.bar.update(1)
-        run.log(step, {**mean_over_ranks(logged, world), "lr": scheduler.get_last_lr()[0]})
-        if held and args.eval_every and step % args.eval_every == 0 and step < total_steps and rank == 0:
-            run.log(step, evaluate(model, held, processor, args, ref_model), split="eval")
-        if args.save_every and step % args.save_every == 0 and step < total_steps or run.should_stop(step):
-            run.save_state(step, model, optimizer, scheduler)
-        if run.should_stop(step):
-            run.finish()
-            print(f"stopped after step {step} of {total_steps}; continue with --resume")
+        logged = {**mean_over_ranks(logged, world), "lr": scheduler.get_last_lr()[0]}
+        if run.after_step(step, logged, model, optimizer, scheduler,
+                          (lambda: evaluate(model, held, processor, args, ref_model)) if held else None):
             finish_distributed(world)
             return {}
     # ---------------------------------------------------------------------------------------------

@@ -334,6 +334,22 @@ class Run:
         merge_lora(model)
         return save_model(model, self.out / "model", processor=processor)
 
+    def after_step(self, step: int, metrics: dict, model, optimizer, scheduler, evaluate=None) -> bool:
+        """Log the step; evaluate every --eval-every steps (evaluate() -> metrics, rank 0 only) and save a
+        resumable checkpoint every --save-every. Returns True when this session ends here (--stop-after)."""
+        self.bar.update(1)
+        self.log(step, metrics)
+        last = step >= self.total_steps
+        if evaluate is not None and self.writes and self.args.eval_every and step % self.args.eval_every == 0 and not last:
+            self.log(step, evaluate(), split="eval")
+        stop = self.should_stop(step)
+        if stop or (self.args.save_every and step % self.args.save_every == 0 and not last):
+            self.save_state(step, model, optimizer, scheduler)
+        if stop:
+            self.finish()
+            print(f"stopped after step {step} of {self.total_steps}; continue with --resume")
+        return stop
+
     def should_stop(self, step: int) -> bool:
         """True when this session's --stop-after is reached (a checkpoint is saved, the run resumable)."""
         return self.args.stop_after is not None and step >= self.args.stop_after and step < self.total_steps
@@ -378,5 +394,9 @@ def plot_metrics(metrics_path: Path, png: Path, keys=None):
     return png
 
 
-def trainable_parameters(model: nn.Module):
-    return [p for p in model.parameters() if p.requires_grad]
+def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float):
+    """Clip the global gradient norm, step, advance the schedule, clear the gradients."""
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
