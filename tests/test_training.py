@@ -170,3 +170,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_world, tmp_path)
     state = torch.load(out / "checkpoint" / "training_state.pt", weights_only=False)
     assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["trainable"].values())
     assert not (out / "model").exists()
+
+
+def test_gradient_checkpointing_changes_memory_not_results(hf_checkpoint):
+    model = tinyalign.load_model(hf_checkpoint[0]).train()
+    ids, pixels, mask = make_batch(4, "right")
+    labels = ids.masked_fill(mask == 0, -100)
+    grads = []
+    for flag in (False, True):
+        model.language_model.gradient_checkpointing = flag
+        model.zero_grad()
+        loss = -model(ids, pixels, mask, labels=labels).sum()
+        loss.backward()
+        grads.append((loss.item(), model.language_model.layers[0].mlp.up_proj.weight.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6) and grads[0][1].abs().sum() > 0
