@@ -12,6 +12,7 @@ loss on a filtered set: of the several answers sampled for each prompt, only the
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -30,6 +31,7 @@ PAPER = dict(epochs=3, batch_size=16, grad_accum=2, lr=4e-4, projector_lr=2e-5, 
 DEMO = dict(epochs=4, batch_size=16, grad_accum=1, lr=1e-3, projector_lr=1e-2, lora_r=0, lora_alpha=0,
             max_length=256, eval_every=100, save_every=200, eval_fraction=0.02, out="runs/demo-sft")
 DEMO_DATA = Path("runs/demo-data")
+DEMO_SFT_MODEL = Path("runs/demo-sft/model")
 
 
 def parse(argv=None):
@@ -92,16 +94,31 @@ def main(argv=None):
         train_records, (held_records, _) = records, read_conversations(args.eval_data)
     else:
         train_records, held_records = split_held_out(records, args.eval_fraction, args.seed)
-    train, report = sft_examples(train_records, processor, args.image_folder, args.max_length, args.skip_bad, args.data)
+    final = train(args, model, processor, train_records, held_records, rank, world)
+    if args.demo and rank == 0:
+        heldout = read_heldout(DEMO_DATA / "heldout.jsonl")
+        final["exact_answer_accuracy"] = exact_answer_accuracy(model, processor, heldout, args.image_folder)
+        print(f"exact-answer accuracy on {len(heldout)} held-out questions: {final['exact_answer_accuracy']:.3f}")
+        with open(Path(args.out) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"split": "eval", "exact_answer_accuracy": final["exact_answer_accuracy"]}) + "\n")
+    finish_distributed(world)
+    return final
+
+
+def train(args, model, processor, train_records, held_records, rank=0, world=1) -> dict:
+    """Token cross-entropy on the answers of `train_records` (SFT, rejection sampling and SteerLM all
+    come here); held-out loss every --eval-every steps and at the end; the merged model to out/model."""
+    examples, report = sft_examples(train_records, processor, args.image_folder, args.max_length, args.skip_bad,
+                                    args.data)
     print(report.summary())
     held, _ = sft_examples(held_records, processor, args.image_folder, args.max_length, args.skip_bad, "held-out")
-    if not train:
+    if not examples:
         raise SystemExit(f"{args.data}: no usable training examples")
 
     print(setup_trainable(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.gradient_checkpointing))
     optimizer = make_optimizer(model, args.lr, args.projector_lr, args.weight_decay)
     # --batch-size is per process: a micro-batch of the whole run holds batch_size x world examples.
-    batches = micro_batches(len(train), args.batch_size * world, args.epochs, args.seed, drop_last=world > 1)
+    batches = micro_batches(len(examples), args.batch_size * world, args.epochs, args.seed, drop_last=world > 1)
     total_steps = math.ceil(len(batches) / args.grad_accum)
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
@@ -118,7 +135,7 @@ def main(argv=None):
         group = batches[step * args.grad_accum:(step + 1) * args.grad_accum]
         step_loss = 0.0
         for micro in group:
-            batch = collate_sft([train[i] for i in my_share(micro, rank, world)], processor,
+            batch = collate_sft([examples[i] for i in my_share(micro, rank, world)], processor,
                                 pixel_cache if args.demo else None)
             labels = batch["labels"].to(args.device)
             # Token-mean over the whole micro-batch (all processes), whatever each process holds.
@@ -136,7 +153,6 @@ def main(argv=None):
         logged = {**mean_over_ranks({"loss": step_loss}, world), "lr": scheduler.get_last_lr()[0]}
         if run.after_step(step, logged, model, optimizer, scheduler,
                           (lambda: evaluate(model, held, processor, args)) if held else None):
-            finish_distributed(world)
             return {}
     # ---------------------------------------------------------------------------------------------
 
@@ -144,15 +160,11 @@ def main(argv=None):
     final = {}
     if rank == 0:
         final = evaluate(model, held, processor, args) if held else {}
-        if args.demo:
-            heldout = read_heldout(DEMO_DATA / "heldout.jsonl")
-            final["exact_answer_accuracy"] = exact_answer_accuracy(model, processor, heldout, args.image_folder)
         run.log(step, final, split="eval")
         saved = run.save_final(model, processor)
         print(f"\nheld-out: {', '.join(f'{k} {v:.4f}' for k, v in final.items())}")
         print(f"model saved to {saved}; metrics in {run.metrics_path}")
     run.finish()
-    finish_distributed(world)
     return final
 
 

@@ -31,6 +31,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from .config import LlavaConfig, TextConfig, VisionConfig
 from .images import ImageProcessor
+from .data import ATTRIBUTES
 from .processor import SYSTEM_PROMPTS, Processor
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
@@ -119,6 +120,24 @@ def sft_answer_value(kind: str, right: str, rng: random.Random, noise: float) ->
     return right
 
 
+def answer_styles(kind: str, right: str, rng: random.Random) -> list[str]:
+    """Answers of every quality, for SteerLM to learn what each rating means: correct, correct and
+    verbose, wrong, wrong and verbose, garbled, evasive."""
+    wrong = CONFUSIONS.get((kind, right)) or rng.choice(wrong_values(kind, right))
+    words = say(kind, right).split()
+    rng.shuffle(words)
+    return [say(kind, right), f"{say(kind, right)} {VERBOSE_TAIL}", say(kind, wrong), f"{say(kind, wrong)} {VERBOSE_TAIL}",
+            " ".join(words), EVASIVE]
+
+
+def rated_styles(prompts: list[dict], seed: int = 0) -> list[dict]:
+    """Scored-samples records: each prompt with every answer style, rated by the annotator."""
+    rng = random.Random(seed)
+    return [{"id": r["id"], "image": r["image"], "prompt": r["prompt"], "responses": [
+        {"text": text, "scores": annotate(r["kind"], r["truth"], text)}
+        for text in answer_styles(r["kind"], r["truth"], rng)]} for r in prompts]
+
+
 def annotate(kind: str, right: str, text: str) -> dict:
     """Rate an answer 0-4 on the five attributes, knowing the truth."""
     correct_start = text.startswith(say(kind, right))
@@ -188,6 +207,10 @@ def demo_vocabulary() -> list[str]:
                 texts.append(say(kind, value))
             except KeyError:
                 pass
+    from .steer import STEER_TEMPLATES, steer_prompt  # SteerLM's conditioning words, digits 0-4 included
+
+    for style in STEER_TEMPLATES:
+        texts += [steer_prompt("", {a: v for a in ATTRIBUTES}, style) for v in range(5)]
     pre = pre_tokenizers.Whitespace()
     for text in texts:
         words.update(w for w, _ in pre.pre_tokenize_str(text))
@@ -256,20 +279,28 @@ def read_heldout(path) -> list[dict]:
 
 
 @torch.no_grad()
-def exact_answer_accuracy(model, processor: Processor, heldout: list[dict], image_folder, batch_size: int = 50) -> float:
-    """Fraction of held-out questions whose greedy answer is exactly the expected one (then </s>)."""
+def greedy_answers(model, processor: Processor, questions: list[str], images: list, max_new_tokens: int = 24,
+                   batch_size: int = 50) -> list[list[int]]:
+    """Greedy answer ids (up to and including </s>) for each (question, image path)."""
     from .generate import generate
 
     model.eval()
-    right = 0
-    for start in range(0, len(heldout), batch_size):
-        chunk = heldout[start:start + batch_size]
-        prompts = [processor.encode([{"from": "human", "value": r["prompt"]}]) for r in chunk]
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [processor.encode([{"from": "human", "value": q}]) for q in questions[start:start + batch_size]]
         batch = processor.collate(prompts, padding_side="left")
-        pixels = processor.images.batch([Path(image_folder) / r["image"] for r in chunk])
-        targets = [processor.tokenize(r["answer"]) + [processor.eos_token_id] for r in chunk]
+        pixels = processor.images.batch(images[start:start + batch_size])
         out = generate(model, batch["input_ids"].to(model.device), pixels.to(model.device),
-                       batch["attention_mask"].to(model.device), max_new_tokens=max(map(len, targets)),
+                       batch["attention_mask"].to(model.device), max_new_tokens=max_new_tokens,
                        pad_token_id=processor.pad_token_id)
-        right += sum(out[i, : len(t)].tolist() == t for i, t in enumerate(targets))
-    return right / len(heldout)
+        for row in out.tolist():
+            answers.append(row[: row.index(processor.eos_token_id) + 1] if processor.eos_token_id in row else row)
+    return answers
+
+
+def exact_answer_accuracy(model, processor: Processor, heldout: list[dict], image_folder, prompt_key="prompt") -> float:
+    """Fraction of held-out questions whose greedy answer is exactly the expected one (then </s>)."""
+    answers = greedy_answers(model, processor, [r[prompt_key] for r in heldout],
+                             [Path(image_folder) / r["image"] for r in heldout])
+    targets = [processor.tokenize(r["answer"]) + [processor.eos_token_id] for r in heldout]
+    return sum(a == t for a, t in zip(answers, targets)) / len(heldout)
