@@ -25,7 +25,7 @@ from tinyalign.training import (common_arguments, fill_defaults, finish_distribu
 import train_sft
 
 PAPER = dict(train_sft.PAPER)
-DEMO = dict(epochs=1, batch_size=16, grad_accum=1, lr=1e-3, projector_lr=1e-3, lora_r=32, lora_alpha=64,
+DEMO = dict(epochs=2, batch_size=16, grad_accum=1, lr=1e-3, projector_lr=1e-3, lora_r=32, lora_alpha=64,
             max_length=256, eval_every=100, save_every=200, eval_fraction=0.05, out="runs/demo-steerlm")
 # What the demo asks for, and what a rater would have given each kind of answer (demo.annotate).
 DEMO_CONDITIONS = {

@@ -1,0 +1,70 @@
+"""SteerLM: the ratings are written exactly, bad ones are refused, and steering works."""
+
+import json
+
+import pytest
+from test_training import sft_args
+
+import train_steerlm
+from tinyalign import load_model
+from tinyalign.demo import demo_processor, greedy_answers, rated_styles, read_heldout
+from tinyalign.steer import check_ratings, format_ratings, parse_steer, steer_prompt
+
+R = {"helpfulness": 4, "correctness": 3, "coherence": 4, "complexity": 2, "verbosity": 1}
+
+
+def test_ratings_are_written_exactly():
+    assert format_ratings(R) == "helpfulness:4,correctness:3,coherence:4,complexity:2,verbosity:1"
+    assert steer_prompt("<image>\nWhat is it?", R) == (
+        "<image>\nWhat is it?\nAttributes: helpfulness:4,correctness:3,coherence:4,complexity:2,verbosity:1")
+    assert steer_prompt("Q?", R, "authors").endswith(
+        "on a 5-point Likert scale (0-4): Helpfulness:4,Correctness:3,Coherence:4,Complexity:2,Verbosity:1")
+    assert parse_steer("Verbosity:1, helpfulness:4,correctness:3,coherence:4,complexity:2") == R
+
+
+@pytest.mark.parametrize("text,message", [
+    ("helpfulness:5,correctness:3,coherence:4,complexity:2,verbosity:1", "helpfulness must be an integer 0-4, got 5"),
+    ("helpfulness:4,correctness:-1,coherence:4,complexity:2,verbosity:1", "correctness must be an integer 0-4, got -1"),
+    ("helpfulness:4,correctness:3,coherence:4,complexity:2,wit:1", r"unknown attribute\(s\) \['wit'\]"),
+    ("helpfulness:4,correctness:3", r"missing attribute\(s\) \['coherence', 'complexity', 'verbosity'\]"),
+    ("helpfulness=4", r"'helpfulness=4' is not name:value"),
+    ("helpfulness:high,correctness:3", r"'helpfulness:high' is not name:value"),
+])
+def test_bad_ratings_are_refused(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_steer(text)
+
+
+def test_fractional_or_boolean_ratings_are_refused():
+    with pytest.raises(ValueError, match="verbosity must be an integer 0-4, got 2.5"):
+        check_ratings({**R, "verbosity": 2.5})
+    with pytest.raises(ValueError, match="coherence must be an integer 0-4, got True"):
+        check_ratings({**R, "coherence": True})
+
+
+def test_training_data_names_a_record_with_bad_ratings(tmp_path):
+    path = tmp_path / "scored.jsonl"
+    path.write_text(json.dumps({"id": "p9", "prompt": "q", "responses": [
+        {"text": "a", "scores": {"helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 1}}]}) + "\n")
+    with pytest.raises(ValueError, match=r"scored.jsonl record p9 response 0: missing attribute\(s\) \['verbosity'\]"):
+        train_steerlm.steer_conversations(path, "tinyalign")
+
+
+def test_steering_follows_the_verbosity_asked_for(tiny_world, tmp_path):
+    """A tiny model trained briefly on rated answers writes long answers when asked for verbosity 4
+    and short ones when asked for 2."""
+    data = tmp_path / "steer.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rated_styles(read_heldout(tiny_world["prompts"]))))
+    args = sft_args(tiny_world, tmp_path / "steer", "--epochs", "5", "--lora-r", "0", "--lr", "3e-3",
+                    "--grad-accum", "1", "--batch-size", "16", "--eval-every", "0")
+    args[args.index("--data") + 1] = str(data)
+    train_steerlm.main(args)
+    model, processor = load_model(tmp_path / "steer" / "model"), demo_processor()
+    heldout = read_heldout(tiny_world["heldout"])
+    images = [tiny_world["images"] / r["image"] for r in heldout]
+    lengths = {}
+    for name in ("concise and correct", "verbose and correct"):  # verbosity 2 and 4 (and what goes with them)
+        questions = [steer_prompt(r["prompt"], train_steerlm.DEMO_CONDITIONS[name]) for r in heldout]
+        answers = greedy_answers(model, processor, questions, images)
+        lengths[name] = sum(len(processor.decode(a).split()) for a in answers) / len(answers)
+    assert lengths["verbose and correct"] > lengths["concise and correct"] + 5, lengths
