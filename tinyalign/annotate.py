@@ -1,0 +1,218 @@
+"""Sample answers from a model and have a judge rate them: the paper's data collection (section 3.2).
+
+    python -m tinyalign.annotate --model runs/sft/model --prompts prompts.jsonl --image-folder images/ \\
+        --out scored.jsonl --judge-url https://api.openai.com/v1 --judge-model gpt-4o   # key: $OPENAI_API_KEY
+    python -m tinyalign.annotate ... --judge rules       # the shapes world's rule-based annotator
+
+Prompts: JSONL `{"id", "image"?, "prompt"}` (the rule-based judge also needs "kind" and "truth", as the
+demo writes them). For each prompt, N answers are sampled (default 4, temperature 0.7) and each is
+rated 0-4 on helpfulness, correctness, coherence, complexity and verbosity. The output is the
+scored-samples JSONL that `build_pairs`, `--select best` and train_steerlm.py read, written one prompt
+per line as soon as it is rated: a crash or Ctrl-C loses at most the prompt in flight, and a rerun
+skips every prompt already rated. A judge that fails (HTTP error, time-out, a reply that does not
+parse) is retried with backoff; after the last try the prompt is written with an "error" field, and a
+rerun tries it again. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .data import DataError, build_pairs, read_records, read_scored
+from .steer import check_ratings
+
+# The judge's instructions: reasoning first (it rates better after thinking), then a strict last line.
+RUBRIC = """You rate answers of a vision-language assistant. Look at the image and the question, then rate
+the answer on five attributes, each an integer from 0 (worst) to 4 (best):
+helpfulness (does it answer what was asked), correctness (is what it says true of the image),
+coherence (is it clear and consistent), complexity (how much expertise it takes to write),
+verbosity (how much detail it gives, relative to what was asked).
+First explain your reasoning briefly. Then end with one line holding only a JSON object, exactly:
+{"helpfulness": h, "correctness": c, "coherence": k, "complexity": x, "verbosity": v}"""
+PROMPT_VERSION = "tinyalign-rubric-v1"
+
+
+class JudgeError(RuntimeError):
+    """The judge did not give a usable rating, even after retries."""
+
+
+def parse_ratings(reply: str) -> dict:
+    """The last JSON object in the reply, with exactly the five attributes as integers 0-4."""
+    objects = re.findall(r"\{[^{}]*\}", reply)
+    if not objects:
+        raise JudgeError(f"no JSON object in the reply: {reply[-200:]!r}")
+    try:
+        ratings = json.loads(objects[-1])
+    except json.JSONDecodeError as e:
+        raise JudgeError(f"the last JSON object does not parse ({e}): {objects[-1]!r}") from None
+    try:
+        return check_ratings(ratings, "judge reply")
+    except ValueError as e:
+        raise JudgeError(str(e)) from None
+
+
+class OpenAIJudge:
+    """Any OpenAI-compatible chat-completions endpoint; the image goes inline as a data URL."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0,
+                 retries: int = 3, backoff: float = 2.0):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key, self.timeout, self.retries, self.backoff = model, api_key, timeout, retries, backoff
+        self.calls = 0
+
+    def _request(self, question: str, answer: str, image: Path | None) -> str:
+        content = [{"type": "text", "text": f"Question: {question}\n\nAnswer to rate: {answer}"}]
+        if image is not None:
+            data = base64.b64encode(Path(image).read_bytes()).decode()
+            kind = "jpeg" if Path(image).suffix.lower() in (".jpg", ".jpeg") else "png"
+            content.append({"type": "image_url", "image_url": {"url": f"data:image/{kind};base64,{data}"}})
+        body = {"model": self.model, "temperature": 0,
+                "messages": [{"role": "system", "content": RUBRIC}, {"role": "user", "content": content}]}
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers)
+        self.calls += 1
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            reply = json.loads(response.read())
+        return reply["choices"][0]["message"]["content"]
+
+    def rate(self, question: str, answer: str, image: Path | None) -> dict:
+        problems = []
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))  # 1x, 2x, 4x ... the base delay
+            try:
+                return parse_ratings(self._request(question, answer, image))
+            except (urllib.error.URLError, TimeoutError, OSError, KeyError, IndexError, json.JSONDecodeError,
+                    JudgeError) as e:
+                problems.append(f"try {attempt + 1}: {type(e).__name__}: {e}")
+        raise JudgeError("; ".join(problems))
+
+
+class RuleJudge:
+    """The shapes world's annotator: it knows the truth of each prompt ("kind", "truth")."""
+
+    def rate_record(self, record: dict, answer: str) -> dict:
+        from .demo import annotate
+
+        if "kind" not in record or "truth" not in record:
+            raise JudgeError(f"prompt {record.get('id')}: the rule-based judge needs 'kind' and 'truth'")
+        return annotate(record["kind"], record["truth"], answer)
+
+
+def read_done(out: Path) -> tuple[list[dict], set]:
+    """Rated prompts already in the output (kept), and their ids. Lines with an error are dropped
+    here so that a rerun tries those prompts again."""
+    if not out.exists():
+        return [], set()
+    kept = [r for r in read_records(out) if "responses" in r and "error" not in r]
+    return kept, {r["id"] for r in kept}
+
+
+def annotate_prompts(prompts: list[dict], out, sample, judge, image_folder=None, max_prompts=None) -> dict:
+    """sample(records) -> list of answer lists; judge: OpenAIJudge or RuleJudge. Appends to `out`."""
+    out = Path(out)
+    kept, done = read_done(out)
+    tmp = out.with_suffix(out.suffix + ".tmp")  # rewrite without the failed lines, atomically
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, out)
+    todo = [p for p in prompts if p["id"] not in done][:max_prompts]
+    rated = failed = 0
+    with out.open("a") as f:
+        for start in range(0, len(todo), 16):
+            chunk = todo[start:start + 16]
+            for record, answers in zip(chunk, sample(chunk)):
+                line = {k: record[k] for k in ("id", "image", "prompt") if k in record}
+                try:
+                    line["responses"] = [{"text": a, "scores": _rate(judge, record, a, image_folder)} for a in answers]
+                    line["judge"] = getattr(judge, "model", "rules")
+                    line["prompt_version"] = PROMPT_VERSION
+                    rated += 1
+                except JudgeError as e:
+                    line["error"] = str(e)
+                    failed += 1
+                f.write(json.dumps(line) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+    scored, _ = read_scored(out) if out.stat().st_size else ([], None)
+    pairs, _ = build_pairs(scored) if scored else ([], None)
+    return {"rated now": rated, "failed now": failed, "already rated": len(done), "pairs": len(pairs)}
+
+
+def _rate(judge, record, answer, image_folder):
+    if isinstance(judge, RuleJudge):
+        return judge.rate_record(record, answer)
+    image = record.get("image")
+    path = (Path(image_folder) / image if image_folder and image else Path(image)) if image else None
+    return judge.rate(record["prompt"].replace("<image>", "").strip(), answer, path)
+
+
+def model_sampler(model, processor, image_folder, n: int, temperature: float, max_new_tokens: int, seed: int):
+    """Batched KV-cache sampling: n answers for each prompt record."""
+    import torch
+
+    from .generate import generate
+
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+
+    def sample(records):
+        encoded = [processor.encode([{"from": "human", "value": r["prompt"]}]) for r in records]
+        batch = processor.collate(encoded * n, padding_side="left")
+        images = [Path(image_folder or ".") / r["image"] for r in records if r.get("image")] * n
+        pixels = processor.images.batch(images).to(model.device) if images else None
+        out = generate(model, batch["input_ids"].to(model.device), pixels, batch["attention_mask"].to(model.device),
+                       max_new_tokens=max_new_tokens, temperature=temperature, pad_token_id=processor.pad_token_id,
+                       generator=generator)
+        texts = [processor.decode(row) for row in out]
+        return [[texts[k * len(records) + j] for k in range(n)] for j in range(len(records))]
+
+    return sample
+
+
+def main(argv=None):
+    from . import Processor, load_model
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompts", required=True, help="JSONL of {id, image?, prompt}")
+    p.add_argument("--out", required=True, help="scored-samples JSONL (appended to; a rerun resumes)")
+    p.add_argument("--image-folder")
+    p.add_argument("--n", type=int, default=4, help="answers sampled per prompt")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--judge", choices=["openai", "rules"], default="openai")
+    p.add_argument("--judge-url", default="https://api.openai.com/v1")
+    p.add_argument("--judge-model", default="gpt-4o")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--retries", type=int, default=3)
+    p.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry (then doubled)")
+    p.add_argument("--max-prompts", type=int, help="rate at most this many new prompts in this run")
+    p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    prompts = read_records(args.prompts)
+    for i, r in enumerate(prompts):
+        if "id" not in r or not isinstance(r.get("prompt"), str):
+            raise DataError(f"{args.prompts} record {i}: needs 'id' and 'prompt'")
+    model = load_model(args.model, device=args.device)
+    processor = Processor.from_pretrained(args.model)
+    judge = RuleJudge() if args.judge == "rules" else OpenAIJudge(
+        args.judge_url, args.judge_model, os.environ.get(args.api_key_env), args.timeout, args.retries, args.backoff)
+    sample = model_sampler(model, processor, args.image_folder, args.n, args.temperature, args.max_new_tokens, args.seed)
+    summary = annotate_prompts(prompts, args.out, sample, judge, args.image_folder, args.max_prompts)
+    print(", ".join(f"{k}: {v}" for k, v in summary.items()))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
