@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 
@@ -28,9 +27,9 @@ from tinyalign.data import (collate_pairs, file_digest, pair_examples, read_pair
                             build_pairs)
 from tinyalign.demo import demo_processor, exact_answer_accuracy, read_heldout, sample_and_rate
 from tinyalign.losses import dpo_loss
-from tinyalign.training import (Run, autocast, common_arguments, cosine_schedule, fill_defaults, finish_distributed,
-                                init_distributed, make_optimizer, mean_over_ranks, micro_batches, my_share, optimizer_step,
-                                seed_everything, setup_trainable, split_held_out, wrap_ddp)
+from tinyalign.training import (autocast, common_arguments, fill_defaults, finish_distributed, init_distributed,
+                                mean_over_ranks, my_share, optimizer_step, prepare_training, seed_everything,
+                                split_held_out)
 
 PAPER = dict(epochs=3, batch_size=8, grad_accum=4, lr=5e-5, projector_lr=2e-5, lora_r=128, lora_alpha=256,
              max_length=3000, eval_every=100, save_every=200, eval_fraction=0.02, sft_weight=0.0)
@@ -224,24 +223,14 @@ def main(argv=None):
         print("reference log-probs:", fill_reference(model, train + held, processor, args, cache))
     start_metrics = evaluate(model, held, processor, args, ref_model) if held else {}
 
-    print(setup_trainable(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.gradient_checkpointing))
-    optimizer = make_optimizer(model, args.lr, args.projector_lr, args.weight_decay)
-    # --batch-size is per process: a micro-batch of the whole run holds batch_size x world pairs.
-    batches = micro_batches(len(train), args.batch_size * world, args.epochs, args.seed, drop_last=world > 1)
-    total_steps = math.ceil(len(batches) / args.grad_accum)
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-    scheduler = cosine_schedule(optimizer, total_steps, args.warmup_ratio)
-    run = Run(args.out, args, total_steps, rank)
-    step = run.load_state(model, optimizer, scheduler) if args.resume else 0
-    trainer = wrap_ddp(model, world, args.device)  # `model` stays the plain module: eval, save
+    trainer, optimizer, scheduler, run, batches, step = prepare_training(args, model, len(train), rank, world)
     if held and not args.resume:
         run.log(0, start_metrics, split="eval")
     run.start_progress(step)
     model.train()
 
     # ---- the DPO loop --------------------------------------------------------------------------
-    while step < total_steps:
+    while step < run.total_steps:
         group = batches[step * args.grad_accum:(step + 1) * args.grad_accum]
         logged = {}
         for micro in group:

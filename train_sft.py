@@ -13,7 +13,6 @@ loss on a filtered set: of the several answers sampled for each prompt, only the
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -21,9 +20,9 @@ import torch
 from tinyalign import Processor, load_model, random_model
 from tinyalign.data import (collate_sft, read_conversations, read_scored, select_best, sft_examples)
 from tinyalign.demo import demo_config, demo_processor, exact_answer_accuracy, make_world, read_heldout
-from tinyalign.training import (Run, autocast, common_arguments, cosine_schedule, fill_defaults, finish_distributed,
-                                init_distributed, make_optimizer, mean_over_ranks, micro_batches, my_share, optimizer_step,
-                                seed_everything, setup_trainable, split_held_out, sum_over_ranks, wrap_ddp)
+from tinyalign.training import (autocast, common_arguments, fill_defaults, finish_distributed, init_distributed,
+                                mean_over_ranks, my_share, optimizer_step, prepare_training, seed_everything,
+                                split_held_out, sum_over_ranks)
 
 PAPER = dict(epochs=3, batch_size=16, grad_accum=2, lr=4e-4, projector_lr=2e-5, lora_r=128, lora_alpha=256,
              max_length=2048, eval_every=200, save_every=500, eval_fraction=0.02)
@@ -115,23 +114,13 @@ def train(args, model, processor, train_records, held_records, rank=0, world=1) 
     if not examples:
         raise SystemExit(f"{args.data}: no usable training examples")
 
-    print(setup_trainable(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.gradient_checkpointing))
-    optimizer = make_optimizer(model, args.lr, args.projector_lr, args.weight_decay)
-    # --batch-size is per process: a micro-batch of the whole run holds batch_size x world examples.
-    batches = micro_batches(len(examples), args.batch_size * world, args.epochs, args.seed, drop_last=world > 1)
-    total_steps = math.ceil(len(batches) / args.grad_accum)
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-    scheduler = cosine_schedule(optimizer, total_steps, args.warmup_ratio)
-    run = Run(args.out, args, total_steps, rank)
-    step = run.load_state(model, optimizer, scheduler) if args.resume else 0
-    trainer = wrap_ddp(model, world, args.device)  # `model` stays the plain module: eval, save
+    trainer, optimizer, scheduler, run, batches, step = prepare_training(args, model, len(examples), rank, world)
     pixel_cache = {}  # the demo's images are tiny: decode each once
     run.start_progress(step)
     model.train()
 
     # ---- the SFT loop --------------------------------------------------------------------------
-    while step < total_steps:
+    while step < run.total_steps:
         group = batches[step * args.grad_accum:(step + 1) * args.grad_accum]
         step_loss = 0.0
         for micro in group:

@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from conftest import IMAGES
 from safetensors.torch import load_file, save_file
 

@@ -11,7 +11,7 @@ import tinyalign
 import train_dpo
 import train_sft
 from tinyalign.data import pair_examples, read_pairs
-from tinyalign.demo import read_heldout, say, truth, wrong_values
+from tinyalign.demo import read_heldout, say, wrong_values
 from tinyalign.lora import LoRALinear, apply_lora, merge_lora
 
 

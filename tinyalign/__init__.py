@@ -8,5 +8,5 @@ from . import images
 from .processor import IGNORE_INDEX, Encoded, Processor, SequenceTooLong
 from .weights import load_model, random_model, save_model
 
-__all__ = ["LlavaConfig", "TextConfig", "VisionConfig", "preset", "Llava", "load_model", "save_model",
+__all__ = ["images", "LlavaConfig", "TextConfig", "VisionConfig", "preset", "Llava", "load_model", "save_model",
            "random_model", "Processor", "Encoded", "SequenceTooLong", "IGNORE_INDEX", "generate"]

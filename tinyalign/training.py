@@ -394,6 +394,23 @@ def plot_metrics(metrics_path: Path, png: Path, keys=None):
     return png
 
 
+def prepare_training(args, model, n_examples: int, rank: int = 0, world: int = 1):
+    """Trainable parts, optimizer, schedule, the run folder and the data order, in one place:
+    -> (trainer, optimizer, scheduler, run, batches, first step). `trainer` is the model, wrapped in
+    DDP when there are several processes; `model` itself stays the plain module (eval, save)."""
+    print(setup_trainable(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.gradient_checkpointing))
+    optimizer = make_optimizer(model, args.lr, args.projector_lr, args.weight_decay)
+    # --batch-size is per process: a micro-batch of the whole run holds batch_size x world examples.
+    batches = micro_batches(n_examples, args.batch_size * world, args.epochs, args.seed, drop_last=world > 1)
+    total_steps = math.ceil(len(batches) / args.grad_accum)
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    scheduler = cosine_schedule(optimizer, total_steps, args.warmup_ratio)
+    run = Run(args.out, args, total_steps, rank)
+    step = run.load_state(model, optimizer, scheduler) if args.resume else 0
+    return wrap_ddp(model, world, args.device), optimizer, scheduler, run, batches, step
+
+
 def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float):
     """Clip the global gradient norm, step, advance the schedule, clear the gradients."""
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
