@@ -68,3 +68,16 @@ def test_steering_follows_the_verbosity_asked_for(tiny_world, tmp_path):
         answers = greedy_answers(model, processor, questions, images)
         lengths[name] = sum(len(processor.decode(a).split()) for a in answers) / len(answers)
     assert lengths["verbose and correct"] > lengths["concise and correct"] + 5, lengths
+
+
+def test_generation_command_takes_steer_ratings(tiny_world, capsys):
+    from importlib import import_module
+
+    generate = import_module("tinyalign.generate")  # the module (`python -m tinyalign.generate`), not the function
+    image = next(tiny_world["images"].glob("images/*.png"))
+    common = ["--model", str(tiny_world["checkpoint"]), "--image", str(image), "--prompt", "What color are the shapes ?",
+              "--max-new-tokens", "4", "--device", "cpu"]
+    answer = generate.main(common + ["--steer", "helpfulness:4,correctness:4,coherence:4,complexity:1,verbosity:2"])
+    assert capsys.readouterr().out.strip() == answer.strip()
+    with pytest.raises(ValueError, match="verbosity must be an integer 0-4, got 7"):
+        generate.main(common + ["--steer", "helpfulness:4,correctness:4,coherence:4,complexity:1,verbosity:7"])
