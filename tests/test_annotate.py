@@ -117,3 +117,12 @@ def test_command_line_with_the_model_and_the_rule_judge(tiny_world, tmp_path):
     for r in lines(out):
         assert len(r["responses"]) == 3 and set(r["responses"][0]["scores"]) == {
             "helpfulness", "correctness", "coherence", "complexity", "verbosity"}
+
+
+def test_prompts_file_without_a_prompt_is_named(tmp_path):
+    from tinyalign.data import DataError
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "q"}\n{"id": "b", "question": "q"}\n')
+    with pytest.raises(DataError, match=r"prompts.jsonl record 1: needs 'id' and 'prompt'"):
+        annotate.main(["--model", str(tmp_path), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")])
