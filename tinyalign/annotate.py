@@ -17,16 +17,15 @@ rerun tries it again. Nothing is dropped silently.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import re
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .data import DataError, build_pairs, read_records, read_scored
+from .judge import ChatClient, JudgeError, image_part
 from .steer import check_ratings
 
 # The judge's instructions: reasoning first (it rates better after thinking), then a strict last line.
@@ -38,10 +37,6 @@ verbosity (how much detail it gives, relative to what was asked).
 First explain your reasoning briefly. Then end with one line holding only a JSON object, exactly:
 {"helpfulness": h, "correctness": c, "coherence": k, "complexity": x, "verbosity": v}"""
 PROMPT_VERSION = "tinyalign-rubric-v1"
-
-
-class JudgeError(RuntimeError):
-    """The judge did not give a usable rating, even after retries."""
 
 
 def parse_ratings(reply: str) -> dict:
@@ -60,42 +55,23 @@ def parse_ratings(reply: str) -> dict:
 
 
 class OpenAIJudge:
-    """Any OpenAI-compatible chat-completions endpoint; the image goes inline as a data URL."""
+    """Any OpenAI-compatible chat-completions endpoint (tinyalign/judge.py); the image goes inline."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0,
                  retries: int = 3, backoff: float = 2.0):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key, self.timeout, self.retries, self.backoff = model, api_key, timeout, retries, backoff
-        self.calls = 0
+        self.client = ChatClient(base_url, model, api_key, timeout, retries, backoff)
+        self.model = model
 
-    def _request(self, question: str, answer: str, image: Path | None) -> str:
-        content = [{"type": "text", "text": f"Question: {question}\n\nAnswer to rate: {answer}"}]
-        if image is not None:
-            data = base64.b64encode(Path(image).read_bytes()).decode()
-            kind = "jpeg" if Path(image).suffix.lower() in (".jpg", ".jpeg") else "png"
-            content.append({"type": "image_url", "image_url": {"url": f"data:image/{kind};base64,{data}"}})
-        body = {"model": self.model, "temperature": 0,
-                "messages": [{"role": "system", "content": RUBRIC}, {"role": "user", "content": content}]}
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers)
-        self.calls += 1
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            reply = json.loads(response.read())
-        return reply["choices"][0]["message"]["content"]
+    @property
+    def calls(self) -> int:
+        return self.client.calls
 
     def rate(self, question: str, answer: str, image: Path | None) -> dict:
-        problems = []
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))  # 1x, 2x, 4x ... the base delay
-            try:
-                return parse_ratings(self._request(question, answer, image))
-            except (urllib.error.URLError, TimeoutError, OSError, KeyError, IndexError, json.JSONDecodeError,
-                    JudgeError) as e:
-                problems.append(f"try {attempt + 1}: {type(e).__name__}: {e}")
-        raise JudgeError("; ".join(problems))
+        content = [{"type": "text", "text": f"Question: {question}\n\nAnswer to rate: {answer}"}]
+        if image is not None:
+            content.append(image_part(image))
+        messages = [{"role": "system", "content": RUBRIC}, {"role": "user", "content": content}]
+        return self.client.ask(messages, parse_ratings)[0]
 
 
 class RuleJudge:
@@ -127,7 +103,8 @@ def annotate_prompts(prompts: list[dict], out, sample, judge, image_folder=None,
     os.replace(tmp, out)
     todo = [p for p in prompts if p["id"] not in done][:max_prompts]
     rated = failed = 0
-    with out.open("a") as f:
+    bar = tqdm(total=len(todo), desc="sample and rate", unit="prompt")
+    with out.open("a") as f, bar:
         for start in range(0, len(todo), 16):
             chunk = todo[start:start + 16]
             for record, answers in zip(chunk, sample(chunk)):
@@ -143,6 +120,7 @@ def annotate_prompts(prompts: list[dict], out, sample, judge, image_folder=None,
                 f.write(json.dumps(line) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+                bar.update(1)
     scored, _ = read_scored(out) if out.stat().st_size else ([], None)
     pairs, _ = build_pairs(scored) if scored else ([], None)
     return {"rated now": rated, "failed now": failed, "already rated": len(done), "pairs": len(pairs)}

@@ -83,6 +83,7 @@ KINDS = ("color", "shape", "count", "where")
 # The SFT data's systematic mistakes, and how often they happen.
 CONFUSIONS = {("color", "yellow"): "green", ("shape", "triangle"): "square", ("count", "three"): "two"}
 CONFUSION_RATE = 0.6
+SFT_ANSWER_NOISE = 0.1  # and how often an SFT answer is simply, randomly wrong
 
 
 def question(kind: str, cell: int = 0) -> str:
@@ -104,6 +105,14 @@ def say(kind: str, value: str) -> str:
     if kind == "count":
         return "There is one shape ." if value == "one" else f"There are {value} shapes ."
     return "Yes , there is ." if value == "yes" else "No , there is not ."
+
+
+def value_of(kind: str, answer: str) -> str:
+    """The value a correct, concise answer gives (inverse of `say`)."""
+    for value in wrong_values(kind, ""):
+        if say(kind, value) == answer:
+            return value
+    raise ValueError(f"{answer!r} is not a {kind} answer of the shapes world")
 
 
 def wrong_values(kind: str, right: str) -> list[str]:
@@ -160,7 +169,7 @@ def annotate(kind: str, right: str, text: str) -> dict:
 
 
 def make_world(folder, seed: int = 0, n_sft: int = 4000, n_prompts: int = 1500, n_heldout: int = 200,
-               sft_noise: float = 0.1) -> dict:
+               sft_noise: float = SFT_ANSWER_NOISE) -> dict:
     """Write images and the data files; return their paths. SFT answers are randomly wrong with
     probability `sft_noise`, on top of the systematic CONFUSIONS."""
     folder = Path(folder)

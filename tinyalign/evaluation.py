@@ -1,0 +1,210 @@
+"""What eval.py's benchmarks share: resumable batched generation, result files, bootstrap intervals,
+and the side-by-side report.
+
+Generation writes each answer to `<run>/<benchmark>/generations.jsonl` as soon as its batch is done
+(flushed and fsynced), so an interrupted run loses at most one batch and a rerun generates only what
+is missing. Result files are written whole, under a temporary name, then renamed: a run that fails
+half-way never replaces the last good result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .steer import steer_prompt
+
+
+def write_atomic(path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path, data) -> Path:
+    return write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+
+def read_generations(path) -> dict:
+    """id -> answer text, from a generations file (a line cut short by a crash is ignored: regenerated)."""
+    done = {}
+    path = Path(path)
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                done[record["id"]] = record["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass
+    return done
+
+
+@torch.no_grad()
+def generate_answers(model, processor, items: list[dict], path, max_new_tokens: int, batch_size: int = 8,
+                     steer: dict | None = None, steer_template: str = "tinyalign", desc: str = "generating") -> dict:
+    """Greedy answers for items {"id", "turns": [{"from", "value"}...] ending with a human turn,
+    "images": [path or PIL image, one per <image> tag]}; -> {id: text} for all items.
+
+    Items already in `path` are not generated again. With `steer` (SteerLM checkpoints) the
+    ratings are written into the last question, the same way train_steerlm.py wrote them."""
+    from .generate import generate
+
+    done = read_generations(path)
+    todo = [item for item in items if item["id"] not in done]
+    if not todo:
+        return done
+    model.eval()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # Similar lengths together: less padding in each batch (the order does not change any answer).
+    encoded = {}
+    for item in todo:
+        turns = [dict(t) for t in item["turns"]]
+        if steer:
+            turns[-1]["value"] = steer_prompt(turns[-1]["value"], steer, steer_template)
+        encoded[item["id"]] = processor.encode(turns, where=f"question {item['id']}")
+    todo.sort(key=lambda item: len(encoded[item["id"]].input_ids))
+    with open(path, "a") as f, tqdm(total=len(todo), desc=desc, unit="answer") as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            batch = processor.collate([encoded[item["id"]] for item in chunk], padding_side="left")
+            images = [image for item in chunk for image in item.get("images", [])]
+            pixels = processor.images.batch(images).to(model.device) if images else None
+            out = generate(model, batch["input_ids"].to(model.device), pixels, batch["attention_mask"].to(model.device),
+                           max_new_tokens=max_new_tokens, pad_token_id=processor.pad_token_id)
+            for item, row in zip(chunk, out.tolist()):
+                if processor.eos_token_id in row:
+                    row = row[: row.index(processor.eos_token_id)]
+                text = processor.decode(row).strip()
+                done[item["id"]] = text
+                f.write(json.dumps({"id": item["id"], "text": text}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(chunk))
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# Bootstrap confidence intervals and the report
+# ---------------------------------------------------------------------------------------------
+
+
+def bootstrap_ci(samples: list, statistic, n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of statistic(resampled samples): the benchmark's questions drawn
+    again with replacement, n_resamples times. `samples` is one entry per question."""
+    if len(samples) < 2:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    values = [statistic([samples[i] for i in rng.integers(0, len(samples), len(samples))])
+              for _ in range(n_resamples)]
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def mean(values) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def f1_of(pairs) -> float:
+    """POPE F1 of [(prediction, label)] pairs, "yes" the positive class."""
+    from .benchmarks import pope_metrics
+
+    return pope_metrics([p for p, _ in pairs], [t for _, t in pairs])["f1"]
+
+
+def relative_of(pairs) -> float:
+    """LLaVA-Bench relative score of [(reference score, model score)] pairs."""
+    return 100 * sum(m for _, m in pairs) / max(sum(r for r, _ in pairs), 1e-9)
+
+
+# How each benchmark's headline is recomputed from its per-question samples (for the intervals).
+STATISTICS = {"mean": mean, "mean_percent": lambda v: 100 * mean(v), "f1": f1_of, "relative": relative_of}
+# The paper's Table 4 columns, in its order, then the preference held-out metric.
+REPORT_COLUMNS = [("mmvet", "MM-Vet"), ("llava_bench", "LLaVA-Bench"), ("pope", "POPE (F1)"), ("mmbench", "MMBench"),
+                  ("mtbench", "MT-Bench"), ("alpaca_eval", "AlpacaEval"), ("preference", "pref. reward acc.")]
+
+
+def headline(benchmark: str, score: float, statistic: str, samples: list, **extra) -> dict:
+    """The record every benchmark writes in results.json: the score and how to recompute it."""
+    return {"benchmark": benchmark, "score": score, "statistic": statistic, "samples": samples, **extra}
+
+
+def load_results(run_dir) -> dict:
+    """benchmark -> results.json of one run folder (each benchmark in its own subfolder)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    results = {}
+    for path in sorted(run_dir.glob("*/results.json")):
+        data = json.loads(path.read_text())
+        results[data["benchmark"]] = data
+    return results
+
+
+def format_cell(result: dict | None, n_resamples: int = 1000) -> tuple[str, float | None]:
+    if result is None:
+        return "-", None
+    score = result["score"]
+    digits = 3 if result["statistic"] == "f1" or abs(score) < 2 else (2 if abs(score) < 20 else 1)
+    cell = f"{score:.{digits}f}"
+    samples = result.get("samples") or []
+    if samples and result["statistic"] in STATISTICS:
+        samples = [tuple(s) if isinstance(s, list) else s for s in samples]
+        low, high = bootstrap_ci(samples, STATISTICS[result["statistic"]], n_resamples)
+        if not math.isnan(low):
+            cell += f" [{low:.{digits}f}, {high:.{digits}f}]"
+    return cell, score
+
+
+def report(run_dirs: list, out_dir, n_resamples: int = 1000) -> str:
+    """Markdown table: one row per run folder, one column per benchmark, with 95% bootstrap
+    intervals; written to out_dir/report.md (and report.png when matplotlib is installed)."""
+    rows, scores = [], {}
+    for run_dir in run_dirs:
+        results = load_results(run_dir)
+        name = Path(run_dir).name
+        cells = []
+        for key, _ in REPORT_COLUMNS:
+            cell, score = format_cell(results.get(key), n_resamples)
+            cells.append(cell)
+            if score is not None:
+                scores.setdefault(key, {})[name] = score
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    header = "| model | " + " | ".join(title for _, title in REPORT_COLUMNS) + " |"
+    table = "\n".join([header, "|---" * (len(REPORT_COLUMNS) + 1) + "|"] + rows)
+    table += (f"\n\nBrackets: 95% bootstrap interval over the benchmark's questions ({n_resamples} resamples). "
+              "POPE: F1 over the three splits' questions; MMBench: circular accuracy (%); MT-Bench: mean "
+              "rating 1-10 over both turns; AlpacaEval: win rate (%) against the reference outputs.\n")
+    out_dir = Path(out_dir)
+    write_atomic(out_dir / "report.md", table)
+    plot_report(scores, out_dir / "report.png")
+    return table
+
+
+def plot_report(scores: dict, path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    if not scores:
+        return False
+    titles = dict(REPORT_COLUMNS)
+    fig, axes = plt.subplots(1, len(scores), figsize=(3.2 * len(scores), 3.2), squeeze=False)
+    for ax, (key, by_model) in zip(axes[0], scores.items()):
+        ax.bar(list(by_model), list(by_model.values()), color="tab:blue")
+        ax.set_title(titles.get(key, key))
+        ax.tick_params(axis="x", labelrotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
