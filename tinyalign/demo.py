@@ -200,6 +200,44 @@ def make_world(folder, seed: int = 0, n_sft: int = 4000, n_prompts: int = 1500, 
     return files
 
 
+def make_benchmarks(folder, seed: int = 7, n: int = 100) -> dict:
+    """Shapes-world questions in the exact file formats eval.py reads, so it runs on the demo models
+    on a CPU: POPE (yes/no: "is there a shape at the ... ?"), MMBench (a TSV with base64 images;
+    colour, shape and count as multiple choice) and held-out preference pairs (the right answer
+    chosen, a wrong one, the SFT data's usual mistake where there is one, rejected)."""
+    import base64
+    import io
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "pope").mkdir(exist_ok=True)
+    rng = random.Random(seed)
+    pope, pairs, mmbench = [], [], ["\t".join(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"])]
+    options = {"color": list(COLORS), "shape": list(SHAPES), "count": list(NUMBERS.values())}
+    for i in range(n):
+        scene, cell = random_scene(rng), rng.randrange(4)
+        image = draw(scene)
+        name = f"images/bench-{i:04d}.png"
+        image.save(folder / name)
+        pope.append({"question_id": i, "image": name, "text": question("where", cell), "label": truth(scene, "where", cell)})
+        kind = ("color", "shape", "count")[i % 3]
+        right = truth(scene, kind)
+        wrong = CONFUSIONS.get((kind, right)) or rng.choice(wrong_values(kind, right))
+        pairs.append({"id": f"pair-{i}", "image": name, "prompt": "<image>\n" + question(kind),
+                      "chosen": say(kind, right), "rejected": say(kind, wrong)})
+        choices = options[kind] + [""] * (4 - len(options[kind]))
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        answer = "ABCD"[options[kind].index(truth(scene, kind))]
+        mmbench.append("\t".join([str(i), question(kind), "", *choices, answer, kind,
+                                  base64.b64encode(png.getvalue()).decode()]))
+    (folder / "pope" / "coco_pope_random.json").write_text("".join(json.dumps(r) + "\n" for r in pope))
+    (folder / "mmbench_dev_shapes.tsv").write_text("\n".join(mmbench) + "\n")
+    (folder / "preference_heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    return {"pope_dir": folder / "pope", "image_folder": folder, "mmbench": folder / "mmbench_dev_shapes.tsv",
+            "pairs": folder / "preference_heldout.jsonl"}
+
+
 # ---------------------------------------------------------------------------------------------
 # The tiny model and its word-level tokenizer
 # ---------------------------------------------------------------------------------------------
@@ -313,3 +351,11 @@ def exact_answer_accuracy(model, processor: Processor, heldout: list[dict], imag
                              [Path(image_folder) / r["image"] for r in heldout])
     targets = [processor.tokenize(r["answer"]) + [processor.eos_token_id] for r in heldout]
     return sum(a == t for a, t in zip(answers, targets)) / len(heldout)
+
+
+if __name__ == "__main__":
+    import sys
+
+    out = sys.argv[1] if len(sys.argv) > 1 else "runs/demo-bench"
+    written = make_benchmarks(out)
+    print("written:", ", ".join(str(p) for p in written.values()))

@@ -113,11 +113,15 @@ def mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def f1_of(pairs) -> float:
-    """POPE F1 of [(prediction, label)] pairs, "yes" the positive class."""
+def f1_of(samples) -> float:
+    """POPE's headline: the F1 of each split ("yes" the positive class), averaged over the splits.
+    samples: [(prediction, label, split)] (or (prediction, label) for a single split)."""
     from .benchmarks import pope_metrics
 
-    return pope_metrics([p for p, _ in pairs], [t for _, t in pairs])["f1"]
+    splits = {}
+    for s in samples:
+        splits.setdefault(s[2] if len(s) > 2 else "", []).append(s)
+    return mean([pope_metrics([s[0] for s in rows], [s[1] for s in rows])["f1"] for rows in splits.values()])
 
 
 def relative_of(pairs) -> float:
@@ -181,7 +185,7 @@ def report(run_dirs: list, out_dir, n_resamples: int = 1000) -> str:
     header = "| model | " + " | ".join(title for _, title in REPORT_COLUMNS) + " |"
     table = "\n".join([header, "|---" * (len(REPORT_COLUMNS) + 1) + "|"] + rows)
     table += (f"\n\nBrackets: 95% bootstrap interval over the benchmark's questions ({n_resamples} resamples). "
-              "POPE: F1 over the three splits' questions; MMBench: circular accuracy (%); MT-Bench: mean "
+              "POPE: F1 averaged over its splits; MMBench: circular accuracy (%); MT-Bench: mean "
               "rating 1-10 over both turns; AlpacaEval: win rate (%) against the reference outputs.\n")
     out_dir = Path(out_dir)
     write_atomic(out_dir / "report.md", table)

@@ -21,7 +21,6 @@ Steps whose output is already there are skipped (delete runs/study, or pass --fr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shlex

@@ -1,0 +1,446 @@
+"""The paper's benchmarks for any checkpoint, and the side-by-side table (Li, Lin & Pei 2024, Table 4).
+
+    python eval.py pope        --model M --pope-dir pope/ --image-folder val2014/ --out runs/eval/dpo
+    python eval.py mmbench     --model M --tsv mmbench_dev_20230712.tsv --out runs/eval/dpo
+    python eval.py mmvet       --model M --questions mm-vet/mm-vet.json --image-folder mm-vet/images --out runs/eval/dpo
+    python eval.py llava-bench --model M --folder llava-bench-in-the-wild/ --out runs/eval/dpo
+    python eval.py mtbench     --model M --questions mt_bench/question.jsonl --references mt_bench/gpt-4.jsonl --out ...
+    python eval.py alpaca-eval --model M --data alpaca_eval.json --out runs/eval/dpo
+    python eval.py preference  --model M --reference START --data pairs.json --image-folder images/ --out ...
+    python eval.py report runs/eval/llava runs/eval/dpo ...        # the table, with 95% bootstrap intervals
+
+Every benchmark writes into OUT/<benchmark>/: generations.jsonl (answers as they are made: a rerun
+resumes), the benchmark's official answer file, and results.json (score, per-question samples, judge
+model and prompt version, steer ratings). Answers are greedy (the paper's eval scripts use
+temperature 0) with the vicuna_v1 template. Judged benchmarks call any OpenAI-compatible endpoint
+(--judge-url, --judge-model, key from $OPENAI_API_KEY) and cache every judgment on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+from tinyalign import benchmarks as bench
+from tinyalign.evaluation import generate_answers, headline, report, write_atomic, write_json
+from tinyalign.judge import ChatClient, Judge
+from tinyalign.steer import STEER_TEMPLATES, parse_steer
+
+DEFAULT_MAX_NEW_TOKENS = {"pope": 128, "mmbench": 128, "mmvet": 1024, "llava_bench": 1024, "mtbench": 1024,
+                          "alpaca_eval": 1024}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared plumbing: the model, the judge, where results go
+# ---------------------------------------------------------------------------------------------
+
+
+def load(args):
+    """The checkpoint and its processor (loaded only once the benchmark files have been checked)."""
+    from tinyalign import Processor, load_model
+
+    model = load_model(args.model, device=args.device, vision_tower=args.vision_tower)
+    processor = Processor.from_pretrained(args.model, template=args.template, image_mode=args.image_mode,
+                                          vision_tower=args.vision_tower)
+    return model, processor
+
+
+def answers(args, items, benchmark, model_and_processor=None) -> dict:
+    """Greedy answers for every item (resuming from OUT/<benchmark>/generations.jsonl)."""
+    model, processor = model_and_processor or load(args)
+    return generate_answers(model, processor, items, folder(args, benchmark) / "generations.jsonl",
+                            args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[benchmark], args.batch_size, args.steer,
+                            args.steer_template, desc=benchmark)
+
+
+def folder(args, benchmark) -> Path:
+    return Path(args.out) / benchmark
+
+
+def make_judge(args, prompt_name: str) -> Judge:
+    client = ChatClient(args.judge_url, args.judge_model, os.environ.get(args.api_key_env), args.judge_timeout,
+                        args.retries, args.backoff)
+    return Judge(client, getattr(args, "judge_prompt", None) or prompt_name, args.judge_cache, args.judge_workers)
+
+
+def judged(judge: Judge, items: list[dict], parse, benchmark: str, args) -> list:
+    """Judge every item; if any failed after its retries, stop without touching results.json (the
+    judgments that worked are cached: a rerun asks only for the missing ones)."""
+    outcomes = judge.judge_all(items, parse, desc=f"judging {benchmark}")
+    failed = [(item["id"], o["error"]) for item, o in zip(items, outcomes) if "error" in o]
+    if failed:
+        write_json(folder(args, benchmark) / "judge_failures.json", [{"id": i, "error": e} for i, e in failed])
+        raise SystemExit(f"{benchmark}: the judge failed on {len(failed)} of {len(items)} items (first: {failed[0][0]}: "
+                         f"{failed[0][1][:300]}); see {folder(args, benchmark) / 'judge_failures.json'}. "
+                         f"Nothing was overwritten; rerun to retry (judgments already made are cached).")
+    print(f"judge: {judge.client.calls} calls, {judge.cache.hits} answered from the cache {args.judge_cache}")
+    return [o["value"] for o in outcomes]
+
+
+def finish(args, benchmark: str, result: dict, summary: str) -> dict:
+    result.update(model=str(args.model), steer=args.steer, date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                  max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(benchmark))
+    write_json(folder(args, benchmark) / "results.json", result)
+    print(f"{benchmark}: {summary}\nwritten: {folder(args, benchmark) / 'results.json'}")
+    return result
+
+
+def model_name(args) -> str:
+    return args.model_name or Path(args.model).name
+
+
+def image_path(image_folder, name: str, where: str) -> Path:
+    path = Path(image_folder or ".") / name
+    if not path.is_file():
+        raise bench.BenchmarkError(f"{where}: image {path} not found")
+    return path
+
+
+def read_answers_file(path, question_ids: set, where: str) -> dict:
+    """Answers made elsewhere (--answers): {id: text}; an id that is not a question is an error."""
+    data = bench.read_json(path) if str(path).endswith(".json") else {
+        r.get("question_id", r.get("id")): r.get("text") for r in bench.read_jsonl(path)}
+    if isinstance(data, list):  # AlpacaEval outputs
+        data = {r["instruction"]: r["output"] for r in data}
+    unknown = [k for k in data if k not in question_ids]
+    if unknown:
+        raise bench.BenchmarkError(f"{path}: answer id {unknown[0]!r} is not a question of {where}")
+    missing = [q for q in question_ids if q not in data]
+    if missing:
+        raise bench.BenchmarkError(f"{path}: no answer for question {sorted(missing, key=str)[0]!r} of {where}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmarks
+# ---------------------------------------------------------------------------------------------
+
+
+def run_pope(args) -> dict:
+    """Yes/no object questions on COCO, three splits: accuracy, precision, recall, F1, yes-ratio."""
+    splits = {s: bench.read_pope(Path(args.pope_dir) / f"coco_pope_{s}.json") for s in bench.POPE_SPLITS
+              if (Path(args.pope_dir) / f"coco_pope_{s}.json").exists()}
+    if not splits:
+        raise bench.BenchmarkError(f"{args.pope_dir}: no coco_pope_{{adversarial,popular,random}}.json files")
+    items, suffix = [], bench.POPE_SUFFIX if args.prompt_suffix is None else args.prompt_suffix
+    for split, questions in splits.items():
+        for q in questions[:args.limit]:
+            where = f"POPE {split} question {q['question_id']}"
+            items.append({"id": f"{split}-{q['question_id']}", "images": [image_path(args.image_folder, q["image"], where)],
+                          "turns": [{"from": "human", "value": "<image>\n" + q["text"] + suffix}]})
+    texts = answers(args, items, "pope")
+    per_split, samples = {}, []
+    for split, questions in splits.items():
+        questions = questions[:args.limit]
+        predictions = [bench.yes_or_no(texts[f"{split}-{q['question_id']}"]) for q in questions]
+        per_split[split] = bench.pope_metrics(predictions, [q["label"] for q in questions])
+        samples += [[p, q["label"], split] for p, q in zip(predictions, questions)]
+        # LLaVA's answer-file format, one per split.
+        write_atomic(folder(args, "pope") / f"answers_{split}.jsonl", "".join(
+            json_line({"question_id": q["question_id"], "prompt": q["text"], "text": texts[f"{split}-{q['question_id']}"],
+                       "model_id": model_name(args)}) for q in questions))
+    average = {k: sum(m[k] for m in per_split.values()) / len(per_split) for k in next(iter(per_split.values()))}
+    result = headline("pope", average["f1"], "f1", samples, splits=per_split, average=average)
+    rows = "; ".join(f"{s} F1 {m['f1']:.3f} acc {m['accuracy']:.3f} yes {m['yes_ratio']:.2f}" for s, m in per_split.items())
+    return finish(args, "pope", result, f"{rows}; mean F1 {average['f1']:.3f}")
+
+
+def run_mmbench(args) -> dict:
+    """Multiple choice; every rotation of the options asked (circular evaluation)."""
+    from PIL import Image
+
+    questions = bench.read_mmbench(args.tsv)[:args.limit]
+    items = []
+    for q in questions:
+        image = Image.open(io.BytesIO(q["image"]))
+        for shift in range(len(q["options"])):
+            options, _ = bench.rotate(q["options"], q["answer"], shift)
+            items.append({"id": f"{q['index']}-r{shift}", "images": [image],
+                          "turns": [{"from": "human", "value": bench.mmbench_prompt(q, options, args.prompt_suffix)}]})
+    texts = answers(args, items, "mmbench")
+    predictions = {}
+    for q in questions:
+        for shift in range(len(q["options"])):
+            options, _ = bench.rotate(q["options"], q["answer"], shift)
+            predictions[(q["index"], shift)] = bench.extract_option(texts[f"{q['index']}-r{shift}"], options)
+    # The submission file (the unrotated question's letter), in the TSV's own columns plus "prediction".
+    columns = [c for c in questions[0]["row"] if c != "answer"] + ["prediction"] if questions else []
+    write_atomic(folder(args, "mmbench") / "submission.tsv", "\t".join(columns) + "\n" + "".join(
+        "\t".join([str(q["row"].get(c, "")) for c in columns[:-1]] + [predictions[(q["index"], 0)] or ""]) + "\n"
+        for q in questions))
+    if any(q["answer"] is None for q in questions):
+        return finish(args, "mmbench", headline("mmbench", float("nan"), "none", [], submission="submission.tsv"),
+                      f"no answers in {args.tsv} (test split): submission written to {folder(args, 'mmbench')}")
+    scores = bench.mmbench_scores(questions, predictions)
+    result = headline("mmbench", 100 * scores["circular_accuracy"], "mean_percent",
+                      [int(p["circular"]) for p in scores["per_question"]],
+                      single_accuracy=100 * scores["single_accuracy"],
+                      by_category={c: 100 * v for c, v in scores["by_category"].items()})
+    return finish(args, "mmbench", result, f"circular accuracy {100 * scores['circular_accuracy']:.1f} "
+                                           f"(unrotated only: {100 * scores['single_accuracy']:.1f})")
+
+
+def run_mmvet(args) -> dict:
+    """Open questions graded 0-1 by the judge against the ground truth; total and per capability."""
+    questions = bench.read_mmvet(args.questions)
+    questions = dict(list(questions.items())[:args.limit])
+    if args.answers:
+        texts = read_answers_file(args.answers, set(questions), args.questions)
+    else:
+        items = [{"id": qid, "images": [image_path(args.image_folder, q["imagename"], f"MM-Vet question {qid}")],
+                  "turns": [{"from": "human", "value": "<image>\n" + q["question"]}]} for qid, q in questions.items()]
+        texts = answers(args, items, "mmvet")
+    write_json(folder(args, "mmvet") / "answers.json", {qid: texts[qid] for qid in questions})  # the official grader's input
+    judge = make_judge(args, "mmvet")
+    items = [{"id": qid, "answer": texts[qid],
+              "prompt": judge.fill(question=q["question"], ground_truth=q["answer"], answer=texts[qid])}
+             for qid, q in questions.items()]
+    grades = dict(zip(questions, judged(judge, items, bench.parse_unit_score, "mmvet", args)))
+    scores = bench.mmvet_scores(questions, grades)
+    result = headline("mmvet", scores["total"], "mean_percent", [grades[q] for q in questions],
+                      by_capability=scores["by_capability"], judge=judge.info)
+    return finish(args, "mmvet", result, f"total {scores['total']:.1f}")
+
+
+def run_llava_bench(args) -> dict:
+    """The judge scores the reference answer and ours 1-10; ours as a percentage of the reference."""
+    questions = bench.read_llava_bench(args.folder)[:args.limit]
+    image_folder = args.image_folder or Path(args.folder) / "images"
+    if args.answers:
+        texts = read_answers_file(args.answers, {q["question_id"] for q in questions}, args.folder)
+    else:
+        items = [{"id": q["question_id"], "images": [image_path(image_folder, q["image"], f"LLaVA-Bench question {q['question_id']}")],
+                  "turns": [{"from": "human", "value": "<image>\n" + q["text"]}]} for q in questions]
+        texts = answers(args, items, "llava_bench")
+    write_atomic(folder(args, "llava_bench") / "answers.jsonl", "".join(
+        json_line({"question_id": q["question_id"], "prompt": q["text"], "text": texts[q["question_id"]],
+                   "model_id": model_name(args)}) for q in questions))
+    judge = make_judge(args, "llava_bench")
+    items = [{"id": q["question_id"], "answer": texts[q["question_id"]],
+              "prompt": judge.fill(context=q["caption"], question=q["text"], answer_1=q["reference"],
+                                   answer_2=texts[q["question_id"]])} for q in questions]
+    pairs = judged(judge, items, bench.parse_pair_scores, "llava_bench", args)
+    reviews = [{"category": q["category"], "reference": a, "model": b} for q, (a, b) in zip(questions, pairs)]
+    scores = bench.relative_scores(reviews)
+    result = headline("llava_bench", scores["overall"], "relative", [list(p) for p in pairs],
+                      by_category=scores["by_category"], judge=judge.info)
+    cats = ", ".join(f"{c} {v:.1f}" for c, v in scores["by_category"].items())
+    return finish(args, "llava_bench", result, f"relative score {scores['overall']:.1f} ({cats})")
+
+
+def run_mtbench(args) -> dict:
+    """Two-turn text questions, each turn graded 1-10 (with the reference answer for math,
+    reasoning and coding). --distractor-image puts an unrelated image in the first turn."""
+    questions = bench.read_mtbench(args.questions)[:args.limit]
+    references = {}
+    if args.references:  # FastChat's reference answers (e.g. gpt-4.jsonl): model-answer format
+        references = {r["question_id"]: r["choices"][0]["turns"] for r in bench.read_jsonl(args.references)}
+    for q in questions:
+        if "reference" in q:
+            references.setdefault(q["question_id"], q["reference"])
+    images = [image_path(".", args.distractor_image, "--distractor-image")] if args.distractor_image else []
+    model_and_processor = load(args)
+    history = {q["question_id"]: [] for q in questions}
+    texts = {}
+    for turn in range(max(len(q["turns"]) for q in questions)):
+        items = []
+        for q in questions:
+            if turn < len(q["turns"]):
+                first = ("<image>\n" if images else "") + q["turns"][0]
+                asked = [first] + q["turns"][1:turn + 1]
+                turns = []
+                for i, text in enumerate(asked):
+                    turns.append({"from": "human", "value": text})
+                    if i < turn:
+                        turns.append({"from": "gpt", "value": texts[f"{q['question_id']}-{i + 1}"]})
+                items.append({"id": f"{q['question_id']}-{turn + 1}", "images": images, "turns": turns})
+        texts.update(answers(args, items, "mtbench", model_and_processor))
+    for q in questions:
+        history[q["question_id"]] = [texts[f"{q['question_id']}-{t + 1}"] for t in range(len(q["turns"]))]
+    write_atomic(folder(args, "mtbench") / "model_answer.jsonl", "".join(json_line({
+        "question_id": q["question_id"], "answer_id": hashlib.sha256(f"{model_name(args)}-{q['question_id']}".encode()).hexdigest()[:22],
+        "model_id": model_name(args), "choices": [{"index": 0, "turns": history[q["question_id"]]}],
+        "tstamp": time.time()}) for q in questions))
+
+    ratings, judges = [], {}
+    for turn in (1, 2):
+        for with_reference in (False, True):
+            chosen = [q for q in questions if len(q["turns"]) >= turn and
+                      (q["category"] in bench.MTBENCH_REFERENCE_CATEGORIES and q["question_id"] in references) == with_reference]
+            if not chosen:
+                continue
+            name = f"mtbench_{'single' if turn == 1 else 'multi'}{'_ref' if with_reference else ''}"
+            judge = judges.setdefault(name, make_judge(args, name))
+            items = []
+            for q in chosen:
+                a = history[q["question_id"]]
+                ref = references.get(q["question_id"], [])
+                fields = ({"question": q["turns"][0], "answer": a[0]} if turn == 1 else
+                          {"question_1": q["turns"][0], "answer_1": a[0], "question_2": q["turns"][1], "answer": a[1]})
+                if with_reference:
+                    fields.update(reference=ref[turn - 1], reference_1=ref[0])
+                items.append({"id": f"{q['question_id']}-{turn}", "answer": a[turn - 1], "prompt": judge.fill(**fields)})
+            for q, rating in zip(chosen, judged(judge, items, bench.parse_rating, "mtbench", args)):
+                ratings.append({"question_id": q["question_id"], "turn": turn, "category": q["category"], "rating": rating})
+    scores = bench.mtbench_scores(ratings)
+    result = headline("mtbench", scores["overall"], "mean", [r["rating"] for r in ratings], turn_1=scores["turn_1"],
+                      turn_2=scores["turn_2"], by_category=scores["by_category"], ratings=ratings,
+                      distractor_image=args.distractor_image, judge={n: j.info for n, j in judges.items()})
+    return finish(args, "mtbench", result, f"overall {scores['overall']:.2f} (turn 1 {scores['turn_1']:.2f}, "
+                                           f"turn 2 {scores['turn_2']:.2f})")
+
+
+def run_alpaca_eval(args) -> dict:
+    """Our output against the reference output, the judge picking the better; shown in an order
+    drawn per instruction (seeded), so position bias cancels out over the set."""
+    data = bench.read_alpaca_eval(args.data)[:args.limit]
+    if args.answers:
+        texts = read_answers_file(args.answers, {r["instruction"] for r in data}, args.data)
+        texts = {str(i): texts[r["instruction"]] for i, r in enumerate(data)}
+    else:
+        items = [{"id": str(i), "turns": [{"from": "human", "value": r["instruction"]}]} for i, r in enumerate(data)]
+        texts = answers(args, items, "alpaca_eval")
+    outputs = [{"instruction": r["instruction"], "output": texts[str(i)], "generator": model_name(args),
+                "dataset": r.get("dataset", "")} for i, r in enumerate(data)]
+    write_json(folder(args, "alpaca_eval") / "model_outputs.json", outputs)  # alpaca_eval's own input format
+    judge = make_judge(args, "alpaca_eval")
+    items, ours_first = [], []
+    for i, r in enumerate(data):
+        first = random.Random(hashlib.sha256(r["instruction"].encode()).digest()).random() < 0.5
+        a, b = (texts[str(i)], r["output"]) if first else (r["output"], texts[str(i)])
+        items.append({"id": str(i), "answer": f"(a) {a}\n(b) {b}",
+                      "prompt": judge.fill(instruction=r["instruction"], output_a=a, output_b=b)})
+        ours_first.append(first)
+    picks = judged(judge, items, bench.parse_preference, "alpaca_eval", args)
+    wins = [float((p == "a") == first) for p, first in zip(picks, ours_first)]
+    result = headline("alpaca_eval", bench.win_rate(wins), "mean_percent", wins, judge=judge.info)
+    return finish(args, "alpaca_eval", result, f"win rate {bench.win_rate(wins):.1f}% over {len(wins)} instructions")
+
+
+def run_preference(args) -> dict:
+    """DPO's implicit reward on held-out pairs: beta * (log p_policy - log p_reference), chosen vs
+    rejected. Reward accuracy = share of pairs whose chosen answer gets the larger reward."""
+    import torch
+
+    import train_dpo
+    from tinyalign import load_model
+    from tinyalign.data import collate_pairs, pair_examples
+    from tinyalign.training import autocast
+
+    pairs, report_ = train_dpo.load_pairs(args.data, 0)
+    print(report_.summary())
+    model, processor = load(args)
+    examples, _ = pair_examples(pairs[:args.limit], processor, args.image_folder, 100_000, False, args.data)
+    reference = load_model(args.reference, device=args.device, vision_tower=args.vision_tower)
+    correct, margins = [], []
+    with torch.no_grad():
+        for start in range(0, len(examples), args.batch_size):
+            batch = collate_pairs(examples[start:start + args.batch_size], processor)
+            with autocast(args.device):
+                policy = train_dpo.pair_logps(model.eval(), batch, args.device)
+                ref = train_dpo.pair_logps(reference.eval(), batch, args.device)
+            chosen = args.beta * (policy[0] - ref[0]).float()
+            rejected = args.beta * (policy[1] - ref[1]).float()
+            correct += (chosen > rejected).int().tolist()
+            margins += (chosen - rejected).tolist()
+    accuracy = sum(correct) / max(len(correct), 1)
+    result = headline("preference", accuracy, "mean", correct, margin=sum(margins) / max(len(margins), 1),
+                      margins=margins, reference=str(args.reference), beta=args.beta)
+    return finish(args, "preference", result, f"reward accuracy {accuracy:.3f}, mean margin {result['margin']:.3f} "
+                                              f"over {len(correct)} pairs")
+
+
+def json_line(record: dict) -> str:
+    import json
+
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+BENCHMARKS = {"pope": run_pope, "mmbench": run_mmbench, "mmvet": run_mmvet, "llava-bench": run_llava_bench,
+              "mtbench": run_mtbench, "alpaca-eval": run_alpaca_eval, "preference": run_preference}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    sub = p.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("report", help="side-by-side table of run folders")
+    rep.add_argument("runs", nargs="+", help="run folders (each the --out of eval.py runs on one model)")
+    rep.add_argument("--out", help="where report.md (and report.png) go; default: the first run's parent folder")
+    rep.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    for name in BENCHMARKS:
+        s = sub.add_parser(name)
+        a = s.add_argument
+        a("--model", required=True, help="checkpoint folder")
+        a("--out", required=True, help="run folder for this model: results go to OUT/<benchmark>/")
+        a("--model-name", help="name written into answer files (default: the checkpoint folder's name)")
+        a("--vision-tower", help="CLIP folder, for original LLaVA checkpoints")
+        a("--template", default="vicuna_v1", choices=["vicuna_v1", "llava_v1"])
+        a("--image-mode", default="pad", choices=["pad", "crop"])
+        a("--batch-size", type=int, default=8)
+        a("--max-new-tokens", type=int, help="default: the benchmark's own (POPE/MMBench 128, others 1024)")
+        a("--limit", type=int, help="only the first N questions (a quick check; not a comparable score)")
+        a("--steer", type=parse_steer, help="SteerLM ratings, e.g. helpfulness:4,correctness:4,coherence:4,complexity:2,verbosity:2")
+        a("--steer-template", default="tinyalign", choices=sorted(STEER_TEMPLATES))
+        a("--device", default=None, help="default: cuda when available")
+        a("--answers", help="grade these answers (the benchmark's answer format) instead of generating")
+        a("--image-folder", help="folder the benchmark's image names are relative to")
+        j = s.add_argument_group("judge (MM-Vet, LLaVA-Bench, MT-Bench, AlpacaEval)")
+        j.add_argument("--judge-url", default="https://api.openai.com/v1")
+        j.add_argument("--judge-model", default="gpt-4o")
+        j.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+        j.add_argument("--judge-prompt", help="a prompt file to use instead of ours (tinyalign/judge_prompts/)")
+        j.add_argument("--judge-cache", default=str(Path.home() / ".cache" / "tinyalign" / "judgments.jsonl"))
+        j.add_argument("--judge-workers", type=int, default=4, help="requests in flight at once")
+        j.add_argument("--judge-timeout", type=float, default=120.0)
+        j.add_argument("--retries", type=int, default=3)
+        j.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry (then doubled)")
+        if name in ("pope", "mmbench"):
+            a("--prompt-suffix", help="text after the question (default: LLaVA-1.5's short-answer instruction)")
+        if name == "pope":
+            a("--pope-dir", required=True, help="folder with coco_pope_{adversarial,popular,random}.json")
+        if name == "mmbench":
+            a("--tsv", required=True, help="mmbench_dev_*.tsv (scored) or mmbench_test_*.tsv (submission only)")
+        if name in ("mmvet", "mtbench"):
+            a("--questions", required=True)
+        if name == "llava-bench":
+            a("--folder", required=True, help="questions.jsonl, context.jsonl, answers_gpt4.jsonl, images/")
+        if name == "mtbench":
+            a("--references", help="FastChat reference answers (model-answer JSONL, e.g. gpt-4.jsonl)")
+            a("--distractor-image", help="an unrelated image put in the first turn (the paper's robustness test)")
+        if name in ("alpaca-eval", "preference"):
+            a("--data", required=True)
+        if name == "preference":
+            a("--reference", required=True, help="the starting (reference) checkpoint of the DPO run")
+            a("--beta", type=float, default=0.1)
+    args = p.parse_args(argv)
+    if args.command != "report" and args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.command == "report":
+        print(report(args.runs, args.out or Path(args.runs[0]).parent, args.resamples))
+        return None
+    try:
+        return BENCHMARKS[args.command](args)
+    except (bench.BenchmarkError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""eval.py end to end on a tiny checkpoint: benchmark files in their exact formats, a stub judge
+served on 127.0.0.1 by the test, resumable generation, bad input named, results never half-written."""
+
+import importlib
+import json
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tinyalign import benchmarks as bench
+from tinyalign import evaluation
+from tinyalign.demo import make_benchmarks
+
+eval_cli = importlib.import_module("eval")  # the top-level eval.py
+
+
+class StubJudge(BaseHTTPRequestHandler):
+    """Answers like a judge for each benchmark's prompt. A question naming q-500, q-timeout or
+    q-malformed misbehaves once; one naming q-bad never gives a usable reply."""
+
+    calls = Counter()
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][-1]["content"]
+        assert body["temperature"] == 0
+        marker = next((m for m in ("q-500", "q-timeout", "q-malformed", "q-bad") if m in prompt), None)
+        StubJudge.calls[marker or prompt[:200]] += 1
+        first = StubJudge.calls[marker] == 1 if marker else True
+        if marker == "q-500" and first:
+            self.send_response(500)
+            self.end_headers()
+            return
+        if marker == "q-timeout" and first:
+            time.sleep(1.0)  # longer than the client's time-out
+        if (marker == "q-malformed" and first) or marker == "q-bad":
+            reply = "I like this answer a lot."
+        elif "Correct answer:" in prompt:  # MM-Vet
+            reply = "Partly right.\n0.5" if "q-half" in prompt else "Right.\n1.0"
+        elif "[Assistant 1]" in prompt:  # LLaVA-Bench
+            reply = "8 6\nThe first answer is more detailed."
+        elif "Rating: [[" in prompt:  # MT-Bench
+            reply = "Reasonable. Rating: [[4]]" if "[Reference answer" in prompt else "Fine. Rating: [[6]]"
+        else:  # AlpacaEval: always prefers output (a)
+            reply = "Output (a) follows the instruction.\na"
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def judge_url():
+    StubJudge.calls = Counter()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StubJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bench_files(tmp_path_factory):
+    return make_benchmarks(tmp_path_factory.mktemp("bench"), n=12)
+
+
+def run(*argv):
+    return eval_cli.main([str(a) for a in argv])
+
+
+def judge_args(url, tmp_path):
+    return ["--judge-url", url, "--judge-model", "stub-judge", "--judge-cache", tmp_path / "cache.jsonl",
+            "--judge-timeout", 0.5, "--backoff", 0.01, "--retries", 2, "--max-new-tokens", 4]
+
+
+# ---- no judge -----------------------------------------------------------------------------------
+
+def test_pope_writes_llava_answers_and_scores_them(tiny_world, bench_files, tmp_path):
+    result = run("pope", "--model", tiny_world["checkpoint"], "--pope-dir", bench_files["pope_dir"],
+                 "--image-folder", bench_files["image_folder"], "--out", tmp_path, "--max-new-tokens", 4)
+    lines = [json.loads(x) for x in (tmp_path / "pope" / "answers_random.jsonl").read_text().splitlines()]
+    questions = bench.read_pope(bench_files["pope_dir"] / "coco_pope_random.json")
+    assert [x["question_id"] for x in lines] == [q["question_id"] for q in questions]
+    # The score is recomputed here from the answer file alone.
+    expected = bench.pope_metrics([bench.yes_or_no(x["text"]) for x in lines], [q["label"] for q in questions])
+    saved = json.loads((tmp_path / "pope" / "results.json").read_text())
+    assert saved["splits"]["random"] == pytest.approx(expected) and saved["score"] == pytest.approx(expected["f1"])
+    assert result["score"] == saved["score"] and saved["model"] == str(tiny_world["checkpoint"])
+
+
+def test_mmbench_circular_and_submission(tiny_world, bench_files, tmp_path):
+    run("mmbench", "--model", tiny_world["checkpoint"], "--tsv", bench_files["mmbench"], "--out", tmp_path,
+        "--max-new-tokens", 4)
+    generations = evaluation.read_generations(tmp_path / "mmbench" / "generations.jsonl")
+    questions = bench.read_mmbench(bench_files["mmbench"])
+    assert len(generations) == sum(len(q["options"]) for q in questions)  # every rotation asked
+    predictions = {(q["index"], s): bench.extract_option(generations[f"{q['index']}-r{s}"],
+                                                         bench.rotate(q["options"], q["answer"], s)[0])
+                   for q in questions for s in range(len(q["options"]))}
+    saved = json.loads((tmp_path / "mmbench" / "results.json").read_text())
+    assert saved["score"] == pytest.approx(100 * bench.mmbench_scores(questions, predictions)["circular_accuracy"])
+    submission = (tmp_path / "mmbench" / "submission.tsv").read_text().splitlines()
+    assert submission[0].split("\t")[-1] == "prediction" and "answer" not in submission[0].split("\t")
+    assert len(submission) == len(questions) + 1
+
+
+def test_interrupted_generation_resumes_where_it_stopped(tiny_world, bench_files, tmp_path, monkeypatch):
+    import sys
+
+    from tinyalign import Processor, load_model
+
+    generate = sys.modules["tinyalign.generate"]  # the module (the package exports its function by that name)
+
+    model, processor = load_model(tiny_world["checkpoint"]), Processor.from_pretrained(tiny_world["checkpoint"])
+    questions = bench.read_pope(bench_files["pope_dir"] / "coco_pope_random.json")
+    items = [{"id": str(q["question_id"]), "images": [bench_files["image_folder"] / q["image"]],
+              "turns": [{"from": "human", "value": "<image>\n" + q["text"]}]} for q in questions]
+    full = evaluation.generate_answers(model, processor, items, tmp_path / "full.jsonl", 4, batch_size=4)
+
+    real, calls = generate.generate, Counter()
+
+    def crashes_on_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the run
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate", crashes_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.generate_answers(model, processor, items, tmp_path / "part.jsonl", 4, batch_size=4)
+    assert len(evaluation.read_generations(tmp_path / "part.jsonl")) == 4  # the first batch was kept
+    monkeypatch.setattr(generate, "generate", real)
+    calls.clear()
+    monkeypatch.setattr(generate, "generate", lambda *a, **k: (calls.update(["n"]), real(*a, **k))[1])
+    resumed = evaluation.generate_answers(model, processor, items, tmp_path / "part.jsonl", 4, batch_size=4)
+    assert calls["n"] == 2  # only the 8 missing answers were generated
+    assert resumed == full
+    assert len((tmp_path / "part.jsonl").read_text().splitlines()) == len(items)  # nothing duplicated
+
+
+def test_preference_of_the_reference_itself_has_zero_margin(tiny_world, bench_files, tmp_path):
+    result = run("preference", "--model", tiny_world["checkpoint"], "--reference", tiny_world["checkpoint"],
+                 "--data", bench_files["pairs"], "--image-folder", bench_files["image_folder"], "--out", tmp_path)
+    assert result["margin"] == 0.0 and result["score"] == 0.0 and len(result["samples"]) == 12
+
+
+# ---- judged -------------------------------------------------------------------------------------
+
+def mmvet_fixture(tmp_path, bench_files, questions):
+    data = {f"v1_{i}": {"imagename": f"bench-{i:04d}.png", "question": q, "answer": "red", "capability": caps}
+            for i, (q, caps) in enumerate(questions)}
+    path = tmp_path / "mm-vet.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_mmvet_judged_with_retries_then_cached(tiny_world, bench_files, tmp_path, judge_url):
+    questions = mmvet_fixture(tmp_path, bench_files, [
+        ("What color ? q-half", ["rec"]), ("What color ? q-500", ["rec", "ocr"]),
+        ("What color ? q-timeout", ["ocr"]), ("What color ? q-malformed", ["math"])])
+    argv = ["mmvet", "--model", tiny_world["checkpoint"], "--questions", questions,
+            "--image-folder", bench_files["image_folder"] / "images", "--out", tmp_path / "run",
+            *judge_args(judge_url, tmp_path)]
+    result = run(*argv)
+    # q-half 0.5, the others 1.0 once their failed first try was retried.
+    assert result["score"] == pytest.approx(100 * 3.5 / 4)
+    assert result["by_capability"] == pytest.approx({"math": 100.0, "ocr": 100.0, "rec": 75.0})
+    assert result["judge"]["judge_model"] == "stub-judge" and result["judge"]["prompt_version"].startswith("mmvet-")
+    answers = json.loads((tmp_path / "run" / "mmvet" / "answers.json").read_text())
+    assert sorted(answers) == ["v1_0", "v1_1", "v1_2", "v1_3"]  # the official grader's input
+    before = sum(StubJudge.calls.values())
+    assert run(*argv)["score"] == result["score"]  # the rerun: same score ...
+    assert sum(StubJudge.calls.values()) == before  # ... and not one request
+
+
+def test_a_judge_that_never_answers_fails_loudly_and_keeps_the_last_result(tiny_world, bench_files, tmp_path,
+                                                                           judge_url):
+    good = mmvet_fixture(tmp_path, bench_files, [("What color ?", ["rec"]), ("How many ?", ["rec"])])
+    out = tmp_path / "run"
+    base = ["--model", tiny_world["checkpoint"], "--image-folder", bench_files["image_folder"] / "images",
+            "--out", out, *judge_args(judge_url, tmp_path)]
+    run("mmvet", "--questions", good, *base)
+    kept = (out / "mmvet" / "results.json").read_text()
+    bad = mmvet_fixture(tmp_path, bench_files, [("What color ?", ["rec"]), ("How many ? q-bad", ["rec"])])
+    (out / "mmvet" / "generations.jsonl").unlink()
+    with pytest.raises(SystemExit, match=r"judge failed on 1 of 2 items \(first: v1_1"):
+        run("mmvet", "--questions", bad, *base)
+    assert (out / "mmvet" / "results.json").read_text() == kept
+    assert "v1_1" in (out / "mmvet" / "judge_failures.json").read_text()
+
+
+def test_llava_bench_relative_score(tiny_world, bench_files, tmp_path, judge_url):
+    folder = tmp_path / "llava-bench"
+    (folder / "images").mkdir(parents=True)
+    for i in range(3):
+        (folder / "images" / f"{i:03d}.png").write_bytes((bench_files["image_folder"] / f"images/bench-{i:04d}.png").read_bytes())
+    cats = ["conv", "detail", "complex"]
+    (folder / "questions.jsonl").write_text("".join(json.dumps(
+        {"question_id": i, "image": f"{i:03d}.png", "text": "What color ?", "category": cats[i]}) + "\n" for i in range(3)))
+    (folder / "context.jsonl").write_text("".join(json.dumps(
+        {"id": f"{i:03d}", "image": f"{i:03d}.png", "caption": "Red shapes."}) + "\n" for i in range(3)))
+    (folder / "answers_gpt4.jsonl").write_text("".join(json.dumps(
+        {"question_id": i, "text": "The shapes are red."}) + "\n" for i in range(3)))
+    result = run("llava-bench", "--model", tiny_world["checkpoint"], "--folder", folder, "--out", tmp_path / "run",
+                 *judge_args(judge_url, tmp_path))
+    assert result["score"] == pytest.approx(75.0)  # 6 / 8 on every question
+    assert result["by_category"] == pytest.approx({"complex": 75.0, "conv": 75.0, "detail": 75.0})
+    lines = (tmp_path / "run" / "llava_bench" / "answers.jsonl").read_text().splitlines()
+    assert [json.loads(x)["question_id"] for x in lines] == [0, 1, 2]
+
+
+def test_mtbench_fastchat_answers_reference_guided_and_distractor(tiny_world, bench_files, tmp_path, judge_url):
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in [
+        {"question_id": 81, "category": "writing", "turns": ["Write a poem .", "Make it shorter ."]},
+        {"question_id": 111, "category": "math", "turns": ["What is 2 + 2 ?", "And 3 + 3 ?"],
+         "reference": ["4", "6"]}]))
+    result = run("mtbench", "--model", tiny_world["checkpoint"], "--questions", questions, "--out", tmp_path / "run",
+                 "--distractor-image", bench_files["image_folder"] / "images/bench-0000.png",
+                 *judge_args(judge_url, tmp_path))
+    # writing: 6 and 6; math (reference-guided): 4 and 4.
+    assert result["turn_1"] == pytest.approx(5.0) and result["turn_2"] == pytest.approx(5.0)
+    assert result["by_category"] == pytest.approx({"math": 4.0, "writing": 6.0})
+    assert set(result["judge"]) == {"mtbench_single", "mtbench_single_ref", "mtbench_multi", "mtbench_multi_ref"}
+    answers = [json.loads(x) for x in (tmp_path / "run" / "mtbench" / "model_answer.jsonl").read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == [81, 111]
+    assert all(len(a["choices"][0]["turns"]) == 2 and a["model_id"] == "start" for a in answers)
+
+
+def test_alpaca_eval_outputs_and_win_rate(tiny_world, tmp_path, judge_url):
+    data = tmp_path / "alpaca_eval.json"
+    instructions = [f"Say something about shape {i} ." for i in range(8)]
+    data.write_text(json.dumps([{"instruction": s, "output": "Reference.", "generator": "ref", "dataset": "x"}
+                                for s in instructions]))
+    result = run("alpaca-eval", "--model", tiny_world["checkpoint"], "--data", data, "--out", tmp_path / "run",
+                 *judge_args(judge_url, tmp_path))
+    # The stub always picks (a): we win exactly where our output was shown first.
+    import hashlib
+    import random
+    first = [random.Random(hashlib.sha256(s.encode()).digest()).random() < 0.5 for s in instructions]
+    assert result["score"] == pytest.approx(100 * sum(first) / 8)
+    assert 0 < sum(first) < 8  # the order really varies
+    outputs = json.loads((tmp_path / "run" / "alpaca_eval" / "model_outputs.json").read_text())
+    assert [o["instruction"] for o in outputs] == instructions and outputs[0]["generator"] == "start"
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+def test_missing_image_is_named_before_any_generation(tiny_world, bench_files, tmp_path):
+    pope = tmp_path / "pope"
+    pope.mkdir()
+    (pope / "coco_pope_random.json").write_text(
+        json.dumps({"question_id": 5, "image": "images/nope.png", "text": "Is there a cat?", "label": "no"}) + "\n")
+    with pytest.raises(SystemExit, match=r"POPE random question 5: image .*nope.png not found"):
+        run("pope", "--model", tiny_world["checkpoint"], "--pope-dir", pope, "--image-folder",
+            bench_files["image_folder"], "--out", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_malformed_line_is_named(tiny_world, tmp_path):
+    questions = tmp_path / "question.jsonl"
+    questions.write_text('{"question_id": 1, "category": "writing", "turns": ["Hi ."]}\n{"question_id": 2,\n')
+    with pytest.raises(SystemExit, match=r"question.jsonl line 2: not valid JSON"):
+        run("mtbench", "--model", tiny_world["checkpoint"], "--questions", questions, "--out", tmp_path / "run")
+
+
+def test_answer_for_an_unknown_question_is_named(tiny_world, bench_files, tmp_path, judge_url):
+    questions = mmvet_fixture(tmp_path, bench_files, [("What color ?", ["rec"])])
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps({"v1_0": "red", "v1_99": "blue"}))
+    with pytest.raises(SystemExit, match=r"answers.json: answer id 'v1_99' is not a question"):
+        run("mmvet", "--model", tiny_world["checkpoint"], "--questions", questions, "--answers", answers,
+            "--out", tmp_path / "run", *judge_args(judge_url, tmp_path))
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+def test_report_table_with_intervals(tmp_path):
+    for name, correct in [("llava", [1, 0, 1, 0, 1, 1, 0, 1]), ("dpo", [1, 1, 1, 0, 1, 1, 1, 1])]:
+        evaluation.write_json(tmp_path / name / "mmbench" / "results.json", evaluation.headline(
+            "mmbench", 100 * sum(correct) / 8, "mean_percent", correct))
+        evaluation.write_json(tmp_path / name / "mtbench" / "results.json", evaluation.headline(
+            "mtbench", 6.0, "mean", [5, 7, 6, 6]))
+    table = run("report", tmp_path / "llava", tmp_path / "dpo", "--resamples", 200) or (tmp_path / "report.md").read_text()
+    rows = [r for r in table.splitlines() if r.startswith("| ")]
+    assert rows[0].startswith("| model | MM-Vet | LLaVA-Bench | POPE (F1) | MMBench | MT-Bench |")
+    assert rows[1].startswith("| llava | - | - | - | 62.5 [") and rows[2].startswith("| dpo | - | - | - | 87.5 [")
+    assert "| 6.00 [" in rows[1]
