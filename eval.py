@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
 import random
 import sys
@@ -357,8 +358,6 @@ def run_preference(args) -> dict:
 
 
 def json_line(record: dict) -> str:
-    import json
-
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
