@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from tinyalign import Processor, load_model
-from tinyalign.data import (collate_pairs, file_digest, pair_examples, read_pairs, read_records, read_scored,
-                            build_pairs)
+from tinyalign.data import build_pairs, file_digest, pair_examples, read_pairs, read_records, read_scored
 from tinyalign.demo import demo_processor, exact_answer_accuracy, read_heldout, sample_and_rate
 from tinyalign.losses import dpo_loss
+from tinyalign.packing import batch_logps, batch_maker, real_tokens, supervised_counts
 from tinyalign.training import (autocast, common_arguments, fill_defaults, finish_distributed, init_distributed,
                                 mean_over_ranks, my_share, optimizer_step, prepare_training, seed_everything,
                                 split_held_out)
@@ -69,13 +69,10 @@ def parse(argv=None):
 def pair_logps(model, batch: dict, device, average: bool = False):
     """-> (log p(chosen) [B], log p(rejected) [B]): sums (or means) over each answer's tokens.
 
-    The batch holds the B chosen rows, then the B rejected rows, and each pair's image(s) once:
-    repeat_images=2 runs the tower once and reuses its features for both halves."""
-    pixels = batch["pixel_values"]
-    logps = model(batch["input_ids"].to(device), None if pixels is None else pixels.to(device),
-                  batch["attention_mask"].to(device), labels=batch["labels"].to(device), average_logps=average,
-                  repeat_images=2)
-    return logps.chunk(2)
+    Plain batches hold the B chosen rows, then the B rejected rows, and each pair's image(s) once:
+    repeat_images=2 runs the tower once and reuses its features for both halves. Packed batches
+    (--packing) hold each pair as [prompt | chosen | rejected]: the prompt is computed once too."""
+    return batch_logps(model, batch, device, average, repeat_images=2).chunk(2)
 
 
 @torch.no_grad()
@@ -85,7 +82,8 @@ def reference_logps(model, examples, processor, args) -> None:
     for start in range(0, len(examples), args.batch_size):
         chunk = examples[start:start + args.batch_size]
         with autocast(args.device):
-            chosen, rejected = pair_logps(model, collate_pairs(chunk, processor), args.device, args.average_logps)
+            chosen, rejected = pair_logps(model, batch_maker(args, processor, "pairs")(chunk), args.device,
+                                          args.average_logps)
         for e, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
             e.ref_chosen, e.ref_rejected = c, r
 
@@ -138,7 +136,7 @@ def evaluate(model, examples, processor, args, ref_model=None) -> dict:
     totals, n = {}, 0
     for start in range(0, len(examples), args.batch_size):
         chunk = examples[start:start + args.batch_size]
-        batch = collate_pairs(chunk, processor)
+        batch = batch_maker(args, processor, "pairs")(chunk)
         with autocast(args.device):
             metrics = step_metrics(model, batch, args, ref_model)[1]
         for k, v in metrics.items():
@@ -161,7 +159,7 @@ def step_metrics(model, batch, args, ref_model=None):
                                                         label_smoothing=args.label_smoothing)
     loss = losses.mean()
     if args.sft_weight:
-        n_tokens = (batch["labels"][: len(losses), 1:] != -100).sum(-1).clamp(min=1).to(args.device)
+        n_tokens = supervised_counts(batch)[: len(losses)].clamp(min=1).to(args.device)
         loss = loss + args.sft_weight * (-policy_chosen / n_tokens).mean()
     metrics = {"loss": loss.item(), "rewards/chosen": chosen_rewards.mean().item(),
                "rewards/rejected": rejected_rewards.mean().item(),
@@ -226,6 +224,7 @@ def main(argv=None):
     trainer, optimizer, scheduler, run, batches, step = prepare_training(args, model, len(train), rank, world)
     if held and not args.resume:
         run.log(0, start_metrics, split="eval")
+    make_batch = batch_maker(args, processor, "pairs")  # plain, or packed with --packing
     run.start_progress(step)
     model.train()
 
@@ -234,14 +233,14 @@ def main(argv=None):
         group = batches[step * args.grad_accum:(step + 1) * args.grad_accum]
         logged = {}
         for micro in group:
-            batch = collate_pairs([train[i] for i in my_share(micro, rank, world)], processor)
+            batch = make_batch([train[i] for i in my_share(micro, rank, world)])
             with autocast(args.device):
                 loss, metrics = step_metrics(trainer, batch, args, ref_model)
             run.check_finite(loss, step + 1)
             (loss / len(group)).backward()
             for k, v in metrics.items():
                 logged[k] = logged.get(k, 0.0) + v / len(group)
-            run.count_tokens(int(batch["attention_mask"].sum()))
+            run.count_tokens(real_tokens(batch))
         optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
         step += 1
         logged = {**mean_over_ranks(logged, world), "lr": scheduler.get_last_lr()[0]}

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from tinyalign import Processor, load_model, random_model
-from tinyalign.data import (collate_sft, read_conversations, read_scored, select_best, sft_examples)
+from tinyalign.data import read_conversations, read_scored, select_best, sft_examples
+from tinyalign.packing import batch_logps, batch_maker, real_tokens, supervised_counts
 from tinyalign.demo import demo_config, demo_processor, exact_answer_accuracy, make_world, read_heldout
 from tinyalign.training import (autocast, common_arguments, fill_defaults, finish_distributed, init_distributed,
                                 mean_over_ranks, my_share, optimizer_step, prepare_training, seed_everything,
@@ -57,19 +58,13 @@ def evaluate(model, examples, processor, args) -> dict:
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(examples), args.batch_size):
-        batch = collate_sft(examples[start:start + args.batch_size], processor)
-        labels = batch["labels"].to(args.device)
+        batch = batch_maker(args, processor, "sft")(examples[start:start + args.batch_size])
         with autocast(args.device):
-            logps = model(batch["input_ids"].to(args.device), _to(batch["pixel_values"], args.device),
-                          batch["attention_mask"].to(args.device), labels=labels)
+            logps = batch_logps(model, batch, args.device)
         total -= logps.sum().item()
-        tokens += int((labels[:, 1:] != -100).sum())
+        tokens += int(supervised_counts(batch).sum())
     model.train()
     return {"loss": total / max(tokens, 1)}
-
-
-def _to(x, device):
-    return None if x is None else x.to(device)
 
 
 def main(argv=None):
@@ -116,6 +111,7 @@ def train(args, model, processor, train_records, held_records, rank=0, world=1) 
 
     trainer, optimizer, scheduler, run, batches, step = prepare_training(args, model, len(examples), rank, world)
     pixel_cache = {}  # the demo's images are tiny: decode each once
+    make_batch = batch_maker(args, processor, "sft")  # plain, or packed with --packing
     run.start_progress(step)
     model.train()
 
@@ -124,19 +120,16 @@ def train(args, model, processor, train_records, held_records, rank=0, world=1) 
         group = batches[step * args.grad_accum:(step + 1) * args.grad_accum]
         step_loss = 0.0
         for micro in group:
-            batch = collate_sft([examples[i] for i in my_share(micro, rank, world)], processor,
-                                pixel_cache if args.demo else None)
-            labels = batch["labels"].to(args.device)
+            batch = make_batch([examples[i] for i in my_share(micro, rank, world)], pixel_cache if args.demo else None)
             # Token-mean over the whole micro-batch (all processes), whatever each process holds.
-            n_tokens = sum_over_ranks((labels[:, 1:] != -100).sum(), world).clamp(min=1)
+            n_tokens = sum_over_ranks(supervised_counts(batch).sum().to(args.device), world).clamp(min=1)
             with autocast(args.device):
-                logps = trainer(batch["input_ids"].to(args.device), _to(batch["pixel_values"], args.device),
-                                batch["attention_mask"].to(args.device), labels=labels)  # [B]: answer log-probs
+                logps = batch_logps(trainer, batch, args.device)  # [B]: answer log-probs
                 loss = -logps.sum() * world / n_tokens / len(group)  # DDP averages over processes
             run.check_finite(loss, step + 1)
             loss.backward()
             step_loss += loss.item()
-            run.count_tokens(int(batch["attention_mask"].sum()))
+            run.count_tokens(real_tokens(batch))
         optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
         step += 1
         logged = {**mean_over_ranks({"loss": step_loss}, world), "lr": scheduler.get_last_lr()[0]}

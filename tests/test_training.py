@@ -146,6 +146,27 @@ def test_dpo_with_precomputed_or_live_reference_trains_identically(tiny_world, t
         assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-5)
 
 
+@pytest.mark.parametrize("packing", [["--packing"], ["--packing", "--pack-tokens", "200"]])
+def test_packed_dpo_and_sft_train_like_plain_batches(tiny_world, tmp_path, packing):
+    """--packing (shared prefix; with --pack-tokens several pairs per row) takes the same steps.
+    (LoRA dropout off: its random masks depend on the tensor shapes, which packing changes.)"""
+    packing = [*packing, "--lora-dropout", "0"]
+    pairs_path = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
+    train_dpo.main(dpo_args(tiny_world, pairs_path, tmp_path / "plain", "--max-steps", "3", "--sft-weight", "0.5",
+                            "--lora-dropout", "0"))
+    train_dpo.main(dpo_args(tiny_world, pairs_path, tmp_path / "packed", "--max-steps", "3", "--sft-weight", "0.5",
+                            *packing))
+    plain, packed = metrics(tmp_path / "plain"), metrics(tmp_path / "packed")
+    assert len(plain) == len(packed) == 3
+    for a, b in zip(plain, packed):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["logps/chosen"] == pytest.approx(a["logps/chosen"], abs=1e-4)
+    train_sft.main(sft_args(tiny_world, tmp_path / "sft-plain", "--max-steps", "2", "--lora-dropout", "0"))
+    train_sft.main(sft_args(tiny_world, tmp_path / "sft-packed", "--max-steps", "2", *packing))
+    for a, b in zip(metrics(tmp_path / "sft-plain"), metrics(tmp_path / "sft-packed")):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+
+
 def test_dpo_learns_the_preferences(tiny_world, tmp_path):
     """Held-out reward accuracy starts at 0 (all rewards are 0 against itself) and rises; the loss falls."""
     pairs_path = write_pairs(tiny_world, tmp_path / "pairs.jsonl")

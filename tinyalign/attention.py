@@ -15,7 +15,7 @@ calls `attend(q, k, v, prepared)`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,20 +34,29 @@ class AttentionMask:
     causal: query i sees key j only if j <= i + query_offset.
     query_offset: [] long tensor, the key index of query 0 (non-zero when decoding with a KV cache).
         A tensor, not an int, so a compiled kernel does not specialise on the decoding step.
+    document: [B, S] long, packed rows only (tinyalign/packing.py): a token sees only its own document.
+    branch: [B, S] long, packed DPO pairs: 0 shared prompt, 1 chosen, 2 rejected; a token sees the
+        shared prompt and its own branch, so the two answers never see each other.
     """
 
     key_valid: torch.Tensor | None = None
     causal: bool = True
     query_offset: torch.Tensor | None = None
+    document: torch.Tensor | None = None
+    branch: torch.Tensor | None = None
 
     def mask_mod(self):
-        key_valid, causal = self.key_valid, self.causal
+        key_valid, causal, document, branch = self.key_valid, self.causal, self.document, self.branch
         offset = self.query_offset if self.query_offset is not None else 0
 
         def mask_mod(b, h, q_idx, kv_idx):
             visible = key_valid[b, kv_idx]
             if causal:
                 visible = visible & (kv_idx <= q_idx + offset)
+            if document is not None:
+                visible = visible & (document[b, q_idx] == document[b, kv_idx])
+            if branch is not None:
+                visible = visible & ((branch[b, kv_idx] == 0) | (branch[b, kv_idx] == branch[b, q_idx]))
             return visible
 
         return mask_mod
@@ -81,8 +90,7 @@ def dense_mask(mask: AttentionMask, batch: int, q_len: int, kv_len: int, device)
 def prepare(mask: AttentionMask, batch: int, q_len: int, kv_len: int, device, backend: str = "flex") -> PreparedMask:
     device = torch.device(device)
     if mask.key_valid is None:
-        mask = AttentionMask(torch.ones(batch, kv_len, dtype=torch.bool, device=device), mask.causal,
-                             mask.query_offset)
+        mask = replace(mask, key_valid=torch.ones(batch, kv_len, dtype=torch.bool, device=device))
     if backend not in ("flex", "eager"):
         raise ValueError(f"attention backend must be 'flex' or 'eager', got {backend!r}")
     if backend == "flex" and device.type == "cpu" and torch.is_grad_enabled():
@@ -93,7 +101,11 @@ def prepare(mask: AttentionMask, batch: int, q_len: int, kv_len: int, device, ba
     # single query (a decoding step) is left alone: its shape never changes anyway.
     q_pad = q_len if q_len == 1 else _round_up(q_len, LENGTH_BUCKET)
     kv_pad = _round_up(kv_len, LENGTH_BUCKET)
-    padded = AttentionMask(F.pad(mask.key_valid, (0, kv_pad - kv_len), value=False), mask.causal, mask.query_offset)
+    def pad(t, value):  # packed rows: the query side indexes these too, so pad to the larger length
+        return None if t is None else F.pad(t, (0, max(q_pad, kv_pad) - t.shape[1]), value=value)
+
+    padded = replace(mask, key_valid=pad(mask.key_valid, False), document=pad(mask.document, -1),
+                     branch=pad(mask.branch, 0))
     block_mask = create_block_mask(padded.mask_mod(), batch, None, q_pad, kv_pad, device=device)
     return PreparedMask("flex", q_len, kv_len, q_pad, kv_pad, block_mask=block_mask)
 

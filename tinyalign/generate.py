@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import LENGTH_BUCKET
+from .attention import LENGTH_BUCKET, PreparedMask
 from .llama import KVCache
 
 
@@ -27,12 +27,51 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def decode_step(model, cache: KVCache):
+    """One token per row through the decoder with the KV cache: (token [B, 1], position [B, 1],
+    slot [1]) -> logits [B, V]. Every shape and every buffer address is the same at every step (the
+    step's slot is a tensor, the cache is preallocated, the mask is a dense [B, 1, 1, max_len] row
+    through SDPA), so the whole step can be compiled once and replayed as a CUDA graph."""
+    all_slots = torch.arange(cache.max_len, device=cache.key_valid.device)
+
+    def step(token, position, slot):
+        embeds = model.language_model.embed_tokens(token)  # [B, 1, D]
+        visible = cache.key_valid & (all_slots <= slot)  # [B, max_len]: the prompt and what came since
+        backend = "eager" if model.attn_backend == "eager" else "sdpa"  # eager: the tests' reference
+        mask = PreparedMask(backend, 1, cache.max_len, dense=visible[:, None, None, :])
+        hidden = model.language_model(embeds, position, mask, cache, slot)  # [B, 1, D]
+        return model.lm_head(hidden[:, -1])
+
+    return step
+
+
+def compiled_decode_step(model, cache: KVCache):
+    """decode_step through torch.compile; on CUDA, "reduce-overhead" captures it as a CUDA graph:
+    about 700 kernel launches of a 7B step become one replay. The cache buffers are marked static
+    (their addresses never change) so the graph may write into them."""
+    for t in cache.keys + cache.values + [cache.key_valid]:
+        torch._dynamo.mark_static_address(t)
+    mode = "reduce-overhead" if cache.key_valid.is_cuda else "default"
+    return torch.compile(decode_step(model, cache), mode=mode, fullgraph=True)
+
+
+def compiled_decoder(model, batch: int, max_len: int):
+    """(KVCache, compiled step) for this batch size and cache length, made once per model."""
+    store = model.__dict__.setdefault("_compiled_decoders", {})
+    key = (batch, max_len, model.dtype, str(model.device))
+    if key not in store:
+        cache = KVCache(model.cfg.text, batch, max_len, model.dtype, model.device)
+        store[key] = (cache, compiled_decode_step(model, cache))
+    return store[key]
+
+
 @torch.no_grad()
 def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int = 2, pad_token_id: int = 0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, compile_step: bool = False) -> torch.Tensor:
     """input_ids [B, T] (left-padded) -> new tokens [B, <= max_new_tokens]. A row stops at its first
-    </s> (kept in the output) and is padded with pad_token_id after it."""
+    </s> (kept in the output) and is padded with pad_token_id after it. compile_step: decode through
+    `compiled_decode_step` (worth it for long answers on a GPU; the first call compiles)."""
     B, T = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
@@ -41,7 +80,12 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
         raise ValueError("generate needs left padding: the last prompt position of every row must be a real token")
     # Round the cache up so its shape (and so the compiled attention) repeats across calls.
     max_len = -(-(T + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
-    cache = KVCache(model.cfg.text, B, max_len, model.dtype, device)
+    if compile_step:  # a compiled step is tied to its cache's buffers: keep both for the next call
+        cache, step_fn = compiled_decoder(model, B, max_len)
+    else:
+        cache = KVCache(model.cfg.text, B, max_len, model.dtype, device)
+        step_fn = decode_step(model, cache)
+    cache.key_valid.fill_(True)
     cache.key_valid[:, :T] = attention_mask.bool()
 
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
@@ -56,7 +100,7 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
         done |= token == eos_token_id
         if bool(done.all()) or step == max_new_tokens - 1:
             return out[:, : step + 1]
-        logits = model(token[:, None], position_ids=next_pos, cache=cache, cache_offset=T + step)
+        logits = step_fn(token[:, None], next_pos, torch.tensor([T + step], device=device))[:, None]
         next_pos = next_pos + 1
     return out
 

@@ -128,6 +128,13 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
 
+    def compile_blocks(self):
+        """torch.compile each block (the same code, so the 32 or 40 blocks share one compiled graph):
+        norms, RoPE, the SwiGLU and the residual adds fuse into few kernels around the matmuls and
+        the (already compiled) attention."""
+        for block in self.layers:
+            block.compile(dynamic=False)
+
     def forward(self, embeds, positions, mask: PreparedMask, cache: KVCache | None = None, cache_slots=None):
         """embeds [B, T, D], positions [B, T] (RoPE positions) -> hidden states [B, T, D]."""
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)

@@ -30,25 +30,44 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
     return total / supervised.sum(-1).clamp(min=1) if average else total
 
 
+def token_logps(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor, chunk: int = 1024):
+    """hidden [N, D] (each row the state that predicts one token), targets [N] -> log p(target) [N].
+    The LM head and log-softmax run `chunk` rows at a time, in float32: the full [B, T, V] logits of
+    the batch never exist, only [chunk, V] at once."""
+    out = []
+    for start in range(0, len(targets), chunk):
+        logits = lm_head(hidden[start:start + chunk]).float()  # [n, V]
+        out.append(logits.gather(1, targets[start:start + chunk, None]).squeeze(1) - logits.logsumexp(-1))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def answer_logps(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor, average: bool = False,
                  chunk: int = 1024) -> torch.Tensor:
     """sequence_logps without the [B, T, V] logits: the LM head and the log-softmax run only on the
-    positions that predict a supervised token, `chunk` rows at a time (float32 inside a chunk).
+    positions that predict a supervised token (token_logps).
 
     hidden [B, T, D] (the decoder output), labels [B, T] -> [B]. Equal to
     sequence_logps(lm_head(hidden), labels) up to float rounding.
     """
     hidden, labels = shift(hidden, labels)
     rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # the N scored positions
-    picked = hidden[rows, cols]  # [N, D]
-    targets = labels[rows, cols]  # [N]
-    token_logps = []
-    for start in range(0, len(targets), chunk):
-        logits = lm_head(picked[start:start + chunk]).float()  # [n, V], never all at once
-        token_logps.append(logits.gather(1, targets[start:start + chunk, None]).squeeze(1) - logits.logsumexp(-1))
-    token_logps = torch.cat(token_logps) if token_logps else hidden.new_zeros(0, dtype=torch.float32)
-    total = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
+    logps = token_logps(hidden[rows, cols], lm_head, labels[rows, cols], chunk)  # [N]
+    total = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, logps)
     return total / (labels != IGNORE_INDEX).sum(-1).clamp(min=1) if average else total
+
+
+def scored_logps(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: dict, average: bool = False,
+                 chunk: int = 1024) -> torch.Tensor:
+    """Packed batches (tinyalign/packing.py): each scored token named explicitly by the (row, col) of
+    the hidden state that predicts it and the output sequence it counts toward.
+
+    hidden [R, L, D]; targets {"rows", "cols", "tokens", "sequence": [N], "n_sequences": S} -> [S]."""
+    logps = token_logps(hidden[targets["rows"], targets["cols"]], lm_head, targets["tokens"], chunk)
+    S, seq = targets["n_sequences"], targets["sequence"]
+    total = torch.zeros(S, dtype=torch.float32, device=hidden.device).index_add(0, seq, logps)
+    if average:
+        total = total / torch.bincount(seq, minlength=S).clamp(min=1)
+    return total
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

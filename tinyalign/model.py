@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .attention import AttentionMask, prepare
 from .config import LlavaConfig
 from .llama import KVCache, LlamaModel
-from .losses import answer_logps
+from .losses import answer_logps, scored_logps
 from .vision import VisionTower
 
 
@@ -88,7 +88,8 @@ class Llava(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None, image_features=None,
                 cache: KVCache | None = None, cache_offset: int = 0, logits_to_keep: int = 0,
-                labels=None, average_logps: bool = False, repeat_images: int = 1) -> torch.Tensor:
+                labels=None, average_logps: bool = False, repeat_images: int = 1, document_ids=None, branch_ids=None,
+                targets: dict | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (the last `logits_to_keep` positions if > 0).
 
         With labels [B, T] (-100 where not supervised): returns instead the log-probability of each
@@ -102,18 +103,24 @@ class Llava(nn.Module):
         position_ids [B, T]: RoPE positions; default 0..T-1 (+ cache_offset), as transformers does.
         image_features [N, S, D]: projected features to use instead of running the tower on pixel_values.
         cache, cache_offset: decode with a static KV cache; these T tokens go to slots offset..offset+T-1.
+        document_ids, branch_ids, targets: a packed batch (tinyalign/packing.py); returns the log-prob of
+        each of targets["n_sequences"] answers [S].
         """
         if repeat_images > 1 and pixel_values is not None:
             image_features = torch.cat([self.image_features(pixel_values)] * repeat_images)
             pixel_values = None
         hidden = self.hidden_states(input_ids, pixel_values, attention_mask, position_ids=position_ids,
-                                    image_features=image_features, cache=cache, cache_offset=cache_offset)
+                                    image_features=image_features, cache=cache, cache_offset=cache_offset,
+                                    document_ids=document_ids, branch_ids=branch_ids)
+        if targets is not None:
+            return scored_logps(hidden, self.lm_head, targets, average=average_logps)
         if labels is not None:
             return answer_logps(hidden, self.lm_head, labels, average=average_logps)
         return self.lm_head(hidden[:, -logits_to_keep:])
 
     def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None,
-                      image_features=None, cache: KVCache | None = None, cache_offset: int = 0) -> torch.Tensor:
+                      image_features=None, cache: KVCache | None = None, cache_offset: int = 0, document_ids=None,
+                      branch_ids=None) -> torch.Tensor:
         """Like forward, but stops before the LM head: [B, T, D]."""
         B, T = input_ids.shape
         device = input_ids.device
@@ -122,13 +129,15 @@ class Llava(nn.Module):
             position_ids = torch.arange(cache_offset, cache_offset + T, device=device).expand(B, T)
         if cache is None:
             key_valid = attention_mask.bool() if attention_mask is not None else None
+            if document_ids is not None:
+                key_valid = document_ids >= 0  # packed rows: -1 marks padding
             kv_len, slots = T, None
         else:
             key_valid, kv_len = cache.key_valid, cache.max_len
             slots = torch.arange(cache_offset, cache_offset + T, device=device)
         offset = torch.tensor(cache_offset, device=device)
-        mask = prepare(AttentionMask(key_valid, causal=True, query_offset=offset), B, T, kv_len, device,
-                       self.attn_backend)
+        mask = prepare(AttentionMask(key_valid, causal=True, query_offset=offset, document=document_ids,
+                                     branch=branch_ids), B, T, kv_len, device, self.attn_backend)
         return self.language_model(embeds, position_ids, mask, cache, slots)
 
     @property

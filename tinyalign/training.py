@@ -57,6 +57,10 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     a("--save-every", type=int, help="resumable checkpoint every N steps (and always at the end)")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
+    a("--packing", action="store_true", help="packed batches: DPO pairs as [prompt | chosen | rejected] (the prompt "
+      "and image computed once), no compute on padding (tinyalign/packing.py)")
+    a("--pack-tokens", type=int, help="with --packing: several examples per row, up to this many tokens, kept "
+      "apart by the attention mask (default: one per row)")
     a("--save-adapter", action="store_true", help="also save the LoRA adapter alone (PEFT layout)")
     a("--skip-bad", action="store_true", help="skip (and count) records with a missing or unreadable image")
     a("--template", default="vicuna_v1", choices=["vicuna_v1", "llava_v1"])

@@ -1,0 +1,509 @@
+"""Speed and memory of the DPO step and of decoding, ours next to transformers', measured in one run.
+
+    python -m tinyalign.bench --preset llava-1.5-7b        # one GPU, random weights of the real shapes
+    python -m tinyalign.bench --preset tiny                # the same code on a CPU in about a minute
+
+Workload (the paper's DPO data): pairs of one 336 px image (576 image tokens), a ~64-token question
+and two answers of ~200 tokens; reference log-probs precomputed (constants here), as train_dpo.py
+does by default. Rows of the table:
+
+- DPO step, paper setting: LoRA r128/alpha256 on every decoder projection, projector trained, tower
+  frozen, AdamW; ours = packed `[prompt | chosen | rejected]` (tinyalign/packing.py), FlexAttention,
+  answer-only chunked log-probs; transformers = LlavaForConditionalGeneration (SDPA) + peft LoRA, the
+  chosen and rejected rows padded and concatenated, full logits, as TRL's DPOTrainer does.
+- DPO step, full fine-tuning: every decoder weight trained (bf16 weights and AdamW moments, the
+  update applied inside backward, see `optimizer_in_backward`), one pair per step.
+- Decode: batch 1, greedy, after a 600-token multimodal prefill: ours (static KV cache, the decode
+  step compiled into a CUDA graph) vs transformers' generate (dynamic cache; static cache + compile).
+
+FLOPs counted are the ones the method needs (`dpo_step_flops`): every token of the packed pair once,
+2 FLOPs per multiply-add; forward 2N per token for the N decoder weights, backward 2N more for the
+activation gradients, and 2N more only for weights that are trained (full fine-tuning); attention
+4*d per visible (query, key) pair forward and twice that backward; the LM head only on scored tokens;
+the frozen tower forward once per image. MFU = achieved / the card's peak dense bf16 rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS, LlavaConfig, preset, to_hf_dict
+from .data import PairExample
+from .losses import dpo_loss
+from .packing import batch_logps, pack_pairs
+from .processor import IGNORE_INDEX, Encoded
+
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, from the datasheets
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic workload
+# ---------------------------------------------------------------------------------------------
+
+
+class SyntheticProcessor:
+    """Just what pack_pairs and the transformers path need: ids are random, lengths are the paper's."""
+
+    def __init__(self, cfg: LlavaConfig):
+        self.pad_token_id, self.image_token_index = 0, cfg.image_token_index
+        self.images = None
+
+
+def synthetic_pairs(cfg: LlavaConfig, n: int, prompt_tokens: int, answer_tokens: int, seed: int = 0):
+    """n PairExamples: [bos, image tokens, question | answer + eos], answer lengths varying +-25%."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = min(cfg.text.vocab_size, cfg.image_token_index) - 1
+    pairs = []
+    for i in range(n):
+        prompt = [1] + [cfg.image_token_index] * cfg.image_seq_length + torch.randint(3, vocab, (prompt_tokens,), generator=g).tolist()
+
+        def answer():
+            length = int(answer_tokens * (0.75 + 0.5 * torch.rand(1, generator=g).item()))
+            return torch.randint(3, vocab, (length,), generator=g).tolist() + [2]
+
+        encs = []
+        for a in (answer(), answer()):
+            encs.append(Encoded(prompt + a, [IGNORE_INDEX] * len(prompt) + a, 1))
+        pairs.append(PairExample(str(i), encs[0], encs[1], [], -300.0, -310.0))
+    return pairs
+
+
+def pixel_batch(cfg: LlavaConfig, n: int, device, dtype):
+    size = cfg.vision.image_size
+    return torch.randn(n, 3, size, size, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+# ---------------------------------------------------------------------------------------------
+
+
+def decoder_linear_params(cfg: LlavaConfig) -> int:
+    t = cfg.text
+    attn = t.hidden_size * t.head_dim * (2 * t.num_heads + 2 * t.num_kv_heads)
+    return t.num_layers * (attn + 3 * t.hidden_size * t.intermediate_size)
+
+
+def vision_params(cfg: LlavaConfig) -> int:
+    v = cfg.vision
+    return v.num_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+
+
+def lora_params(cfg: LlavaConfig, r: int) -> int:
+    t = cfg.text
+    shapes = [(t.hidden_size, t.num_heads * t.head_dim)] * 2 + [(t.hidden_size, t.num_kv_heads * t.head_dim)] * 2 + \
+        [(t.hidden_size, t.intermediate_size)] * 3
+    return t.num_layers * sum(r * (a + b) for a, b in shapes)
+
+
+def visible_pairs(prompt: int, chosen: int, rejected: int) -> int:
+    """(query, key) pairs a packed [prompt | chosen | rejected] attends over (causal, branches apart)."""
+    tri = lambda n: n * (n + 1) // 2  # noqa: E731
+    return tri(prompt) + chosen * prompt + tri(chosen) + rejected * prompt + tri(rejected)
+
+
+def dpo_step_flops(cfg: LlavaConfig, pairs: list[PairExample], full: bool, lora_r: int) -> float:
+    """FLOPs one DPO step needs on these pairs (see the module doc)."""
+    n_linear, d = decoder_linear_params(cfg), cfg.text.hidden_size
+    proj = cfg.vision.hidden_size * d + d * d
+    total = 0.0
+    for e in pairs:
+        p = next(i for i, x in enumerate(e.chosen.labels) if x != IGNORE_INDEX)
+        c, r = len(e.chosen.input_ids) - p, len(e.rejected.input_ids) - p
+        tokens, scored = p + c + r, c + r
+        linear = 2 * n_linear * tokens
+        total += linear * (3 if full else 2)  # forward + activation grads (+ weight grads when trained)
+        if lora_r:
+            total += 6 * 2 * lora_params(cfg, lora_r) / 2 * tokens  # the adapters: all three passes
+        total += 3 * 4 * d * visible_pairs(p, c, r) * cfg.text.num_layers  # attention fwd + 2x bwd
+        total += 3 * 2 * d * cfg.text.vocab_size * scored  # LM head on scored tokens (fwd + bwd)
+        total += 2 * vision_params(cfg) * (cfg.vision.num_patches + 1)  # frozen tower, forward only
+        total += 6 * proj * cfg.image_seq_length  # projector, trained
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup: int, repeat: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def reset_memory(device):
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if torch.device(device).type == "cuda" else None
+
+
+def copy_bandwidth(device) -> float | None:
+    """Device-to-device copy, bytes read + written per second (the decode roofline's denominator)."""
+    if torch.device(device).type != "cuda":
+        return None
+    x = torch.empty(2 ** 30, dtype=torch.uint8, device=device)  # 1 GiB
+    y = torch.empty_like(x)
+    t = statistics.median(timed(lambda: y.copy_(x), device, 3, 10))
+    return 2 * x.numel() / t
+
+
+# ---------------------------------------------------------------------------------------------
+# The two DPO steps
+# ---------------------------------------------------------------------------------------------
+
+
+def our_model(cfg, device, dtype, seed=0):
+    from .weights import random_model
+
+    return random_model(cfg, seed=seed, dtype=dtype, device=device)
+
+
+def optimizer_in_backward(model, lr: float):
+    """Full fine-tuning in the memory of one copy of the gradients' largest tensor: each weight's AdamW
+    update runs in backward as soon as its gradient is complete, and the gradient is freed at once.
+    Weights and the two AdamW moments are bf16 (2 + 4 bytes per weight: 7B -> 42 GB), so 7B full DPO
+    fits one 80 GB card. The price: bf16 weights round away updates below ~1/256 of a weight, so
+    full fine-tuning this way wants a larger lr than fp32 master weights would (see README)."""
+    optimizers = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            optimizers[p] = torch.optim.AdamW([p], lr=lr, weight_decay=0.0, foreach=False)
+
+            def hook(param):
+                optimizers[param].step()
+                optimizers[param].zero_grad(set_to_none=True)
+
+            p.register_post_accumulate_grad_hook(hook)
+    return optimizers
+
+
+def our_dpo_step(model, pairs, processor, device, optimizer, beta=0.1):
+    batch = pack_pairs(pairs, processor)
+    batch["pixel_values"] = pixel_batch(model.cfg, len(pairs), device, model.dtype)
+    ref_c, ref_r = batch["ref_chosen"].to(device), batch["ref_rejected"].to(device)
+
+    def step():
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            chosen, rejected = batch_logps(model, batch, device, repeat_images=2).chunk(2)
+            loss = dpo_loss(chosen, rejected, ref_c, ref_r, beta)[0].mean()
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step, int((batch["document_ids"] >= 0).sum())
+
+
+def hf_model(cfg, device, dtype):
+    from transformers import LlavaConfig as HFConfig
+    from transformers import LlavaForConditionalGeneration
+
+    hf_cfg = HFConfig(**to_hf_dict(cfg))
+    hf_cfg.text_config._attn_implementation = "sdpa"
+    hf_cfg.vision_config._attn_implementation = "sdpa"
+    hf_cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(hf_cfg).to(dtype)
+    return model.eval()
+
+
+def hf_dpo_step(model, pairs, cfg, device, optimizer, beta=0.1):
+    """What TRL's DPOTrainer does: chosen and rejected rows padded and concatenated, the pixels
+    repeated for both halves, full logits, log-softmax, gather the answer tokens."""
+    rows = [e.chosen for e in pairs] + [e.rejected for e in pairs]
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r.input_ids)] = torch.tensor(r.input_ids)
+        labels[i, :len(r.labels)] = torch.tensor(r.labels)
+        mask[i, :len(r.input_ids)] = 1
+    ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+    pixels = pixel_batch(cfg, len(pairs), device, torch.bfloat16)
+    pixels = torch.cat([pixels, pixels])
+    ref = torch.tensor([-300.0] * len(pairs) + [-310.0] * len(pairs), device=device)
+
+    def step():
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            logits = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits[:, :-1]
+            target = labels[:, 1:]
+            logps = torch.gather(logits.float().log_softmax(-1), 2, target.clamp(min=0)[..., None]).squeeze(-1)
+            logps = (logps * (target != IGNORE_INDEX)).sum(-1)
+            chosen, rejected = logps.chunk(2)
+            loss = dpo_loss(chosen, rejected, ref[:len(pairs)], ref[len(pairs):], beta)[0].mean()
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step, int(mask.sum())
+
+
+def hf_lora(model, r, alpha):
+    """peft's LoRA on the same projections ours wraps; the projector trained; the tower frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.05, target_modules=targets))
+    for name, p in peft_model.named_parameters():
+        if "multi_modal_projector" in name:
+            p.requires_grad_(True)
+    return peft_model
+
+
+def trainable_optimizer(model, lr):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=params[0].is_cuda)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_rate(run, new_tokens: int, device, repeat: int = 3) -> float:
+    """Tokens/s of decoding alone: (time for N tokens - time for 1 token) / (N - 1)."""
+    one = statistics.median(timed(lambda: run(1), device, 1, repeat))
+    many = statistics.median(timed(lambda: run(new_tokens), device, 1, repeat))
+    return (new_tokens - 1) / max(many - one, 1e-9)
+
+
+def our_decode(model, cfg, device, prompt_len, compile_step):
+    from .generate import generate
+
+    ids = torch.randint(3, 1000, (1, prompt_len), device=device)
+    ids[0, 1:1 + cfg.image_seq_length] = cfg.image_token_index
+    pixels = pixel_batch(cfg, 1, device, model.dtype)
+    return lambda n: generate(model, ids, pixels, max_new_tokens=n, eos_token_id=-1, compile_step=compile_step)
+
+
+def hf_decode(model, cfg, device, prompt_len, static):
+    ids = torch.randint(3, 1000, (1, prompt_len), device=device)
+    ids[0, 1:1 + cfg.image_seq_length] = cfg.image_token_index
+    pixels = pixel_batch(cfg, 1, device, torch.bfloat16)
+    extra = {"cache_implementation": "static"} if static else {}
+    return lambda n: model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=n, min_new_tokens=n,
+                                    do_sample=False, **extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def card_peak(device) -> tuple[str, float | None]:
+    if torch.device(device).type != "cuda":
+        return platform.processor() or "cpu", None
+    name = torch.cuda.get_device_name()
+    return name, next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def measure(results: dict, name: str, fn):
+    """Run one measurement; a failure is recorded in the table (with its error) instead of ending the run."""
+    print(f"-- {name}", flush=True)
+    try:
+        results[name] = fn()
+    except Exception as e:  # noqa: BLE001 - a benchmark row that fails must not hide the others
+        results[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    print(f"   {results[name]}", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--pairs", type=int, default=4, help="pairs per DPO step (paper setting)")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--answer-tokens", type=int, default=200)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--skip", default="", help="comma-separated rows to skip: hf, full, decode, compile")
+    p.add_argument("--out", default="bench.json")
+    args = p.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    cfg, device = preset(args.preset), args.device
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    card, peak = card_peak(device)
+    processor = SyntheticProcessor(cfg)
+    pairs = synthetic_pairs(cfg, args.pairs, args.prompt_tokens, args.answer_tokens)
+    results = {"preset": args.preset, "card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "peak_bf16_tflops": peak, "pairs_per_step": args.pairs, "command": "python -m tinyalign.bench " +
+               " ".join(argv if argv is not None else __import__("sys").argv[1:])}
+    flops_lora = dpo_step_flops(cfg, pairs, full=False, lora_r=128)
+    results["flops_per_step_lora"] = flops_lora
+
+    def dpo_row(step_and_tokens, n_pairs, flops):
+        step, tokens = step_and_tokens
+        times = timed(step, device, 2, args.steps)
+        t = statistics.median(times)
+        tflops = flops / t / 1e12
+        return {"s_per_step": t, "pairs_per_s": n_pairs / t, "tokens_per_s": tokens / t, "tokens_per_step": tokens,
+                "tflops": tflops, "mfu": tflops / peak if peak else None, "peak_gib": peak_gib(device)}
+
+    # ---- ours, paper setting -----------------------------------------------------------------
+    from .training import setup_trainable
+
+    reset_memory(device)
+    model = our_model(cfg, device, dtype)
+    setup_trainable(model, lora_r=128, lora_alpha=256, lora_dropout=0.05)
+    model.train()
+    optimizer = trainable_optimizer(model, 5e-5)
+    measure(results, "ours_lora", lambda: dpo_row(our_dpo_step(model, pairs, processor, device, optimizer),
+                                                  args.pairs, flops_lora))
+    if "compile" not in skip:
+        model.language_model.compile_blocks()
+        reset_memory(device)
+        measure(results, "ours_lora_compiled", lambda: dpo_row(our_dpo_step(model, pairs, processor, device, optimizer),
+                                                               args.pairs, flops_lora))
+    del model, optimizer
+    reset_memory(device)
+
+    # ---- transformers, paper setting --------------------------------------------------------
+    if "hf" not in skip:
+        def hf_lora_row():
+            hf = hf_lora(hf_model(cfg, device, dtype), 128, 256)
+            hf.train()
+            try:
+                return dpo_row(hf_dpo_step(hf, pairs, cfg, device, trainable_optimizer(hf, 5e-5)), args.pairs, flops_lora)
+            finally:
+                del hf
+        measure(results, "hf_lora", hf_lora_row)
+        reset_memory(device)
+
+    # ---- full fine-tuning, one pair of ~1,000 tokens ----------------------------------------
+    if "full" not in skip:
+        one = pairs[:1]
+        flops_full = dpo_step_flops(cfg, one, full=True, lora_r=0)
+
+        def full_row():
+            m = our_model(cfg, device, dtype)
+            setup_trainable(m, lora_r=0, lora_alpha=0, lora_dropout=0.0)
+            m.to(dtype)  # pure bf16: no fp32 master copy (see optimizer_in_backward)
+            m.train()
+            optimizer_in_backward(m, 1e-5)
+            row = dpo_row(our_dpo_step(m, one, processor, device, None), 1, flops_full)
+            del m
+            return row
+        measure(results, "ours_full", full_row)
+        reset_memory(device)
+        if "hf" not in skip:
+            def hf_full_row():
+                hf = hf_model(cfg, device, dtype)
+                hf.requires_grad_(False)
+                hf.model.language_model.requires_grad_(True)
+                hf.lm_head.requires_grad_(True)
+                hf.model.multi_modal_projector.requires_grad_(True)
+                hf.train()
+                try:  # pure bf16 AdamW as well, the usual way: every gradient kept until the step
+                    return dpo_row(hf_dpo_step(hf, one, cfg, device, trainable_optimizer(hf, 1e-5)), 1, flops_full)
+                finally:
+                    del hf
+            measure(results, "hf_full", hf_full_row)
+            reset_memory(device)
+
+    # ---- decoding ---------------------------------------------------------------------------
+    if "decode" not in skip:
+        prompt_len = cfg.image_seq_length + 24
+        bandwidth = copy_bandwidth(device)
+        model = our_model(cfg, device, dtype).eval()
+        weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                           if not n.startswith("vision_tower") and "embed_tokens" not in n)
+        results["decode_weight_bytes"], results["copy_bandwidth"] = weight_bytes, bandwidth
+        limit = bandwidth / weight_bytes if bandwidth else None
+        results["decode_limit_tokens_per_s"] = limit
+
+        def decode_row(run):
+            rate = decode_rate(run, args.decode_tokens, device)
+            return {"tokens_per_s": rate, "fraction_of_limit": rate / limit if limit else None}
+        measure(results, "ours_decode_eager", lambda: decode_row(our_decode(model, cfg, device, prompt_len, False)))
+        measure(results, "ours_decode_compiled", lambda: decode_row(our_decode(model, cfg, device, prompt_len, True)))
+        del model
+        reset_memory(device)
+        if "hf" not in skip:
+            hf = hf_model(cfg, device, dtype)
+            measure(results, "hf_decode_dynamic", lambda: decode_row(hf_decode(hf, cfg, device, prompt_len, False)))
+            if torch.device(device).type == "cuda":
+                measure(results, "hf_decode_static_compiled",
+                        lambda: decode_row(hf_decode(hf, cfg, device, prompt_len, True)))
+            del hf
+            reset_memory(device)
+
+    # ---- the paper's run, projected ---------------------------------------------------------
+    rate = results.get("ours_lora_compiled", {}).get("pairs_per_s") or results.get("ours_lora", {}).get("pairs_per_s")
+    if rate:
+        results["paper_run_hours"] = 5034 * 3 / rate / 3600  # ~5k pairs x 3 epochs
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(table(results))
+    return results
+
+
+def table(r: dict) -> str:
+    def fmt(x, spec):
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+    lines = [f"{r['preset']} on {r['card']}, torch {r['torch']}, {r['date']}; {r['pairs_per_step']} pairs per step "
+             f"(paper setting); step FLOPs counted {r['flops_per_step_lora']:.3g}",
+             f"{'row':<28}{'pairs/s':>9}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}"]
+    for name in ("ours_lora", "ours_lora_compiled", "hf_lora", "ours_full", "hf_full"):
+        row = r.get(name)
+        if row is None:
+            continue
+        if "error" in row:
+            lines.append(f"{name:<28}failed: {row['error'][:80]}")
+            continue
+        lines.append(f"{name:<28}{row['pairs_per_s']:>9.2f}{row['tokens_per_s']:>11.0f}{row['tflops']:>9.1f}"
+                     f"{fmt(row['mfu'], '.1%'):>7}{fmt(row['peak_gib'], '.1f'):>10}")
+    ours = max((r.get(k, {}).get("pairs_per_s") or 0) for k in ("ours_lora", "ours_lora_compiled"))
+    if r.get("hf_lora", {}).get("pairs_per_s"):
+        lines.append(f"ours / transformers (paper setting): {ours / r['hf_lora']['pairs_per_s']:.2f}x")
+    for name in ("ours_decode_eager", "ours_decode_compiled", "hf_decode_dynamic", "hf_decode_static_compiled"):
+        row = r.get(name)
+        if row is None:
+            continue
+        if "error" in row:
+            lines.append(f"{name:<28}failed: {row['error'][:80]}")
+        else:
+            lines.append(f"{name:<28}{row['tokens_per_s']:>9.1f} tokens/s  {fmt(row['fraction_of_limit'], '.0%')} of the "
+                         "bandwidth limit")
+    if r.get("decode_limit_tokens_per_s"):
+        lines.append(f"bandwidth limit: {r['copy_bandwidth'] / 1e12:.2f} TB/s / {r['decode_weight_bytes'] / 1e9:.1f} GB "
+                     f"per token = {r['decode_limit_tokens_per_s']:.0f} tokens/s")
+    if r.get("paper_run_hours"):
+        lines.append(f"paper's DPO run (5,034 pairs x 3 epochs) projected: {r['paper_run_hours']:.2f} h")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
