@@ -26,12 +26,12 @@ the frozen tower forward once per image. MFU = achieved / the card's peak dense 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -309,13 +309,26 @@ def our_decode(model, cfg, device, prompt_len, compile_step):
     return lambda n: generate(model, ids, pixels, max_new_tokens=n, eos_token_id=-1, compile_step=compile_step)
 
 
-def hf_decode(model, cfg, device, prompt_len, static):
+def hf_decode(model, cfg, device, prompt_len, static, max_new_tokens):
+    """transformers' generate; max_new_tokens fixed (so a static cache keeps one size and compiles
+    once) and a stopping criterion ending the run after n tokens."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class After(StoppingCriteria):
+        def __init__(self, n):
+            self.n = n
+
+        def __call__(self, input_ids, scores, **kwargs):
+            done = input_ids.shape[1] - prompt_len >= self.n
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
     ids = torch.randint(3, 1000, (1, prompt_len), device=device)
     ids[0, 1:1 + cfg.image_seq_length] = cfg.image_token_index
-    pixels = pixel_batch(cfg, 1, device, torch.bfloat16)
+    pixels = pixel_batch(cfg, 1, device, next(model.parameters()).dtype)
     extra = {"cache_implementation": "static"} if static else {}
-    return lambda n: model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=n, min_new_tokens=n,
-                                    do_sample=False, **extra)
+    return lambda n: model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=max_new_tokens,
+                                    min_new_tokens=n, do_sample=False, stopping_criteria=StoppingCriteriaList([After(n)]),
+                                    **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,6 +363,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--skip", default="", help="comma-separated rows to skip: hf, full, decode, compile")
+    p.add_argument("--deadline", type=float, default=0, help="seconds: start no new row after this (0: none)")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -358,115 +372,120 @@ def main(argv=None):
     card, peak = card_peak(device)
     processor = SyntheticProcessor(cfg)
     pairs = synthetic_pairs(cfg, args.pairs, args.prompt_tokens, args.answer_tokens)
+    one = pairs[:1]
+    flops_lora, flops_full = dpo_step_flops(cfg, pairs, False, 128), dpo_step_flops(cfg, one, True, 0)
     results = {"preset": args.preset, "card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-               "peak_bf16_tflops": peak, "pairs_per_step": args.pairs, "command": "python -m tinyalign.bench " +
-               " ".join(argv if argv is not None else __import__("sys").argv[1:])}
-    flops_lora = dpo_step_flops(cfg, pairs, full=False, lora_r=128)
-    results["flops_per_step_lora"] = flops_lora
+               "peak_bf16_tflops": peak, "pairs_per_step": args.pairs, "flops_per_step_lora": flops_lora,
+               "flops_per_step_full": flops_full,
+               "command": "python -m tinyalign.bench " + " ".join(argv if argv is not None else sys.argv[1:])}
+    started = time.time()
 
     def dpo_row(step_and_tokens, n_pairs, flops):
         step, tokens = step_and_tokens
-        times = timed(step, device, 2, args.steps)
-        t = statistics.median(times)
+        t = statistics.median(timed(step, device, 2, args.steps))
         tflops = flops / t / 1e12
         return {"s_per_step": t, "pairs_per_s": n_pairs / t, "tokens_per_s": tokens / t, "tokens_per_step": tokens,
                 "tflops": tflops, "mfu": tflops / peak if peak else None, "peak_gib": peak_gib(device)}
 
-    # ---- ours, paper setting -----------------------------------------------------------------
-    from .training import setup_trainable
+    # ---- the rows, most important first (a --deadline cuts the tail, never the head) ---------
+    def ours_lora(compiled=False):
+        from .training import setup_trainable
 
-    reset_memory(device)
-    model = our_model(cfg, device, dtype)
-    setup_trainable(model, lora_r=128, lora_alpha=256, lora_dropout=0.05)
-    model.train()
-    optimizer = trainable_optimizer(model, 5e-5)
-    measure(results, "ours_lora", lambda: dpo_row(our_dpo_step(model, pairs, processor, device, optimizer),
-                                                  args.pairs, flops_lora))
-    if "compile" not in skip:
-        model.language_model.compile_blocks()
-        reset_memory(device)
-        measure(results, "ours_lora_compiled", lambda: dpo_row(our_dpo_step(model, pairs, processor, device, optimizer),
-                                                               args.pairs, flops_lora))
-    del model, optimizer
-    reset_memory(device)
+        model = our_model(cfg, device, dtype)
+        setup_trainable(model, lora_r=128, lora_alpha=256, lora_dropout=0.05)
+        if compiled:
+            model.language_model.compile_blocks()
+        model.train()
+        return dpo_row(our_dpo_step(model, pairs, processor, device, trainable_optimizer(model, 5e-5)), args.pairs,
+                       flops_lora)
 
-    # ---- transformers, paper setting --------------------------------------------------------
-    if "hf" not in skip:
-        def hf_lora_row():
-            hf = hf_lora(hf_model(cfg, device, dtype), 128, 256)
-            hf.train()
-            try:
-                return dpo_row(hf_dpo_step(hf, pairs, cfg, device, trainable_optimizer(hf, 5e-5)), args.pairs, flops_lora)
-            finally:
-                del hf
-        measure(results, "hf_lora", hf_lora_row)
-        reset_memory(device)
+    def hf_lora_row():
+        hf = hf_lora(hf_model(cfg, device, dtype), 128, 256).train()
+        return dpo_row(hf_dpo_step(hf, pairs, cfg, device, trainable_optimizer(hf, 5e-5)), args.pairs, flops_lora)
 
-    # ---- full fine-tuning, one pair of ~1,000 tokens ----------------------------------------
-    if "full" not in skip:
-        one = pairs[:1]
-        flops_full = dpo_step_flops(cfg, one, full=True, lora_r=0)
+    def ours_full():
+        from .training import setup_trainable
 
-        def full_row():
-            m = our_model(cfg, device, dtype)
-            setup_trainable(m, lora_r=0, lora_alpha=0, lora_dropout=0.0)
-            m.to(dtype)  # pure bf16: no fp32 master copy (see optimizer_in_backward)
-            m.train()
-            optimizer_in_backward(m, 1e-5)
-            row = dpo_row(our_dpo_step(m, one, processor, device, None), 1, flops_full)
-            del m
-            return row
-        measure(results, "ours_full", full_row)
-        reset_memory(device)
-        if "hf" not in skip:
-            def hf_full_row():
-                hf = hf_model(cfg, device, dtype)
-                hf.requires_grad_(False)
-                hf.model.language_model.requires_grad_(True)
-                hf.lm_head.requires_grad_(True)
-                hf.model.multi_modal_projector.requires_grad_(True)
-                hf.train()
-                try:  # pure bf16 AdamW as well, the usual way: every gradient kept until the step
-                    return dpo_row(hf_dpo_step(hf, one, cfg, device, trainable_optimizer(hf, 1e-5)), 1, flops_full)
-                finally:
-                    del hf
-            measure(results, "hf_full", hf_full_row)
+        m = our_model(cfg, device, dtype)
+        setup_trainable(m, lora_r=0, lora_alpha=0, lora_dropout=0.0)
+        m.to(dtype).train()  # pure bf16: no fp32 master copy (see optimizer_in_backward)
+        optimizer_in_backward(m, 1e-5)
+        return dpo_row(our_dpo_step(m, one, processor, device, None), 1, flops_full)
+
+    def hf_full():
+        hf = hf_model(cfg, device, dtype)
+        hf.requires_grad_(False)
+        for part in (hf.model.language_model, hf.lm_head, hf.model.multi_modal_projector):
+            part.requires_grad_(True)
+        hf.train()  # pure bf16 AdamW as well, the usual way: every gradient kept until the step
+        return dpo_row(hf_dpo_step(hf, one, cfg, device, trainable_optimizer(hf, 1e-5)), 1, flops_full)
+
+    prompt_len = cfg.image_seq_length + 24
+    bandwidth = copy_bandwidth(device)
+    weight_bytes = decode_weight_bytes(cfg, dtype)
+    limit = bandwidth / weight_bytes if bandwidth else None
+    results.update(decode_weight_bytes=weight_bytes, copy_bandwidth=bandwidth, decode_limit_tokens_per_s=limit)
+    held = {}
+
+    def decoder(kind):
+        if kind not in held:
+            held.clear()
             reset_memory(device)
+            held[kind] = our_model(cfg, device, dtype).eval() if kind == "ours" else hf_model(cfg, device, dtype)
+        return held[kind]
 
-    # ---- decoding ---------------------------------------------------------------------------
-    if "decode" not in skip:
-        prompt_len = cfg.image_seq_length + 24
-        bandwidth = copy_bandwidth(device)
-        model = our_model(cfg, device, dtype).eval()
-        weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                           if not n.startswith("vision_tower") and "embed_tokens" not in n)
-        results["decode_weight_bytes"], results["copy_bandwidth"] = weight_bytes, bandwidth
-        limit = bandwidth / weight_bytes if bandwidth else None
-        results["decode_limit_tokens_per_s"] = limit
+    def decode_row(make_run, new_tokens, repeat=3):
+        rate = decode_rate(make_run(), new_tokens, device, repeat)
+        return {"tokens_per_s": rate, "fraction_of_limit": rate / limit if limit else None, "new_tokens": new_tokens}
 
-        def decode_row(run):
-            rate = decode_rate(run, args.decode_tokens, device)
-            return {"tokens_per_s": rate, "fraction_of_limit": rate / limit if limit else None}
-        measure(results, "ours_decode_eager", lambda: decode_row(our_decode(model, cfg, device, prompt_len, False)))
-        measure(results, "ours_decode_compiled", lambda: decode_row(our_decode(model, cfg, device, prompt_len, True)))
-        del model
+    n = args.decode_tokens
+    rows = [
+        ("ours_lora", ours_lora, set()),
+        ("hf_lora", hf_lora_row, {"hf"}),
+        ("ours_decode_compiled", lambda: decode_row(
+            lambda: our_decode(decoder("ours"), cfg, device, prompt_len, True), n), {"decode"}),
+        ("ours_decode_eager", lambda: decode_row(
+            lambda: our_decode(decoder("ours"), cfg, device, prompt_len, False), n), {"decode"}),
+        ("hf_decode_dynamic", lambda: decode_row(  # slow: fewer tokens
+            lambda: hf_decode(decoder("hf"), cfg, device, prompt_len, False, n), max(8, n // 4), repeat=2),
+         {"decode", "hf"}),
+        ("ours_lora_compiled", lambda: ours_lora(compiled=True), {"compile"}),
+        ("ours_full", ours_full, {"full"}),
+        ("hf_decode_static_compiled", lambda: decode_row(
+            lambda: hf_decode(decoder("hf"), cfg, device, prompt_len, True, n), n, repeat=2), {"decode", "hf", "cuda"}),
+        ("hf_full", hf_full, {"full", "hf"}),
+    ]
+    if torch.device(device).type != "cuda":
+        skip.add("cuda")  # transformers' static-cache compile is a GPU feature
+    for name, fn, needs in rows:
+        if needs & skip:
+            continue
+        if args.deadline and time.time() - started > args.deadline:
+            results[name] = {"error": f"not run: the --deadline of {args.deadline:.0f} s had passed"}
+            continue
+        if not name.startswith(("ours_decode", "hf_decode")):
+            held.clear()
         reset_memory(device)
-        if "hf" not in skip:
-            hf = hf_model(cfg, device, dtype)
-            measure(results, "hf_decode_dynamic", lambda: decode_row(hf_decode(hf, cfg, device, prompt_len, False)))
-            if torch.device(device).type == "cuda":
-                measure(results, "hf_decode_static_compiled",
-                        lambda: decode_row(hf_decode(hf, cfg, device, prompt_len, True)))
-            del hf
-            reset_memory(device)
+        measure(results, name, fn)
+        results["elapsed_s"] = time.time() - started
+        Path(args.out).write_text(json.dumps(results, indent=1))  # after every row: a cut-off run keeps what it has
+    held.clear()
 
     # ---- the paper's run, projected ---------------------------------------------------------
-    rate = results.get("ours_lora_compiled", {}).get("pairs_per_s") or results.get("ours_lora", {}).get("pairs_per_s")
+    rate = max(results.get(k, {}).get("pairs_per_s") or 0 for k in ("ours_lora", "ours_lora_compiled"))
     if rate:
         results["paper_run_hours"] = 5034 * 3 / rate / 3600  # ~5k pairs x 3 epochs
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(table(results))
     return results
+
+
+def decode_weight_bytes(cfg: LlavaConfig, dtype) -> int:
+    """Bytes one decoding step must read: every decoder weight and the LM head (the embedding table
+    is only indexed, the tower is not used)."""
+    t = cfg.text
+    per_element = torch.empty(0, dtype=dtype).element_size()
+    return per_element * (decoder_linear_params(cfg) + t.hidden_size * t.vocab_size + (2 * t.num_layers + 1) * t.hidden_size)
 
 
 def table(r: dict) -> str:
