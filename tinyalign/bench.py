@@ -196,7 +196,7 @@ def optimizer_in_backward(model, lr: float):
     optimizers = {}
     for p in model.parameters():
         if p.requires_grad:
-            optimizers[p] = torch.optim.AdamW([p], lr=lr, weight_decay=0.0, foreach=False)
+            optimizers[p] = torch.optim.AdamW([p], lr=lr, weight_decay=0.0, fused=p.is_cuda, foreach=False)
 
             def hook(param):
                 optimizers[param].step()

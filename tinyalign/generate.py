@@ -12,6 +12,8 @@ import torch
 from .attention import LENGTH_BUCKET, PreparedMask
 from .llama import KVCache
 
+CHECK_EVERY = 8  # decoding steps between checks whether every row has finished
+
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
     """logits [B, V] -> next ids [B]. temperature 0 is greedy (argmax)."""
@@ -93,16 +95,21 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
     next_pos = positions[:, -1:] + 1  # [B, 1]
     out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    length = torch.full((), max_new_tokens, dtype=torch.long, device=device)  # tokens until every row is done
+    slot = torch.tensor([T], device=device)  # the cache slot of the token being fed
     for step in range(max_new_tokens):
         token = sample_next(logits[:, -1], temperature, top_p, generator)
         token = token.masked_fill(done, pad_token_id)
         out[:, step] = token
         done |= token == eos_token_id
-        if bool(done.all()) or step == max_new_tokens - 1:
-            return out[:, : step + 1]
-        logits = step_fn(token[:, None], next_pos, torch.tensor([T + step], device=device))[:, None]
-        next_pos = next_pos + 1
-    return out
+        length = torch.where(done.all() & (length == max_new_tokens), step + 1, length)
+        # Asking the GPU "all done?" waits for it; asking every CHECK_EVERY steps lets the CPU queue
+        # the next steps while the GPU works (the answer is the same: finished rows only add padding).
+        if step == max_new_tokens - 1 or ((step + 1) % CHECK_EVERY == 0 and bool(done.all())):
+            break
+        logits = step_fn(token[:, None], next_pos, slot)[:, None]
+        next_pos, slot = next_pos + 1, slot + 1
+    return out[:, : int(length)]
 
 
 def main(argv=None):
