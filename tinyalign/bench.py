@@ -362,7 +362,7 @@ def main(argv=None):
     p.add_argument("--answer-tokens", type=int, default=200)
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--skip", default="", help="comma-separated rows to skip: hf, full, decode, compile")
+    p.add_argument("--skip", default="", help="comma-separated rows to skip: train, hf, full, decode, compile")
     p.add_argument("--deadline", type=float, default=0, help="seconds: start no new row after this (0: none)")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
@@ -440,7 +440,7 @@ def main(argv=None):
 
     n = args.decode_tokens
     rows = [
-        ("ours_lora", ours_lora, set()),
+        ("ours_lora", ours_lora, {"train"}),
         ("hf_lora", hf_lora_row, {"hf"}),
         ("ours_decode_compiled", lambda: decode_row(
             lambda: our_decode(decoder("ours"), cfg, device, prompt_len, True), n), {"decode"}),
@@ -449,7 +449,7 @@ def main(argv=None):
         ("hf_decode_dynamic", lambda: decode_row(  # slow: fewer tokens
             lambda: hf_decode(decoder("hf"), cfg, device, prompt_len, False, n), max(8, n // 4), repeat=2),
          {"decode", "hf"}),
-        ("ours_lora_compiled", lambda: ours_lora(compiled=True), {"compile"}),
+        ("ours_lora_compiled", lambda: ours_lora(compiled=True), {"compile", "train"}),
         ("ours_full", ours_full, {"full"}),
         ("hf_decode_static_compiled", lambda: decode_row(
             lambda: hf_decode(decoder("hf"), cfg, device, prompt_len, True, n), n, repeat=2), {"decode", "hf", "cuda"}),
