@@ -29,7 +29,12 @@ IMAGE_ID = 320  # original layout: vocabulary 320, the image id just past it
 def make_hf_model(seed=0, text=None, vision=None, **llava_kwargs):
     """A transformers LlavaForConditionalGeneration with random weights, scaled up a little so that
     a wrong detail moves the logits by far more than the tolerance."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     config = LlavaConfig(
@@ -79,3 +84,29 @@ def tiny_world(tmp_path_factory):
     model = tinyalign.random_model(demo_config(), seed=1)
     checkpoint = tinyalign.save_model(model, root / "start", processor=demo_processor())
     return {"root": root, "checkpoint": checkpoint, **files}
+
+
+class ChatStub:
+    """Base of the stub judges the tests serve on 127.0.0.1: reply() sends one chat-completions answer."""
+
+    def reply(self, content: str):
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def serve(handler):
+    """Serve `handler` on a free local port in a thread; yields the base URL (a fixture's body)."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()

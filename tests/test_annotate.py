@@ -1,12 +1,12 @@
 """The sample -> rate pipeline against a stub judge served on 127.0.0.1 by the test."""
 
 import json
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from conftest import ChatStub, serve
 
 from tinyalign import annotate
 from tinyalign.annotate import JudgeError, OpenAIJudge, annotate_prompts, parse_ratings
@@ -15,7 +15,7 @@ GOOD = ('The answer names the right colour and is short.\n'
         '{"helpfulness": 4, "correctness": 3, "coherence": 4, "complexity": 1, "verbosity": 2}')
 
 
-class StubJudge(BaseHTTPRequestHandler):
+class StubJudge(ChatStub, BaseHTTPRequestHandler):
     """Behaves according to the question: good, malformed once, HTTP 500 once, slow once, always bad."""
 
     calls = Counter()
@@ -35,25 +35,13 @@ class StubJudge(BaseHTTPRequestHandler):
         content = GOOD
         if (question == "q-malformed" and first) or question == "q-bad":
             content = "Looks fine to me, I would give it a four."
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
+        self.reply(content)
 
 
 @pytest.fixture
 def judge_url():
     StubJudge.calls = Counter()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StubJudge)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    yield from serve(StubJudge)
 
 
 def two_answers(records):

@@ -3,12 +3,12 @@ served on 127.0.0.1 by the test, resumable generation, bad input named, results 
 
 import importlib
 import json
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from conftest import ChatStub, serve
 
 from tinyalign import benchmarks as bench
 from tinyalign import evaluation
@@ -17,7 +17,7 @@ from tinyalign.demo import make_benchmarks
 eval_cli = importlib.import_module("eval")  # the top-level eval.py
 
 
-class StubJudge(BaseHTTPRequestHandler):
+class StubJudge(ChatStub, BaseHTTPRequestHandler):
     """Answers like a judge for each benchmark's prompt. A question naming q-500, q-timeout or
     q-malformed misbehaves once; one naming q-bad never gives a usable reply."""
 
@@ -46,24 +46,13 @@ class StubJudge(BaseHTTPRequestHandler):
             reply = "Reasonable. Rating: [[4]]" if "[Reference answer" in prompt else "Fine. Rating: [[6]]"
         else:  # AlpacaEval: always prefers output (a)
             reply = "Output (a) follows the instruction.\na"
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
+        self.reply(reply)
 
 
 @pytest.fixture
 def judge_url():
     StubJudge.calls = Counter()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StubJudge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    yield from serve(StubJudge)
 
 
 @pytest.fixture(scope="module")
