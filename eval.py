@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from tinyalign import benchmarks as bench
-from tinyalign.evaluation import generate_answers, headline, report, write_atomic, write_json
+from tinyalign.evaluation import generate_answers, headline, report, write_atomic, write_json, write_xlsx
 from tinyalign.judge import ChatClient, Judge
 from tinyalign.steer import STEER_TEMPLATES, parse_steer
 
@@ -170,13 +170,15 @@ def run_mmbench(args) -> dict:
         for shift in range(len(q["options"])):
             options, _ = bench.rotate(q["options"], q["answer"], shift)
             predictions[(q["index"], shift)] = bench.extract_option(texts[f"{q['index']}-r{shift}"], options)
-    # The submission file (the unrotated question's letter), in the TSV's own columns plus "prediction".
+    # The submission file (the unrotated question's letter): the TSV's own columns plus "prediction",
+    # as Excel (what MMBench's server takes) and as TSV (to read).
     columns = [c for c in questions[0]["row"] if c != "answer"] + ["prediction"] if questions else []
-    write_atomic(folder(args, "mmbench") / "submission.tsv", "\t".join(columns) + "\n" + "".join(
-        "\t".join([str(q["row"].get(c, "")) for c in columns[:-1]] + [predictions[(q["index"], 0)] or ""]) + "\n"
-        for q in questions))
+    rows = [[q["row"].get(c, "") for c in columns[:-1]] + [predictions[(q["index"], 0)] or ""] for q in questions]
+    write_xlsx(folder(args, "mmbench") / "submission.xlsx", columns, rows)
+    write_atomic(folder(args, "mmbench") / "submission.tsv",
+                 "\t".join(columns) + "\n" + "".join("\t".join(map(str, r)) + "\n" for r in rows))
     if any(q["answer"] is None for q in questions):
-        return finish(args, "mmbench", headline("mmbench", float("nan"), "none", [], submission="submission.tsv"),
+        return finish(args, "mmbench", headline("mmbench", float("nan"), "none", [], submission="submission.xlsx"),
                       f"no answers in {args.tsv} (test split): submission written to {folder(args, 'mmbench')}")
     scores = bench.mmbench_scores(questions, predictions)
     result = headline("mmbench", 100 * scores["circular_accuracy"], "mean_percent",

@@ -98,6 +98,17 @@ def test_mmbench_circular_and_submission(tiny_world, bench_files, tmp_path):
     submission = (tmp_path / "mmbench" / "submission.tsv").read_text().splitlines()
     assert submission[0].split("\t")[-1] == "prediction" and "answer" not in submission[0].split("\t")
     assert len(submission) == len(questions) + 1
+    # The Excel copy holds the same cells (read back from its sheet XML).
+    import re
+    import zipfile
+    from xml.sax.saxutils import unescape
+
+    with zipfile.ZipFile(tmp_path / "mmbench" / "submission.xlsx") as z:
+        assert {"[Content_Types].xml", "xl/workbook.xml", "xl/worksheets/sheet1.xml"} <= set(z.namelist())
+        sheet = z.read("xl/worksheets/sheet1.xml").decode()
+    cells = [[unescape(c) for c in re.findall(r"<t[^>]*>(.*?)</t>", row)]
+             for row in re.findall(r"<row [^>]*>(.*?)</row>", sheet)]
+    assert cells == [line.split("\t") for line in submission]
 
 
 def test_interrupted_generation_resumes_where_it_stopped(tiny_world, bench_files, tmp_path, monkeypatch):
@@ -282,3 +293,12 @@ def test_report_table_with_intervals(tmp_path):
     assert rows[0].startswith("| model | MM-Vet | LLaVA-Bench | POPE (F1) | MMBench | MT-Bench |")
     assert rows[1].startswith("| llava | - | - | - | 62.5 [") and rows[2].startswith("| dpo | - | - | - | 87.5 [")
     assert "| 6.00 [" in rows[1]
+
+
+def test_xlsx_cells_and_columns_past_z(tmp_path):
+    import zipfile
+
+    header = [f"h{i}" for i in range(30)]
+    evaluation.write_xlsx(tmp_path / "x.xlsx", header, [["a & <b>"] + [""] * 29])
+    sheet = zipfile.ZipFile(tmp_path / "x.xlsx").read("xl/worksheets/sheet1.xml").decode()
+    assert 'r="Z1"' in sheet and 'r="AA1"' in sheet and 'r="AD2"' in sheet and "a &amp; &lt;b&gt;" in sheet
