@@ -26,10 +26,11 @@ from tinyalign.training import (autocast, common_arguments, fill_defaults, finis
                                 split_held_out, sum_over_ranks)
 
 PAPER = dict(epochs=3, batch_size=16, grad_accum=2, lr=4e-4, projector_lr=2e-5, lora_r=128, lora_alpha=256,
-             max_length=2048, eval_every=200, save_every=500, eval_fraction=0.02)
+             max_length=2048, eval_every=200, save_every=500, eval_fraction=0.02, packing=True)
 # The demo trains a tiny model from scratch (decoder fully, the projector with a large step).
 DEMO = dict(epochs=4, batch_size=16, grad_accum=1, lr=1e-3, projector_lr=1e-2, lora_r=0, lora_alpha=0,
-            max_length=256, eval_every=100, save_every=200, eval_fraction=0.02, out="runs/demo-sft")
+            max_length=256, eval_every=100, save_every=200, eval_fraction=0.02, out="runs/demo-sft",
+            packing=False)
 DEMO_DATA = Path("runs/demo-data")
 DEMO_SFT_MODEL = Path("runs/demo-sft/model")
 

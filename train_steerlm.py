@@ -26,7 +26,8 @@ import train_sft
 
 PAPER = dict(train_sft.PAPER)
 DEMO = dict(epochs=2, batch_size=16, grad_accum=1, lr=1e-3, projector_lr=1e-3, lora_r=32, lora_alpha=64,
-            max_length=256, eval_every=100, save_every=200, eval_fraction=0.05, out="runs/demo-steerlm")
+            max_length=256, eval_every=100, save_every=200, eval_fraction=0.05, out="runs/demo-steerlm",
+            packing=False)
 # What the demo asks for, and what a rater would have given each kind of answer (demo.annotate).
 DEMO_CONDITIONS = {
     "concise and correct": dict(helpfulness=4, correctness=4, coherence=4, complexity=1, verbosity=2),

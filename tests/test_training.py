@@ -10,7 +10,7 @@ from test_parity import make_batch
 import tinyalign
 import train_dpo
 import train_sft
-from tinyalign.data import pair_examples, read_pairs
+from tinyalign.data import collate_pairs, pair_examples, read_pairs
 from tinyalign.demo import read_heldout, say, wrong_values
 from tinyalign.lora import LoRALinear, apply_lora, merge_lora
 
@@ -128,7 +128,7 @@ def test_precomputed_reference_logps_equal_live_ones(tiny_world, tmp_path):
     cache = tmp_path / "ref.json"
     assert train_dpo.fill_reference(model, examples, processor, args, cache).startswith("computed now")
     with torch.no_grad():
-        live_c, live_r = train_dpo.pair_logps(model, train_dpo.collate_pairs(examples, processor), "cpu")
+        live_c, live_r = train_dpo.pair_logps(model, collate_pairs(examples, processor), "cpu")
     assert torch.allclose(torch.tensor([e.ref_chosen for e in examples]), live_c, atol=1e-5)
     assert torch.allclose(torch.tensor([e.ref_rejected for e in examples]), live_r, atol=1e-5)
     again, _ = pair_examples(read_pairs(pairs_path)[0], processor, tiny_world["images"])
@@ -153,7 +153,7 @@ def test_packed_dpo_and_sft_train_like_plain_batches(tiny_world, tmp_path, packi
     packing = [*packing, "--lora-dropout", "0"]
     pairs_path = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
     train_dpo.main(dpo_args(tiny_world, pairs_path, tmp_path / "plain", "--max-steps", "3", "--sft-weight", "0.5",
-                            "--lora-dropout", "0"))
+                            "--lora-dropout", "0", "--no-packing"))
     train_dpo.main(dpo_args(tiny_world, pairs_path, tmp_path / "packed", "--max-steps", "3", "--sft-weight", "0.5",
                             *packing))
     plain, packed = metrics(tmp_path / "plain"), metrics(tmp_path / "packed")
@@ -161,7 +161,7 @@ def test_packed_dpo_and_sft_train_like_plain_batches(tiny_world, tmp_path, packi
     for a, b in zip(plain, packed):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
         assert b["logps/chosen"] == pytest.approx(a["logps/chosen"], abs=1e-4)
-    train_sft.main(sft_args(tiny_world, tmp_path / "sft-plain", "--max-steps", "2", "--lora-dropout", "0"))
+    train_sft.main(sft_args(tiny_world, tmp_path / "sft-plain", "--max-steps", "2", "--lora-dropout", "0", "--no-packing"))
     train_sft.main(sft_args(tiny_world, tmp_path / "sft-packed", "--max-steps", "2", *packing))
     for a, b in zip(metrics(tmp_path / "sft-plain"), metrics(tmp_path / "sft-packed")):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)

@@ -57,8 +57,11 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     a("--save-every", type=int, help="resumable checkpoint every N steps (and always at the end)")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
-    a("--packing", action="store_true", help="packed batches: DPO pairs as [prompt | chosen | rejected] (the prompt "
-      "and image computed once), no compute on padding (tinyalign/packing.py)")
+    a("--packing", action=argparse.BooleanOptionalAction, help="packed batches: DPO pairs as [prompt | chosen | "
+      "rejected] (the prompt and image computed once), no compute on padding (tinyalign/packing.py); default: on "
+      "with --model, off in the demo")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each decoder block (default: on for "
+      "CUDA)")
     a("--pack-tokens", type=int, help="with --packing: several examples per row, up to this many tokens, kept "
       "apart by the attention mask (default: one per row)")
     a("--save-adapter", action="store_true", help="also save the LoRA adapter alone (PEFT layout)")
@@ -403,6 +406,10 @@ def prepare_training(args, model, n_examples: int, rank: int = 0, world: int = 1
     -> (trainer, optimizer, scheduler, run, batches, first step). `trainer` is the model, wrapped in
     DDP when there are several processes; `model` itself stays the plain module (eval, save)."""
     print(setup_trainable(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.gradient_checkpointing))
+    if args.compile is None:
+        args.compile = torch.device(args.device).type == "cuda"
+    if args.compile:
+        model.language_model.compile_blocks()  # after LoRA is in place: the wrappers compile with the block
     optimizer = make_optimizer(model, args.lr, args.projector_lr, args.weight_decay)
     # --batch-size is per process: a micro-batch of the whole run holds batch_size x world examples.
     batches = micro_batches(n_examples, args.batch_size * world, args.epochs, args.seed, drop_last=world > 1)
