@@ -1,6 +1,11 @@
-"""python -m tinyalign.bench --preset tiny: the GPU benchmark's code, run end to end on a CPU."""
+"""The GPU benchmark's code (tinyalign/bench.py + the transformers rows of tests/reference_bench.py),
+run end to end on a CPU with --preset tiny."""
 
 import json
+import re
+
+import reference_bench
+from conftest import ROOT
 
 from tinyalign import bench
 from tinyalign.config import preset
@@ -8,7 +13,7 @@ from tinyalign.config import preset
 
 def test_bench_tiny_runs_every_row(tmp_path):
     out = tmp_path / "bench.json"
-    results = bench.main(["--preset", "tiny", "--steps", "1", "--decode-tokens", "8", "--skip", "compile",
+    results = reference_bench.main(["--preset", "tiny", "--steps", "1", "--decode-tokens", "8", "--skip", "compile",
                           "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     for row in ("ours_lora", "ours_full", "hf_full", "ours_decode_eager", "ours_decode_compiled", "hf_decode_dynamic"):
@@ -29,3 +34,10 @@ def test_flop_count_by_hand():
     full, lora = bench.dpo_step_flops(cfg, pairs, True, 0), bench.dpo_step_flops(cfg, pairs, False, 0)
     # Full fine-tuning adds exactly the weight gradients of the decoder's linear layers: 2 N per token.
     assert full - lora == 2 * bench.decoder_linear_params(cfg) * (p + c + r)
+
+
+def test_tinyalign_never_imports_transformers_or_peft():
+    """The reference path lives in tests/; the package itself needs neither."""
+    for path in sorted((ROOT / "tinyalign").glob("*.py")):
+        found = re.findall(r"^\s*(?:from|import)\s+(transformers|peft|trl|accelerate)\b", path.read_text(), re.M)
+        assert not found, f"{path.name} imports {found}"

@@ -116,3 +116,13 @@ def test_first_fit_placement():
     assert place([Doc(5), Doc(5), Doc(3), Doc(9)], None) == [[0], [1], [2], [3]]
     assert place([Doc(5), Doc(5), Doc(3), Doc(9)], 10) == [[0, 1], [2], [3]]
     assert place([Doc(5), Doc(12), Doc(4)], 10) == [[0, 2], [1]]  # too long: a row of its own
+
+
+def test_pair_whose_answers_do_not_share_the_prompt_is_named(setup):
+    from dataclasses import replace
+
+    _, _, examples, _ = setup
+    e = examples[0]
+    other = replace(e.rejected, input_ids=[e.rejected.input_ids[0] + 1] + e.rejected.input_ids[1:])
+    with pytest.raises(ValueError, match=f"pair {e.id}: chosen and rejected do not share their prompt tokens"):
+        pair_document(replace(e, rejected=other), 0, 1)

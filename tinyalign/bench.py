@@ -1,6 +1,7 @@
 """Speed and memory of the DPO step and of decoding, ours next to transformers', measured in one run.
 
-    python -m tinyalign.bench --preset llava-1.5-7b        # one GPU, random weights of the real shapes
+    python tests/reference_bench.py --preset llava-1.5-7b  # one GPU, ours and transformers side by side
+    python -m tinyalign.bench --preset llava-1.5-7b        # ours alone (no transformers needed)
     python -m tinyalign.bench --preset tiny                # the same code on a CPU in about a minute
 
 Workload (the paper's DPO data): pairs of one 336 px image (576 image tokens), a ~64-token question
@@ -10,7 +11,10 @@ does by default. Rows of the table:
 - DPO step, paper setting: LoRA r128/alpha256 on every decoder projection, projector trained, tower
   frozen, AdamW; ours = packed `[prompt | chosen | rejected]` (tinyalign/packing.py), FlexAttention,
   answer-only chunked log-probs; transformers = LlavaForConditionalGeneration (SDPA) + peft LoRA, the
-  chosen and rejected rows padded and concatenated, full logits, as TRL's DPOTrainer does.
+  chosen and rejected rows padded and concatenated, full logits, as TRL's DPOTrainer does. That path
+  lives in tests/reference_bench.py (tinyalign itself never imports transformers or peft):
+  `python tests/reference_bench.py --preset ...` runs ours and it in one process; this module alone
+  measures ours.
 - DPO step, full fine-tuning: every decoder weight trained (bf16 weights and AdamW moments, the
   update applied inside backward, see `optimizer_in_backward`), one pair per step.
 - Decode: batch 1, greedy, after a 600-token multimodal prefill: ours (static KV cache, the decode
@@ -34,10 +38,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from .config import PRESETS, LlavaConfig, preset, to_hf_dict
+from .config import PRESETS, LlavaConfig, preset
 from .data import PairExample
 from .losses import dpo_loss
 from .packing import batch_logps, pack_pairs
@@ -224,65 +229,6 @@ def our_dpo_step(model, pairs, processor, device, optimizer, beta=0.1):
     return step, int((batch["document_ids"] >= 0).sum())
 
 
-def hf_model(cfg, device, dtype):
-    from transformers import LlavaConfig as HFConfig
-    from transformers import LlavaForConditionalGeneration
-
-    hf_cfg = HFConfig(**to_hf_dict(cfg))
-    hf_cfg.text_config._attn_implementation = "sdpa"
-    hf_cfg.vision_config._attn_implementation = "sdpa"
-    hf_cfg._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(hf_cfg).to(dtype)
-    return model.eval()
-
-
-def hf_dpo_step(model, pairs, cfg, device, optimizer, beta=0.1):
-    """What TRL's DPOTrainer does: chosen and rejected rows padded and concatenated, the pixels
-    repeated for both halves, full logits, log-softmax, gather the answer tokens."""
-    rows = [e.chosen for e in pairs] + [e.rejected for e in pairs]
-    width = max(len(r.input_ids) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r.input_ids)] = torch.tensor(r.input_ids)
-        labels[i, :len(r.labels)] = torch.tensor(r.labels)
-        mask[i, :len(r.input_ids)] = 1
-    ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-    pixels = pixel_batch(cfg, len(pairs), device, torch.bfloat16)
-    pixels = torch.cat([pixels, pixels])
-    ref = torch.tensor([-300.0] * len(pairs) + [-310.0] * len(pairs), device=device)
-
-    def step():
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-            logits = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits[:, :-1]
-            target = labels[:, 1:]
-            logps = torch.gather(logits.float().log_softmax(-1), 2, target.clamp(min=0)[..., None]).squeeze(-1)
-            logps = (logps * (target != IGNORE_INDEX)).sum(-1)
-            chosen, rejected = logps.chunk(2)
-            loss = dpo_loss(chosen, rejected, ref[:len(pairs)], ref[len(pairs):], beta)[0].mean()
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    return step, int(mask.sum())
-
-
-def hf_lora(model, r, alpha):
-    """peft's LoRA on the same projections ours wraps; the projector trained; the tower frozen."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.05, target_modules=targets))
-    for name, p in peft_model.named_parameters():
-        if "multi_modal_projector" in name:
-            p.requires_grad_(True)
-    return peft_model
-
-
 def trainable_optimizer(model, lr):
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=params[0].is_cuda)
@@ -309,28 +255,6 @@ def our_decode(model, cfg, device, prompt_len, compile_step):
     return lambda n: generate(model, ids, pixels, max_new_tokens=n, eos_token_id=-1, compile_step=compile_step)
 
 
-def hf_decode(model, cfg, device, prompt_len, static, max_new_tokens):
-    """transformers' generate; max_new_tokens fixed (so a static cache keeps one size and compiles
-    once) and a stopping criterion ending the run after n tokens."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class After(StoppingCriteria):
-        def __init__(self, n):
-            self.n = n
-
-        def __call__(self, input_ids, scores, **kwargs):
-            done = input_ids.shape[1] - prompt_len >= self.n
-            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-    ids = torch.randint(3, 1000, (1, prompt_len), device=device)
-    ids[0, 1:1 + cfg.image_seq_length] = cfg.image_token_index
-    pixels = pixel_batch(cfg, 1, device, next(model.parameters()).dtype)
-    extra = {"cache_implementation": "static"} if static else {}
-    return lambda n: model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=max_new_tokens,
-                                    min_new_tokens=n, do_sample=False, stopping_criteria=StoppingCriteriaList([After(n)]),
-                                    **extra)
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +277,9 @@ def measure(results: dict, name: str, fn):
     print(f"   {results[name]}", flush=True)
 
 
-def main(argv=None):
+def main(argv=None, extra_rows=None, command: str = "python -m tinyalign.bench"):
+    """extra_rows(ctx) -> [(after_row, name, fn, needs)]: more rows, each run right after the named
+    row of ours (the transformers reference path: tests/reference_bench.py)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -377,7 +303,7 @@ def main(argv=None):
     results = {"preset": args.preset, "card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                "peak_bf16_tflops": peak, "pairs_per_step": args.pairs, "flops_per_step_lora": flops_lora,
                "flops_per_step_full": flops_full,
-               "command": "python -m tinyalign.bench " + " ".join(argv if argv is not None else sys.argv[1:])}
+               "command": command + " " + " ".join(argv if argv is not None else sys.argv[1:])}
     started = time.time()
 
     def dpo_row(step_and_tokens, n_pairs, flops):
@@ -399,10 +325,6 @@ def main(argv=None):
         return dpo_row(our_dpo_step(model, pairs, processor, device, trainable_optimizer(model, 5e-5)), args.pairs,
                        flops_lora)
 
-    def hf_lora_row():
-        hf = hf_lora(hf_model(cfg, device, dtype), 128, 256).train()
-        return dpo_row(hf_dpo_step(hf, pairs, cfg, device, trainable_optimizer(hf, 5e-5)), args.pairs, flops_lora)
-
     def ours_full():
         from .training import setup_trainable
 
@@ -412,14 +334,6 @@ def main(argv=None):
         optimizer_in_backward(m, 1e-5)
         return dpo_row(our_dpo_step(m, one, processor, device, None), 1, flops_full)
 
-    def hf_full():
-        hf = hf_model(cfg, device, dtype)
-        hf.requires_grad_(False)
-        for part in (hf.model.language_model, hf.lm_head, hf.model.multi_modal_projector):
-            part.requires_grad_(True)
-        hf.train()  # pure bf16 AdamW as well, the usual way: every gradient kept until the step
-        return dpo_row(hf_dpo_step(hf, one, cfg, device, trainable_optimizer(hf, 1e-5)), 1, flops_full)
-
     prompt_len = cfg.image_seq_length + 24
     bandwidth = copy_bandwidth(device)
     weight_bytes = decode_weight_bytes(cfg, dtype)
@@ -427,11 +341,12 @@ def main(argv=None):
     results.update(decode_weight_bytes=weight_bytes, copy_bandwidth=bandwidth, decode_limit_tokens_per_s=limit)
     held = {}
 
-    def decoder(kind):
+    def decoder(kind, make=lambda: our_model(cfg, device, dtype).eval()):
+        """One model kept across the decode rows of its kind (made by make())."""
         if kind not in held:
             held.clear()
             reset_memory(device)
-            held[kind] = our_model(cfg, device, dtype).eval() if kind == "ours" else hf_model(cfg, device, dtype)
+            held[kind] = make()
         return held[kind]
 
     def decode_row(make_run, new_tokens, repeat=3):
@@ -441,22 +356,22 @@ def main(argv=None):
     n = args.decode_tokens
     rows = [
         ("ours_lora", ours_lora, {"train"}),
-        ("hf_lora", hf_lora_row, {"hf"}),
         ("ours_decode_compiled", lambda: decode_row(
             lambda: our_decode(decoder("ours"), cfg, device, prompt_len, True), n), {"decode"}),
         ("ours_decode_eager", lambda: decode_row(
             lambda: our_decode(decoder("ours"), cfg, device, prompt_len, False), n), {"decode"}),
-        ("hf_decode_dynamic", lambda: decode_row(  # slow: fewer tokens
-            lambda: hf_decode(decoder("hf"), cfg, device, prompt_len, False, n), max(8, n // 4), repeat=2),
-         {"decode", "hf"}),
         ("ours_lora_compiled", lambda: ours_lora(compiled=True), {"compile", "train"}),
         ("ours_full", ours_full, {"full"}),
-        ("hf_decode_static_compiled", lambda: decode_row(
-            lambda: hf_decode(decoder("hf"), cfg, device, prompt_len, True, n), n, repeat=2), {"decode", "hf", "cuda"}),
-        ("hf_full", hf_full, {"full", "hf"}),
     ]
+    if extra_rows is not None:
+        ctx = SimpleNamespace(cfg=cfg, device=device, dtype=dtype, pairs=pairs, one=one, args=args, n=n,
+                              prompt_len=prompt_len, flops_lora=flops_lora, flops_full=flops_full, dpo_row=dpo_row,
+                              decode_row=decode_row, decoder=decoder)
+        for after, name, fn, needs in extra_rows(ctx):
+            position = next(i for i, row in enumerate(rows) if row[0] == after) + 1
+            rows.insert(position, (name, fn, needs))
     if torch.device(device).type != "cuda":
-        skip.add("cuda")  # transformers' static-cache compile is a GPU feature
+        skip.add("cuda")  # rows that only make sense on a GPU (transformers' static-cache compile)
     for name, fn, needs in rows:
         if needs & skip:
             continue
@@ -505,7 +420,7 @@ def table(r: dict) -> str:
         lines.append(f"{name:<28}{row['pairs_per_s']:>9.2f}{row['tokens_per_s']:>11.0f}{row['tflops']:>9.1f}"
                      f"{fmt(row['mfu'], '.1%'):>7}{fmt(row['peak_gib'], '.1f'):>10}")
     ours = max((r.get(k, {}).get("pairs_per_s") or 0) for k in ("ours_lora", "ours_lora_compiled"))
-    if r.get("hf_lora", {}).get("pairs_per_s"):
+    if ours and r.get("hf_lora", {}).get("pairs_per_s"):
         lines.append(f"ours / transformers (paper setting): {ours / r['hf_lora']['pairs_per_s']:.2f}x")
     for name in ("ours_decode_eager", "ours_decode_compiled", "hf_decode_dynamic", "hf_decode_static_compiled"):
         row = r.get(name)
