@@ -12,11 +12,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared"
-LLAMA_TOKENIZER = SHARED / "tokenizers" / "llama-spm-32k" / "tokenizer.json"
-IMAGES = SHARED / "images"
+# Real assets the tests need, shipped in the repository (provenance and licences: tests/assets/README.md).
+ASSETS = ROOT / "tests" / "assets"
+LLAMA_TOKENIZER = ASSETS / "llama-tokenizer" / "tokenizer.json"
+IMAGES = ASSETS / "images"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two threads by default (CI's two cores). TINYALIGN_TEST_THREADS=1 runs the suite single-threaded: a
+# different thread count changes float rounding the way another CPU does, and the suite must pass both.
+torch.set_num_threads(int(os.environ.get("TINYALIGN_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 # Tiny shapes with the real structure. Image 28 px / patch 14 -> 4 patches per image.
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
