@@ -35,10 +35,10 @@ PAPER = dict(epochs=3, batch_size=8, grad_accum=4, lr=5e-5, projector_lr=2e-5, l
              max_length=3000, eval_every=100, save_every=200, eval_fraction=0.02, sft_weight=0.0, packing=True)
 # The demo's model is tiny and very sure of its own samples (a whole answer at log p ~ -1). Plain DPO
 # then lowers chosen and rejected alike until generation breaks; the NLL term on the chosen answer
-# (the authors' SFT_weight option) holds the chosen answers up. Larger steps, LoRA of rank 32.
+# (the authors' SFT_weight option) holds the chosen answers up. Larger steps, LoRA of rank 32. The
+# held-out pairs come from prompts of their own (ensure_demo_start), so nothing of --data is held out.
 DEMO = dict(epochs=6, batch_size=16, grad_accum=1, lr=1e-3, projector_lr=3e-3, lora_r=32, lora_alpha=64,
-            max_length=256, eval_every=25, save_every=50, eval_fraction=0.1, sft_weight=1.0, out="runs/demo-dpo",
-            packing=False)
+            max_length=256, eval_every=50, save_every=50, sft_weight=1.0, out="runs/demo-dpo", packing=False)
 DEMO_SFT = Path("runs/demo-sft")
 DEMO_DATA = Path("runs/demo-data")
 
@@ -171,20 +171,27 @@ def step_metrics(model, batch, args, ref_model=None):
     return loss, metrics
 
 
-def ensure_demo_start(device) -> tuple[Path, Path]:
-    """The demo starts from the SFT demo's checkpoint (made now if missing, about a minute) and
-    from that model's own rated samples (made now if missing): the paper's pipeline in miniature."""
+def ensure_demo_start(device, seed: int) -> tuple[Path, Path, Path]:
+    """The demo starts from the SFT demo's checkpoint (made now if missing, about two minutes) and
+    from that model's own rated samples (made now if missing): the paper's pipeline in miniature.
+    Two sample files: the training prompts', and the held-out prompts' (about 500 held-out pairs,
+    so the held-out reward accuracy is measured to about +-0.03)."""
     if not (DEMO_SFT / "model" / "config.json").exists():
         import train_sft
 
         print(f"No {DEMO_SFT / 'model'} yet: running the SFT demo first.")
-        train_sft.main([])
-    samples = DEMO_SFT / "samples.jsonl"
-    if not samples.exists():
-        print("Sampling 4 answers per prompt from the SFT model and rating them (the rule-based annotator)...")
-        model = load_model(DEMO_SFT / "model", device=device)
-        sample_and_rate(model, demo_processor(), read_heldout(DEMO_DATA / "prompts.jsonl"), DEMO_DATA, samples)
-    return DEMO_SFT / "model", samples
+        train_sft.main(["--seed", str(seed)])
+    samples = {"train": DEMO_SFT / "samples.jsonl", "held-out": DEMO_SFT / "samples_heldout.jsonl"}
+    prompts = {"train": DEMO_DATA / "prompts.jsonl", "held-out": DEMO_DATA / "heldout_prompts.jsonl"}
+    model = None
+    for i, split in enumerate(samples):
+        if not samples[split].exists():
+            print(f"Sampling 4 answers per {split} prompt from the SFT model and rating them (the rule-based "
+                  "annotator)...")
+            model = model or load_model(DEMO_SFT / "model", device=device)
+            sample_and_rate(model, demo_processor(), read_heldout(prompts[split]), DEMO_DATA, samples[split],
+                            seed=seed * 2 + i)  # a sampling stream of its own per split and seed
+    return DEMO_SFT / "model", samples["train"], samples["held-out"]
 
 
 def main(argv=None):
@@ -193,8 +200,9 @@ def main(argv=None):
     seed_everything(args.seed)
     if args.demo:
         print("No --model: running the built-in demo (DPO on the shapes world, from the SFT demo's model).")
-        start, samples = ensure_demo_start(args.device)
+        start, samples, heldout_samples = ensure_demo_start(args.device, args.seed)
         args.model, args.data = str(start), args.data or str(samples)
+        args.eval_data = args.eval_data or str(heldout_samples)
         args.image_folder = args.image_folder or str(DEMO_DATA)
     model = load_model(args.model, device=args.device, vision_tower=args.vision_tower)
     processor = (demo_processor(args.image_mode) if args.demo else
@@ -204,12 +212,15 @@ def main(argv=None):
     pairs, report = load_pairs(args.data, args.pair_seed)
     print(report.summary())
     if args.eval_data:
-        train_pairs, (held_pairs, _) = pairs, load_pairs(args.eval_data, args.pair_seed)
+        train_pairs = pairs
+        held_pairs, held_report = load_pairs(args.eval_data, args.pair_seed)
+        print(f"held-out {held_report.summary()}")
     else:
         train_pairs, held_pairs = split_held_out(pairs, args.eval_fraction, args.seed)
     train, report = pair_examples(train_pairs, processor, args.image_folder, args.max_length, args.skip_bad, args.data)
     print(report.summary())
-    held, _ = pair_examples(held_pairs, processor, args.image_folder, args.max_length, args.skip_bad, "held-out")
+    held, report = pair_examples(held_pairs, processor, args.image_folder, args.max_length, args.skip_bad, "held-out")
+    print(report.summary())
     if not train:
         raise SystemExit(f"{args.data}: no usable pairs")
 
@@ -256,7 +267,7 @@ def main(argv=None):
     if rank == 0:
         final = evaluate(model, held, processor, args, ref_model) if held else {}
         if args.demo:
-            final.update(demo_summary(model, processor, args, start_metrics, final))
+            final.update(demo_summary(model, processor, args, start_metrics, final, len(held)))
         run.log(step, final, split="eval")
         saved = run.save_final(model, processor)
         print(f"model saved to {saved}; metrics in {run.metrics_path}")
@@ -265,12 +276,13 @@ def main(argv=None):
     return final
 
 
-def demo_summary(model, processor, args, start: dict, final: dict) -> dict:
+def demo_summary(model, processor, args, start: dict, final: dict, n_pairs: int) -> dict:
     """The starting model and the DPO model side by side on held-out data."""
     heldout = read_heldout(DEMO_DATA / "heldout.jsonl")
     start_acc = exact_answer_accuracy(load_model(args.model, device=args.device), processor, heldout, args.image_folder)
     dpo_acc = exact_answer_accuracy(model, processor, heldout, args.image_folder)
-    rows = [("held-out reward accuracy (DPO's implicit reward)", "-", f"{final['rewards/accuracy']:.3f}"),
+    rows = [(f"held-out reward accuracy (DPO's implicit reward), {n_pairs} pairs", "-",
+             f"{final['rewards/accuracy']:.3f}"),
             ("held-out pair accuracy (log p chosen > log p rejected)", f"{start['logps/accuracy']:.3f}",
              f"{final['logps/accuracy']:.3f}"),
             (f"exact-answer accuracy, greedy, {len(heldout)} held-out questions", f"{start_acc:.3f}", f"{dpo_acc:.3f}")]
@@ -278,7 +290,8 @@ def demo_summary(model, processor, args, start: dict, final: dict) -> dict:
     print(f"\n{'':{width}}  {'start (SFT)':>11}  {'DPO':>7}")
     for name, a, b in rows:
         print(f"{name:{width}}  {a:>11}  {b:>7}")
-    return {"exact_answer_accuracy": dpo_acc, "start_exact_answer_accuracy": start_acc}
+    return {"exact_answer_accuracy": dpo_acc, "start_exact_answer_accuracy": start_acc,
+            "start_logps/accuracy": start["logps/accuracy"], "pairs": n_pairs, "questions": len(heldout)}
 
 
 if __name__ == "__main__":

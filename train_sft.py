@@ -12,7 +12,6 @@ loss on a filtered set: of the several answers sampled for each prompt, only the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -21,9 +20,9 @@ from tinyalign import Processor, load_model, random_model
 from tinyalign.data import read_conversations, read_scored, select_best, sft_examples
 from tinyalign.packing import batch_logps, batch_maker, real_tokens, supervised_counts
 from tinyalign.demo import demo_config, demo_processor, exact_answer_accuracy, make_world, read_heldout
-from tinyalign.training import (autocast, common_arguments, fill_defaults, finish_distributed, init_distributed,
-                                mean_over_ranks, my_share, optimizer_step, prepare_training, seed_everything,
-                                split_held_out, sum_over_ranks)
+from tinyalign.training import (append_metrics, autocast, common_arguments, fill_defaults, finish_distributed,
+                                init_distributed, mean_over_ranks, my_share, optimizer_step, prepare_training,
+                                seed_everything, split_held_out, sum_over_ranks)
 
 PAPER = dict(epochs=3, batch_size=16, grad_accum=2, lr=4e-4, projector_lr=2e-5, lora_r=128, lora_alpha=256,
              max_length=2048, eval_every=200, save_every=500, eval_fraction=0.02, packing=True)
@@ -94,8 +93,7 @@ def main(argv=None):
         heldout = read_heldout(DEMO_DATA / "heldout.jsonl")
         final["exact_answer_accuracy"] = exact_answer_accuracy(model, processor, heldout, args.image_folder)
         print(f"exact-answer accuracy on {len(heldout)} held-out questions: {final['exact_answer_accuracy']:.3f}")
-        with open(Path(args.out) / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"split": "eval", "exact_answer_accuracy": final["exact_answer_accuracy"]}) + "\n")
+        append_metrics(args.out, {"exact_answer_accuracy": final["exact_answer_accuracy"], "questions": len(heldout)})
     finish_distributed(world)
     return final
 

@@ -19,8 +19,8 @@ from tinyalign import Processor, load_model
 from tinyalign.data import Conversation, read_scored
 from tinyalign.demo import demo_processor, greedy_answers, rated_styles, read_heldout
 from tinyalign.steer import STEER_TEMPLATES, check_ratings, steer_prompt
-from tinyalign.training import (common_arguments, fill_defaults, finish_distributed, init_distributed,
-                                seed_everything, split_held_out)
+from tinyalign.training import (append_metrics, common_arguments, fill_defaults, finish_distributed,
+                                init_distributed, seed_everything, split_held_out)
 
 import train_sft
 
@@ -111,6 +111,7 @@ def main(argv=None):
     final = train_sft.train(args, model, processor, train_records, held_records, rank, world)
     if args.demo and rank == 0:
         final["steering"] = steering_table(model, processor, args)
+        append_metrics(args.out, {"steering": final["steering"]})
     finish_distributed(world)
     return final
 

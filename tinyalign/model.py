@@ -41,7 +41,9 @@ class Llava(nn.Module):
         self.language_model = LlamaModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)  # untied
         self.vision_tower.requires_grad_(False)  # frozen in every method of the paper
-        self.attn_backend = "flex"  # "eager" is the reference path the tests compare against
+        # "auto": FlexAttention on CUDA, SDPA on CPU (tinyalign/attention.py says why); "flex" forces
+        # FlexAttention, "eager" is the reference path the tests compare against.
+        self.attn_backend = "auto"
 
     # -- images -----------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

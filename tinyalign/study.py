@@ -150,6 +150,8 @@ def main(argv=None):
     p.add_argument("--world", help="shapes-world folder with prompts.jsonl, heldout.jsonl and images (default: "
                                    "the SFT demo's)")
     p.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every method's epochs (quick runs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of every method's training (the "
+                                                       "starting model, when made here, uses it too)")
     args = p.parse_args(argv)
     out = (REPO / args.out).resolve()
     started = time.time()
@@ -162,14 +164,14 @@ def main(argv=None):
     # 1. The starting model.
     start, world = Path(args.start or REPO / START).resolve(), Path(args.world or REPO / DEMO_DATA).resolve()
     if args.start is None and (args.fresh or not (start / "config.json").exists()):
-        run(["python", "train_sft.py"])
+        run(["python", "train_sft.py", "--seed", str(args.seed)])
     prompts = read_heldout(world / "prompts.jsonl")
 
     # 2. Sample and rate (the annotate command resumes by itself if interrupted).
     run(["python", "-m", "tinyalign.annotate", "--model", shown(start), "--prompts", shown(world / "prompts.jsonl"),
          "--image-folder", shown(world), "--judge", "rules", "--n", "4", "--max-new-tokens", "24",
-         "--out", shown(out / "samples.jsonl")])
-    write_sft_data(prompts, out / "sft.json")
+         "--out", shown(out / "samples.jsonl"), "--seed", str(args.seed)])
+    write_sft_data(prompts, out / "sft.json", seed=args.seed)
 
     # 3. Four methods from the same start.
     models = {"start (SFT demo)" if args.start is None else "start": start}
@@ -180,7 +182,7 @@ def main(argv=None):
             extra = extra[:i + 1] + [f"{float(extra[i + 1]) * args.epochs_scale:g}"] + extra[i + 2:]
         if not (folder / "model" / "config.json").exists():
             run(["python", script, "--model", shown(start), "--data", shown(out / data), "--image-folder", shown(world),
-                 "--out", shown(folder), *COMMON, *extra])
+                 "--out", shown(folder), *COMMON, *extra, "--seed", str(args.seed)])
         models[name] = folder / "model"
 
     # 4. Side by side on the held-out questions.

@@ -368,6 +368,12 @@ class Run:
             plot_metrics(self.metrics_path, self.out / "curves.png")
 
 
+def append_metrics(out, record: dict) -> None:
+    """One more line in out/metrics.jsonl after training (a demo's own held-out figures)."""
+    with open(Path(out) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"split": "eval", **record}) + "\n")
+
+
 def _plain(v):
     if torch.is_tensor(v):
         v = v.item()

@@ -86,7 +86,7 @@ class VisionTower(nn.Module):
         # model is complete.
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, pixels: torch.Tensor, feature_layers: list[int], attn_backend: str = "flex") -> list[torch.Tensor]:
+    def forward(self, pixels: torch.Tensor, feature_layers: list[int], attn_backend: str = "auto") -> list[torch.Tensor]:
         """pixels [N, C, H, W] -> the hidden states at `feature_layers`, each [N, 1 + P, D].
 
         Layer indices count like transformers' `hidden_states`: 0 is the embedding output (after
