@@ -32,13 +32,15 @@ from tinyalign.training import (autocast, common_arguments, fill_defaults, finis
                                 split_held_out)
 
 PAPER = dict(epochs=3, batch_size=8, grad_accum=4, lr=5e-5, projector_lr=2e-5, lora_r=128, lora_alpha=256,
-             max_length=3000, eval_every=100, save_every=200, eval_fraction=0.02, sft_weight=0.0, packing=True)
+             max_length=3000, eval_every=100, save_every=200, eval_fraction=0.02, sft_weight=0.0, chosen_nll_weight=0.0,
+             packing=True)
 # The demo's model is tiny and very sure of its own samples (a whole answer at log p ~ -1). Plain DPO
-# then lowers chosen and rejected alike until generation breaks; the NLL term on the chosen answer
-# (the authors' SFT_weight option) holds the chosen answers up. Larger steps, LoRA of rank 32. The
+# then lowers chosen and rejected alike until generation breaks; an NLL term on the chosen answer
+# (per token, like the authors' SFT_weight option but not summed over the answer) holds them up. Larger steps, LoRA of rank 32. The
 # held-out pairs come from prompts of their own (ensure_demo_start), so nothing of --data is held out.
 DEMO = dict(epochs=6, batch_size=16, grad_accum=1, lr=1e-3, projector_lr=3e-3, lora_r=32, lora_alpha=64,
-            max_length=256, eval_every=50, save_every=50, sft_weight=1.0, out="runs/demo-dpo", packing=False)
+            max_length=256, eval_every=50, save_every=50, sft_weight=0.0, chosen_nll_weight=1.0, out="runs/demo-dpo",
+            packing=False)
 DEMO_SFT = Path("runs/demo-sft")
 DEMO_DATA = Path("runs/demo-data")
 
@@ -49,7 +51,10 @@ def parse(argv=None):
     a("--beta", type=float, default=0.1, help="strength of the KL constraint to the reference")
     a("--loss-type", default="sigmoid", choices=["sigmoid", "ipo", "hinge"])
     a("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed rate of flipped labels")
-    a("--sft-weight", type=float, help="weight of an added NLL term on the chosen answer (paper: 0)")
+    a("--sft-weight", type=float, help="the authors' SFT_weight: adds -w * mean log p(chosen), summed or averaged "
+      "as the DPO term's log-probs are (paper: 0)")
+    a("--chosen-nll-weight", type=float, help="adds w * the chosen answer's NLL per token (the demo's stabiliser; "
+      "paper: 0, demo: 1)")
     a("--average-logps", action="store_true", help="mean instead of sum of token log-probs per answer")
     a("--ref", choices=["precomputed", "live"], default="precomputed",
       help="precomputed: one pass before training, cached; live: keep a frozen copy of the start model")
@@ -120,14 +125,15 @@ def fill_reference(model, examples, processor, args, cache_path: Path):
     return f"computed now, cached in {cache_path}"
 
 
-def load_pairs(path, seed):
-    """The paper's DPO file or plain pairs, or scored samples turned into pairs by the paper's rule."""
+def load_pairs(path, seed, average: bool = False):
+    """The paper's DPO file or plain pairs, or scored samples turned into pairs by the paper's rule.
+    average: take the file's averaged reference log-probs (--average-logps), not its sums."""
     records = read_records(path)
     if records and "responses" in records[0]:
         scored, report = read_scored(path)
         print(report.summary())
         return build_pairs(scored, seed=seed)
-    return read_pairs(path)
+    return read_pairs(path, average)
 
 
 @torch.no_grad()
@@ -159,9 +165,12 @@ def step_metrics(model, batch, args, ref_model=None):
                                                         beta=args.beta, loss_type=args.loss_type,
                                                         label_smoothing=args.label_smoothing)
     loss = losses.mean()
-    if args.sft_weight:
-        n_tokens = supervised_counts(batch)[: len(losses)].clamp(min=1).to(args.device)
-        loss = loss + args.sft_weight * (-policy_chosen / n_tokens).mean()
+    if args.sft_weight:  # the authors' term as written (mllm-dpo llava/train/llava_trainer.py:453-455)
+        loss = loss - args.sft_weight * policy_chosen.mean()
+    if args.chosen_nll_weight:  # the same, per token of the chosen answer
+        per_token = policy_chosen if args.average_logps else \
+            policy_chosen / supervised_counts(batch)[: len(losses)].clamp(min=1).to(args.device)
+        loss = loss - args.chosen_nll_weight * per_token.mean()
     metrics = {"loss": loss.item(), "rewards/chosen": chosen_rewards.mean().item(),
                "rewards/rejected": rejected_rewards.mean().item(),
                "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
@@ -209,11 +218,11 @@ def main(argv=None):
                  Processor.from_pretrained(args.model, template=args.template, image_mode=args.image_mode,
                                            vision_tower=args.vision_tower))
 
-    pairs, report = load_pairs(args.data, args.pair_seed)
+    pairs, report = load_pairs(args.data, args.pair_seed, args.average_logps)
     print(report.summary())
     if args.eval_data:
         train_pairs = pairs
-        held_pairs, held_report = load_pairs(args.eval_data, args.pair_seed)
+        held_pairs, held_report = load_pairs(args.eval_data, args.pair_seed, args.average_logps)
         print(f"held-out {held_report.summary()}")
     else:
         train_pairs, held_pairs = split_held_out(pairs, args.eval_fraction, args.seed)

@@ -64,6 +64,18 @@ def test_paper_dpo_file(tmp_path):
     assert report.dropped == {"chosen == rejected": 1, "no prompt": 1, "empty answer": 1}
 
 
+def test_averaged_reference_logps_never_mix_with_sums(tmp_path):
+    """--average-logps takes the file's ref_*_avg_logp, as the authors' trainer does when it averages
+    (findalexli/mllm-dpo llava/train/llava_trainer.py:393-395); a file without them gives None (the
+    reference is then computed), never the sums."""
+    path = write(tmp_path / "dpo.json", PAPER_DPO[:1])
+    (p,), _ = read_pairs(path, average=True)
+    assert (p.ref_chosen, p.ref_rejected) == (-1.1, -2.9)
+    sums_only = {k: v for k, v in PAPER_DPO[0].items() if "avg" not in k}
+    (p,), _ = read_pairs(write(tmp_path / "sums.json", [sums_only]), average=True)
+    assert (p.ref_chosen, p.ref_rejected) == (None, None)
+
+
 def test_plain_pairs_jsonl(tmp_path):
     path = write(tmp_path / "pairs.jsonl", [
         {"image": "a.png", "prompt": "What color?", "chosen": "Red.", "rejected": "Blue."},

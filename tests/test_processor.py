@@ -2,7 +2,7 @@
 
 import pytest
 from conftest import LLAMA_TOKENIZER
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
 from tinyalign import IGNORE_INDEX, Processor, SequenceTooLong
 
@@ -70,6 +70,29 @@ def llava_preprocess_v1(conversation_text, tok):
     return out_ids, out_labels
 
 
+def llava_preprocess_multimodal(turns):
+    """LLaVA's llava/train/train.py `preprocess_multimodal` (lines 318-321): in a turn with an image tag,
+    every tag is taken out, the turn stripped, one tag put first followed by a newline, stripped again."""
+    out = []
+    for t in turns:
+        value = t["value"]
+        if "<image>" in value:
+            value = ("<image>\n" + value.replace("<image>", "").strip()).strip()
+        out.append({**t, "value": value})
+    return out
+
+
+def llava_vicuna_v1_prompt(turns):
+    """LLaVA's llava/conversation.py `get_prompt` for SeparatorStyle.TWO (lines 54-63) with
+    `conv_vicuna_v1` (lines 242-252): system + " ", then "ROLE: message" + (" " or "</s>") per turn."""
+    system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+              "helpful, detailed, and polite answers to the user's questions.")
+    text, seps = system + " ", [" ", "</s>"]
+    for i, t in enumerate(llava_preprocess_multimodal(turns)):
+        text += ("USER" if i % 2 == 0 else "ASSISTANT") + ": " + t["value"] + seps[i % 2]
+    return text
+
+
 CONVERSATIONS = [
     [{"from": "human", "value": "<image>\nIs there a cat in the picture?"}, {"from": "gpt", "value": "Yes."}],
     [  # multi-turn, the image tag written after the question (LLaVA moves it to the front)
@@ -84,14 +107,18 @@ CONVERSATIONS = [
         {"from": "human", "value": "Write a haiku about llamas."},
         {"from": "gpt", "value": "Soft wool on the hills,\n  quiet eyes watch the clouds pass,\nchewing on the wind."},
     ],
+    [  # a human turn that is only the image: stripped by LLaVA, so no newline token after it
+        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A cat asleep on a sofa."},
+    ],
 ]
 
 
-@pytest.mark.parametrize("turns", CONVERSATIONS, ids=["single", "multi-turn", "text-only"])
+@pytest.mark.parametrize("turns", CONVERSATIONS, ids=["single", "multi-turn", "text-only", "image-only-turn"])
 def test_conversation_ids_and_labels_match_llava_preprocessing(proc, turns):
     tok = Tokenizer.from_file(str(LLAMA_TOKENIZER))
     encoded = proc.encode(turns)
-    expected_ids, expected_labels = llava_preprocess_v1(proc.render(turns), tok)
+    assert proc.render(turns) == llava_vicuna_v1_prompt(turns)
+    expected_ids, expected_labels = llava_preprocess_v1(llava_vicuna_v1_prompt(turns), tok)
     assert encoded.input_ids == expected_ids
     assert encoded.labels == expected_labels
 
@@ -147,8 +174,6 @@ def test_bad_conversations_are_named(proc):
         proc.encode([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], where="sample 7")
     with pytest.raises(ValueError, match=r"turn 0 is from 'gpt'"):
         proc.encode([{"from": "gpt", "value": "a"}])
-    with pytest.raises(ValueError, match=r"turn 1 \(an answer\) contains <image>"):
-        proc.encode([{"from": "human", "value": "a"}, {"from": "gpt", "value": "<image>"}])
     with pytest.raises(ValueError, match=r"turn 0 has no text 'value'"):
         proc.encode([{"from": "human"}])
 
@@ -173,3 +198,55 @@ def test_collate_pads_right_for_training_and_left_for_generation(proc):
     assert right["attention_mask"].sum(1).tolist() == [len(a.input_ids), len(b.input_ids)]
     left = proc.collate([a, b], padding_side="left")
     assert left["input_ids"][1, n:].tolist() == b.input_ids and left["attention_mask"][1, :n].sum() == 0
+
+
+def test_image_only_turn_has_no_newline_token(proc):
+    """LLaVA strips the turn after moving the tag first: "<image>" alone is the image and then " ASSISTANT:"."""
+    ids = proc.encode([{"from": "human", "value": "<image>"}]).input_ids
+    after = max(i for i, t in enumerate(ids) if t == IMG) + 1
+    assert 13 not in ids[after:]  # 13: "<0x0A>", the newline piece
+    assert proc.decode(ids).endswith("USER:   ASSISTANT:")
+
+
+CONTROL = {"</s>": 2, "<s>": 1, "<unk>": 0, "<image>": IMG}
+
+
+@pytest.fixture(scope="module")
+def llava_hf_proc():
+    """The tokenizer as llava-hf checkpoints ship it: <image> = 32000 and <pad> = 32001 added as special
+    tokens, so the plain tokenizer *would* turn the text "<image>" into the image id."""
+    tok = Tokenizer.from_file(str(LLAMA_TOKENIZER))
+    tok.add_special_tokens([AddedToken("<image>", special=True, normalized=False),
+                            AddedToken("<pad>", special=True, normalized=False)])
+    assert tok.encode("<image>", add_special_tokens=False).ids[-1] == IMG
+    return Processor(tok, image_token_index=IMG, image_seq_length=576)
+
+
+@pytest.mark.parametrize("literal", list(CONTROL))
+def test_text_never_becomes_a_control_token(llava_hf_proc, literal):
+    """A literal "</s>", "<s>", "<unk>" or "<image>" in a question or an answer is tokenised as its
+    characters: the control ids come only from the template (BOS first, EOS after each answer) and
+    from the images actually given."""
+    proc = llava_hf_proc
+    assert CONTROL[literal] in proc.tokenizer.encode(literal, add_special_tokens=False).ids  # the trap
+    as_text = proc.tokenize(f"Type {literal} here")
+    assert CONTROL[literal] not in as_text and len(as_text) > 3
+    answer = f"Write {literal} at the end."
+    turns = [{"from": "human", "value": f"<image>\nWhat does {literal} mean?"}, {"from": "gpt", "value": answer}]
+    e = proc.encode(turns, num_images=1)
+    assert e.num_images == 1 and e.input_ids.count(IMG) == 576
+    assert e.input_ids.count(1) == 1 and e.input_ids[0] == 1  # BOS only first
+    assert e.input_ids.count(2) == 1 and e.input_ids[-1] == 2  # EOS only after the answer
+    assert proc.tokenize(answer) == [i for i, label in zip(e.input_ids, e.labels) if label != IGNORE_INDEX][:-1]
+    assert proc.decode(e.input_ids[-len(as_text) - 8:]).count(literal) == 1  # decodes back to the text
+    prompt = proc.prompt(f"Explain {literal}.")  # the question of a generation prompt is text too
+    assert prompt.input_ids.count(IMG) == 576 and prompt.input_ids.count(1) == 1 and 2 not in prompt.input_ids
+
+
+def test_training_records_keep_their_image_tags_as_markers(proc):
+    """In LLaVA's data format a human turn's `<image>` is the image marker: with no count given every
+    tag is one (a record with more tags than image files is refused by the data readers)."""
+    turns = [{"from": "human", "value": "<image>\nCompare with <image>"}, {"from": "gpt", "value": "Same."}]
+    assert proc.encode(turns).num_images == 2
+    assert proc.encode(turns, num_images=1).num_images == 1  # the second tag is text
+    assert "Compare with <image> ASSISTANT:" in proc.render(turns, num_images=1)

@@ -153,9 +153,9 @@ def test_packed_dpo_and_sft_train_like_plain_batches(tiny_world, tmp_path, packi
     packing = [*packing, "--lora-dropout", "0"]
     pairs_path = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
     train_dpo.main(dpo_args(tiny_world, pairs_path, tmp_path / "plain", "--max-steps", "3", "--sft-weight", "0.5",
-                            "--lora-dropout", "0", "--no-packing"))
+                            "--chosen-nll-weight", "0.5", "--lora-dropout", "0", "--no-packing"))
     train_dpo.main(dpo_args(tiny_world, pairs_path, tmp_path / "packed", "--max-steps", "3", "--sft-weight", "0.5",
-                            *packing))
+                            "--chosen-nll-weight", "0.5", *packing))
     plain, packed = metrics(tmp_path / "plain"), metrics(tmp_path / "packed")
     assert len(plain) == len(packed) == 3
     for a, b in zip(plain, packed):
@@ -206,3 +206,54 @@ def test_gradient_checkpointing_changes_memory_not_results(hf_checkpoint):
         grads.append((loss.item(), model.language_model.layers[0].mlp.up_proj.weight.grad.clone()))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6) and grads[0][1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("average", [False, True], ids=["summed", "averaged"])
+@pytest.mark.parametrize("packing", ["--no-packing", "--packing"])
+def test_first_loss_is_ln2_when_the_file_holds_the_policys_own_logps(tiny_world, tmp_path, average, packing):
+    """At learning rate 0, a paper-layout file whose reference fields are the policy's own log-probs
+    gives a first DPO loss of exactly ln 2 (every implicit reward is 0), summed or averaged, plain or
+    packed. Mixing averaged policy log-probs with summed references (the bug this guards) gives ~3."""
+    model = tinyalign.load_model(tiny_world["checkpoint"])
+    processor = tinyalign.Processor.from_pretrained(tiny_world["checkpoint"])
+    plain = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
+    pairs = read_pairs(plain)[0]
+    examples, _ = pair_examples(pairs, processor, tiny_world["images"])
+    with torch.no_grad():
+        (sc, sr), (mc, mr) = (train_dpo.pair_logps(model, collate_pairs(examples, processor), "cpu", average=a)
+                              for a in (False, True))
+    records = [{"id": p.id, "image": p.images[0], "question": {"from": "human", "value": p.prompt},
+                "chosen": {"from": "gpt", "value": p.chosen}, "rejected": {"from": "gpt", "value": p.rejected},
+                "ref_win_logp": c, "ref_rej_logp": r, "ref_win_avg_logp": ac, "ref_rej_avg_logp": ar}
+               for p, c, r, ac, ar in zip(pairs, sc.tolist(), sr.tolist(), mc.tolist(), mr.tolist())]
+    paper_file = tmp_path / "paper_dpo.json"
+    paper_file.write_text(json.dumps(records))
+    out = tmp_path / "dpo"
+    train_dpo.main(dpo_args(tiny_world, paper_file, out, "--max-steps", "1", "--lr", "0", "--projector-lr", "0",
+                            "--eval-fraction", "0", "--batch-size", "16", packing,
+                            *(["--average-logps"] if average else [])))
+    first = metrics(out)[0]
+    assert first["loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_sft_weight_is_the_authors_term(tiny_world, tmp_path):
+    """--sft-weight w adds -w * mean(log p(chosen)), the summed log-probs as the DPO term uses them
+    (findalexli/mllm-dpo llava/train/llava_trainer.py:453-455); --chosen-nll-weight the per-token form."""
+    pairs_path = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
+    args = train_dpo.parse(dpo_args(tiny_world, pairs_path, tmp_path / "x"))
+    model = tinyalign.load_model(tiny_world["checkpoint"])
+    processor = tinyalign.Processor.from_pretrained(tiny_world["checkpoint"])
+    examples, _ = pair_examples(read_pairs(pairs_path)[0][:6], processor, tiny_world["images"])
+    train_dpo.fill_reference(model, examples, processor, args, tmp_path / "ref.json")
+    batch = collate_pairs(examples, processor)
+    with torch.no_grad():
+        chosen, _ = train_dpo.pair_logps(model, batch, "cpu")
+        n_tokens = torch.tensor([e.chosen.num_supervised for e in examples], dtype=torch.float32)
+        losses = {}
+        for sft, nll in [(0, 0), (2, 0), (0, 2)]:
+            args.sft_weight, args.chosen_nll_weight = sft, nll
+            losses[(sft, nll)] = train_dpo.step_metrics(model, batch, args)[0].item()
+    assert losses[(2, 0)] - losses[(0, 0)] == pytest.approx(-2 * chosen.mean().item(), rel=1e-5)
+    assert losses[(0, 2)] - losses[(0, 0)] == pytest.approx(-2 * (chosen / n_tokens).mean().item(), rel=1e-5)
+    assert abs(chosen.mean().item()) > 5 * abs((chosen / n_tokens).mean().item())  # the two differ a lot

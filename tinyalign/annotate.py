@@ -134,6 +134,12 @@ def _rate(judge, record, answer, image_folder):
     return judge.rate(record["prompt"].replace("<image>", "").strip(), answer, path)
 
 
+def with_image_tag(record: dict) -> str:
+    """The prompt with its image's `<image>` tag (put first when the prompt has none)."""
+    prompt = record["prompt"]
+    return prompt if not record.get("image") or "<image>" in prompt else "<image>\n" + prompt
+
+
 def model_sampler(model, processor, image_folder, n: int, temperature: float, max_new_tokens: int, seed: int):
     """Batched KV-cache sampling: n answers for each prompt record."""
     import torch
@@ -143,7 +149,8 @@ def model_sampler(model, processor, image_folder, n: int, temperature: float, ma
     generator = torch.Generator(device=model.device).manual_seed(seed)
 
     def sample(records):
-        encoded = [processor.encode([{"from": "human", "value": r["prompt"]}]) for r in records]
+        encoded = [processor.encode([{"from": "human", "value": with_image_tag(r)}], where=f"prompt {r['id']}",
+                                    num_images=1 if r.get("image") else 0) for r in records]
         batch = processor.collate(encoded * n, padding_side="left")
         images = [Path(image_folder or ".") / r["image"] for r in records if r.get("image")] * n
         pixels = processor.images.batch(images).to(model.device) if images else None

@@ -74,7 +74,7 @@ class Pair:
     prompt: str  # the human turn, "<image>" tag included where there is an image
     chosen: str
     rejected: str
-    ref_chosen: float | None = None  # sum of log p under the starting model, if the file has it
+    ref_chosen: float | None = None  # log p under the starting model (sum, or mean per token), if the file has it
     ref_rejected: float | None = None
 
 
@@ -154,8 +154,25 @@ def read_conversations(path) -> tuple[list[Conversation], DataReport]:
     return out, report
 
 
-def read_pairs(path) -> tuple[list[Pair], DataReport]:
-    """The paper's DPO file or plain pairs; reference log-probs kept when the file has them."""
+# Reference log-prob fields of a pairs file: (chosen, rejected), the paper's names first. The paper's
+# file has both the sum over the answer's tokens and its mean (what `--average-logps` compares with).
+REFERENCE_FIELDS = {False: [("ref_win_logp", "ref_rej_logp"), ("ref_chosen_logp", "ref_rejected_logp")],
+                    True: [("ref_win_avg_logp", "ref_rej_avg_logp"), ("ref_chosen_avg_logp", "ref_rejected_avg_logp")]}
+
+
+def reference_logps(record: dict, average: bool) -> tuple[float | None, float | None]:
+    """The file's reference log-probs of the kind the loss uses: summed, or averaged (the authors'
+    trainer swaps in `ref_*_avg_logp` when it averages, mllm-dpo llava/train/llava_trainer.py:393-395).
+    A file with only the other kind gives None: they are computed, never mixed with the wrong kind."""
+    for chosen, rejected in REFERENCE_FIELDS[average]:
+        if record.get(chosen) is not None and record.get(rejected) is not None:
+            return float(record[chosen]), float(record[rejected])
+    return None, None
+
+
+def read_pairs(path, average: bool = False) -> tuple[list[Pair], DataReport]:
+    """The paper's DPO file or plain pairs; reference log-probs (summed, or averaged with
+    `average`) kept when the file has them."""
     report, out = DataReport(str(path)), []
     for i, r in enumerate(read_records(path)):
         name = _name(path, i, r)
@@ -169,10 +186,8 @@ def read_pairs(path) -> tuple[list[Pair], DataReport]:
             report.drop("chosen == rejected", name)
         else:
             images = _images(r)
-            ref_c = r.get("ref_win_logp", r.get("ref_chosen_logp"))
-            ref_r = r.get("ref_rej_logp", r.get("ref_rejected_logp"))
             out.append(Pair(str(r.get("id", i)), images, _with_image_tag(prompt, len(images)), chosen, rejected,
-                            float(ref_c) if ref_c is not None else None, float(ref_r) if ref_r is not None else None))
+                            *reference_logps(r, average)))
     report.kept = len(out)
     return out, report
 

@@ -70,7 +70,9 @@ def generate_answers(model, processor, items: list[dict], path, max_new_tokens: 
         turns = [dict(t) for t in item["turns"]]
         if steer:
             turns[-1]["value"] = steer_prompt(turns[-1]["value"], steer, steer_template)
-        encoded[item["id"]] = processor.encode(turns, where=f"question {item['id']}")
+        # Only the item's own images are images: an "<image>" inside a benchmark's question is text.
+        encoded[item["id"]] = processor.encode(turns, where=f"question {item['id']}",
+                                               num_images=len(item.get("images", [])))
     todo.sort(key=lambda item: len(encoded[item["id"]].input_ids))
     with open(path, "a") as f, tqdm(total=len(todo), desc=desc, unit="answer") as bar:
         for start in range(0, len(todo), batch_size):

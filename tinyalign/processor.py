@@ -12,6 +12,12 @@ LLaVA tokenises the whole string and then *re-derives* where the answers are by 
 again; when the two disagree it masks the entire sample and prints a warning ("tokenization
 mismatch"). Here each piece is tokenised once, its ids and labels produced together, so the
 labels cannot drift from the ids.
+
+Text is only ever text. The control ids (BOS, EOS, UNK, the image id) are placed by this file alone:
+a literal "</s>", "<s>", "<unk>" or "<image>" written in a question or an answer is tokenised as the
+characters it is (LLaVA's tokenizer would turn "</s>" in an answer into a real EOS, teaching the
+model to stop mid-answer; and user text must never be able to inject control tokens). The one
+place `<image>` means an image is a human turn, where it is LLaVA's data format's image marker.
 """
 
 from __future__ import annotations
@@ -67,6 +73,10 @@ class Processor:
     def __post_init__(self):
         if self.template not in SYSTEM_PROMPTS:
             raise ValueError(f"unknown chat template {self.template!r}; choose one of {sorted(SYSTEM_PROMPTS)}")
+        # A copy that reads special-token strings ("</s>", "<image>", ...) as plain text: every text
+        # chunk is tokenised with it (the flag is not saved with the tokenizer, nor set on the caller's).
+        self._text_tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
+        self._text_tokenizer.encode_special_tokens = True
 
     @property
     def pad_token_id(self) -> int:
@@ -137,29 +147,41 @@ class Processor:
 
     # -- text ----------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
-        """Text ids with each `<image>` expanded to `image_seq_length` image ids. Each chunk between
-        images is tokenised on its own, as LLaVA's `tokenizer_image_token` does."""
+        """Ids of plain text (no BOS). Every character is text: "</s>" or "<image>" written in it become
+        ordinary pieces, never the EOS or image ids."""
+        return self._text_tokenizer.encode(text, add_special_tokens=False).ids
+
+    def tokenize_chunks(self, chunks: list[str]) -> list[int]:
+        """Text chunks with an image between each two: `image_seq_length` image ids per image. Each
+        chunk is tokenised on its own, as LLaVA's `tokenizer_image_token` does."""
         ids = []
-        for i, chunk in enumerate(text.split(IMAGE_TAG)):
+        for i, chunk in enumerate(chunks):
             if i:
                 ids += [self.image_token_index] * self.image_seq_length
-            ids += self.tokenizer.encode(chunk, add_special_tokens=False).ids
+            ids += self.tokenize(chunk)
         return ids
 
     def decode(self, ids) -> str:
         ids = [i for i in (ids.tolist() if torch.is_tensor(ids) else ids) if i != self.image_token_index]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def segments(self, turns: list[dict], where: str = "conversation") -> list[tuple[str, bool]]:
-        """Turns [{"from": "human"|"gpt", "value": str}, ...] -> [(text, is_answer)] in template order.
+    def segments(self, turns: list[dict], where: str = "conversation",
+                 num_images: int | None = None) -> list[tuple[list[str], bool]]:
+        """Turns [{"from": "human"|"gpt", "value": str}, ...] -> [(chunks, is_answer)] in template order,
+        where an image sits between each two chunks of a segment.
 
-        A final human turn with no answer yet makes a generation prompt (ending in "ASSISTANT:").
-        One `<image>` anywhere is moved to the front of its turn (LLaVA does the same); several
-        images stay where they are written.
+        In a human turn `<image>` marks an image: every tag (LLaVA's data format), or, when `num_images`
+        is given, only the first `num_images` tags of the conversation; the rest, and any in an answer,
+        are text. A single image is moved to the front of its turn and the turn stripped, exactly as
+        LLaVA's `preprocess_multimodal` does (so a turn that is only `<image>` is just the image).
+        Several images stay where they are written. A final human turn with no answer yet makes a
+        generation prompt (ending in "ASSISTANT:").
         """
         if not turns:
             raise ValueError(f"{where}: no turns")
-        n_images = sum(str(t.get("value", "")).count(IMAGE_TAG) for t in turns)
+        tags = sum(str(t.get("value", "")).count(IMAGE_TAG) for i, t in enumerate(turns) if i % 2 == 0)
+        markers_left = tags if num_images is None else min(num_images, tags)
+        single_image = markers_left == 1
         out = []
         for i, turn in enumerate(turns):
             role = ROLES.get(turn.get("from"))
@@ -171,28 +193,40 @@ class Processor:
             if not isinstance(value, str):
                 raise ValueError(f"{where}: turn {i} has no text 'value'")
             if role == "ASSISTANT":
-                if IMAGE_TAG in value:
-                    raise ValueError(f"{where}: turn {i} (an answer) contains {IMAGE_TAG}")
-                out.append((value, True))
+                out.append(([value], True))
                 continue
-            if n_images == 1 and IMAGE_TAG in value:
-                value = IMAGE_TAG + "\n" + value.replace(IMAGE_TAG, "").strip()
-            prefix = SYSTEM_PROMPTS[self.template] + " " if i == 0 else ""
-            out.append((f"{prefix}USER: {value} ASSISTANT:", False))
+            prefix = (SYSTEM_PROMPTS[self.template] + " " if i == 0 else "") + "USER: "
+            pieces = value.split(IMAGE_TAG)
+            n_markers = min(markers_left, len(pieces) - 1)
+            markers_left -= n_markers
+            if single_image and n_markers:  # LLaVA: take the tag out, strip, put it first, strip again
+                rest = (IMAGE_TAG.join(pieces[:1]) + IMAGE_TAG.join(pieces[1:])).strip()
+                chunks = [prefix, ("\n" + rest if rest else "") + " ASSISTANT:"]
+            else:  # markers split the turn into chunks; literal tags left over stay in the text
+                chunks = [prefix + pieces[0]]
+                for k, piece in enumerate(pieces[1:]):
+                    if k < n_markers:
+                        chunks.append(piece)
+                    else:
+                        chunks[-1] += IMAGE_TAG + piece
+                chunks[-1] += " ASSISTANT:"
+            out.append((chunks, False))
         return out
 
-    def render(self, turns: list[dict]) -> str:
+    def render(self, turns: list[dict], num_images: int | None = None) -> str:
         """The conversation as one string, exactly as LLaVA-1.5 writes it (for reading and debugging)."""
         text = ""
-        for segment, is_answer in self.segments(turns):
-            text += f" {segment}</s>" if is_answer else segment
+        for chunks, is_answer in self.segments(turns, num_images=num_images):
+            text += f" {chunks[0]}</s>" if is_answer else IMAGE_TAG.join(chunks)
         return text
 
-    def encode(self, turns: list[dict], max_length: int | None = None, where: str = "conversation") -> Encoded:
-        """Conversation -> ids and labels (answers and their </s> supervised, everything else -100)."""
+    def encode(self, turns: list[dict], max_length: int | None = None, where: str = "conversation",
+               num_images: int | None = None) -> Encoded:
+        """Conversation -> ids and labels (answers and their </s> supervised, everything else -100).
+        num_images: how many `<image>` tags are images (see `segments`); default: every tag in a human turn."""
         ids, labels = [self.bos_token_id], [IGNORE_INDEX]
-        for text, is_answer in self.segments(turns, where):
-            piece = self.tokenize(text)
+        for chunks, is_answer in self.segments(turns, where, num_images):
+            piece = self.tokenize_chunks(chunks)
             if is_answer:
                 piece = piece + [self.eos_token_id]
                 ids += piece
@@ -206,10 +240,10 @@ class Processor:
         return encoded
 
     def prompt(self, question: str, num_images: int = 1) -> Encoded:
-        """A single-turn generation prompt. Without an `<image>` tag the image goes first, as in LLaVA."""
-        if num_images and IMAGE_TAG not in question:
-            question = (IMAGE_TAG + "\n") * num_images + question
-        return self.encode([{"from": "human", "value": question}])
+        """A single-turn generation prompt. The question is plain text (an `<image>` or `</s>` written in
+        it is text); the images go first, as LLaVA's evaluation scripts put them."""
+        return self.encode([{"from": "human", "value": (IMAGE_TAG + "\n") * num_images + question}],
+                           num_images=num_images)
 
     def truncate(self, encoded: Encoded, max_length: int, where: str) -> Encoded:
         """Cut to max_length, but refuse (SequenceTooLong) rather than cut into or drop an image, or

@@ -50,7 +50,8 @@ METHODS = {
                            ["--select", "best", "--epochs", "3", "--lr", "1e-3", "--projector-lr", "1e-3"]),
     # Plain DPO overfits this tiny, over-confident model (see train_dpo.py's DEMO): + the NLL term.
     "DPO": ("train_dpo.py", "samples.jsonl",
-            ["--epochs", "6", "--lr", "1e-3", "--projector-lr", "3e-3", "--sft-weight", "1", "--eval-every", "25"]),
+            ["--epochs", "6", "--lr", "1e-3", "--projector-lr", "3e-3", "--chosen-nll-weight", "1",
+             "--eval-every", "25"]),
 }
 
 
