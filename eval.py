@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tinyalign import benchmarks as bench
 from tinyalign.evaluation import generate_answers, headline, report, write_atomic, write_json, write_xlsx
-from tinyalign.judge import ChatClient, Judge
+from tinyalign.judge import ChatClient, Judge, JudgePrompt, read_prompt, request
 from tinyalign.steer import STEER_TEMPLATES, parse_steer
 
 DEFAULT_MAX_NEW_TOKENS = {"pope": 128, "mmbench": 128, "mmvet": 1024, "llava_bench": 1024, "mtbench": 1024,
@@ -53,21 +53,34 @@ def load(args):
 
 
 def answers(args, items, benchmark, model_and_processor=None) -> dict:
-    """Greedy answers for every item (resuming from OUT/<benchmark>/generations.jsonl)."""
+    """Answers for every item, greedy unless an item names a temperature (resuming from
+    OUT/<benchmark>/generations.jsonl)."""
     model, processor = model_and_processor or load(args)
     return generate_answers(model, processor, items, folder(args, benchmark) / "generations.jsonl",
                             args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[benchmark], args.batch_size, args.steer,
-                            args.steer_template, desc=benchmark)
+                            args.steer_template, desc=benchmark, seed=getattr(args, "seed", 0))
 
 
 def folder(args, benchmark) -> Path:
     return Path(args.out) / benchmark
 
 
-def make_judge(args, prompt_name: str) -> Judge:
+def make_judge(args) -> Judge:
     client = ChatClient(args.judge_url, args.judge_model, os.environ.get(args.api_key_env), args.judge_timeout,
                         args.retries, args.backoff)
-    return Judge(client, getattr(args, "judge_prompt", None) or prompt_name, args.judge_cache, args.judge_workers)
+    return Judge(client, args.judge_cache, args.judge_workers)
+
+
+def judge_prompt(args, ours: str, official: str | None = None) -> JudgePrompt:
+    """Our prompt file `ours`, or, with --judge-prompt, the user's: a text file as it is, or the entry
+    `official` of FastChat's judge_prompts.jsonl or of LLaVA's rule.json."""
+    source = getattr(args, "judge_prompt", None)
+    if source and Path(source).suffix in (".jsonl", ".json"):
+        if official is None:
+            raise bench.BenchmarkError(f"--judge-prompt {source}: this benchmark has no prompt in that file; "
+                                       "pass a text file with the prompt instead")
+        return read_prompt(source, official)
+    return read_prompt(source, ours) if source else read_prompt(None, ours)
 
 
 def judged(judge: Judge, items: list[dict], parse, benchmark: str, args) -> list:
@@ -103,18 +116,33 @@ def image_path(image_folder, name: str, where: str) -> Path:
     return path
 
 
-def read_answers_file(path, question_ids: set, where: str) -> dict:
-    """Answers made elsewhere (--answers): {id: text}; an id that is not a question is an error."""
-    data = bench.read_json(path) if str(path).endswith(".json") else {
-        r.get("question_id", r.get("id")): r.get("text") for r in bench.read_jsonl(path)}
-    if isinstance(data, list):  # AlpacaEval outputs
-        data = {r["instruction"]: r["output"] for r in data}
-    unknown = [k for k in data if k not in question_ids]
+def read_answers_file(path, question_ids, where: str) -> dict:
+    """Answers made elsewhere (--answers), {str(id): answer}, in the benchmark's own answer format:
+    a JSON object {id: text} (MM-Vet), a JSON list of {instruction, output} (AlpacaEval), or JSON lines
+    {question_id, text} (LLaVA's answer files) or {question_id, choices: [{turns}]} (FastChat's model
+    answers; the answer is the list of turns). An id that is not a question, or a question with no
+    answer, is an error naming both."""
+    data = bench.read_json(path) if str(path).endswith(".json") else bench.read_jsonl(path)
+    if isinstance(data, list) and data and "instruction" in data[0]:  # AlpacaEval outputs
+        data = {r["instruction"]: r.get("output") for r in data}
+    elif isinstance(data, list):
+        answers = {}
+        for n, r in enumerate(data, 1):
+            key = r.get("question_id", r.get("id"))
+            if key is None:
+                raise bench.BenchmarkError(f"{path} record {n}: no question_id")
+            if "category" in r and isinstance(question_ids, dict) and f"{r['category']}-{key}" in question_ids:
+                key = f"{r['category']}-{key}"  # POPE's per-split ids repeat across splits
+            answers[str(key)] = r["choices"][0]["turns"] if "choices" in r else r.get("text")
+        data = answers
+    data = {str(k): v for k, v in data.items()}
+    wanted = {str(q) for q in question_ids}
+    unknown = [k for k in data if k not in wanted]
     if unknown:
         raise bench.BenchmarkError(f"{path}: answer id {unknown[0]!r} is not a question of {where}")
-    missing = [q for q in question_ids if q not in data]
+    missing = sorted(wanted - set(data))
     if missing:
-        raise bench.BenchmarkError(f"{path}: no answer for question {sorted(missing, key=str)[0]!r} of {where}")
+        raise bench.BenchmarkError(f"{path}: no answer for question {missing[0]!r} of {where}")
     return data
 
 
@@ -123,70 +151,129 @@ def read_answers_file(path, question_ids: set, where: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_pope(args) -> dict:
-    """Yes/no object questions on COCO, three splits: accuracy, precision, recall, F1, yes-ratio."""
-    splits = {s: bench.read_pope(Path(args.pope_dir) / f"coco_pope_{s}.json") for s in bench.POPE_SPLITS
-              if (Path(args.pope_dir) / f"coco_pope_{s}.json").exists()}
+def pope_splits(args) -> dict[str, list[dict]]:
+    """{split: questions with labels}: LLaVA's combined question file (--questions), labels from the
+    split files; or POPE's own coco_pope_<split>.json files."""
+    if args.questions:
+        splits = bench.read_llava_pope(args.questions, args.pope_dir)
+    else:
+        splits = {s: bench.read_pope(Path(args.pope_dir) / f"coco_pope_{s}.json") for s in bench.POPE_SPLITS
+                  if (Path(args.pope_dir) / f"coco_pope_{s}.json").exists()}
     if not splits:
         raise bench.BenchmarkError(f"{args.pope_dir}: no coco_pope_{{adversarial,popular,random}}.json files")
-    items, suffix = [], bench.POPE_SUFFIX if args.prompt_suffix is None else args.prompt_suffix
+    return {split: questions[:args.limit] for split, questions in splits.items()}
+
+
+def pope_answers_by_id(args, ids: dict) -> dict:
+    """--answers for POPE: LLaVA's answer lines. With LLaVA's question file the ids are unique; with
+    POPE's split files they repeat across splits, so a line names its split ("category") unless only
+    one split is loaded or the ids happen to be unique."""
+    by_qid = {}
+    for key, (split, qid) in ids.items():
+        by_qid.setdefault(str(qid), []).append(key)
+    raw = bench.read_jsonl(args.answers)
+    out = {}
+    for n, r in enumerate(raw, 1):
+        qid = str(r.get("question_id"))
+        keys = [f"{r['category']}-{qid}"] if "category" in r else by_qid.get(qid, [])
+        if len(keys) > 1:
+            raise bench.BenchmarkError(f"{args.answers} line {n}: question {qid} is in several splits "
+                                       f"({', '.join(keys)}); give the line a 'category' or use --questions")
+        if not keys or keys[0] not in ids:
+            raise bench.BenchmarkError(f"{args.answers} line {n}: answer id {qid!r} is not a POPE question loaded")
+        out[keys[0]] = r.get("text", "")
+    missing = sorted(set(ids) - set(out))
+    if missing:
+        raise bench.BenchmarkError(f"{args.answers}: no answer for POPE question {missing[0]}")
+    return out
+
+
+def run_pope(args) -> dict:
+    """Yes/no object questions on COCO, three splits: accuracy, precision, recall, F1, yes-ratio."""
+    splits = pope_splits(args)
+    suffix = bench.POPE_SUFFIX if args.prompt_suffix is None else args.prompt_suffix
+    ids = {f"{split}-{q['question_id']}": (split, q["question_id"]) for split, qs in splits.items() for q in qs}
+    if args.answers:
+        texts = pope_answers_by_id(args, ids)
+    else:
+        items = []
+        for split, questions in splits.items():
+            for q in questions:
+                where = f"POPE {split} question {q['question_id']}"
+                text = q["text"] if q["text"].endswith(bench.POPE_SUFFIX) else q["text"] + suffix  # LLaVA's file has it
+                items.append({"id": f"{split}-{q['question_id']}", "images": [image_path(args.image_folder, q["image"], where)],
+                              "turns": [{"from": "human", "value": "<image>\n" + text}]})
+        texts = answers(args, items, "pope")
+    per_split, samples, lines = {}, [], []
     for split, questions in splits.items():
-        for q in questions[:args.limit]:
-            where = f"POPE {split} question {q['question_id']}"
-            items.append({"id": f"{split}-{q['question_id']}", "images": [image_path(args.image_folder, q["image"], where)],
-                          "turns": [{"from": "human", "value": "<image>\n" + q["text"] + suffix}]})
-    texts = answers(args, items, "pope")
-    per_split, samples = {}, []
-    for split, questions in splits.items():
-        questions = questions[:args.limit]
         predictions = [bench.yes_or_no(texts[f"{split}-{q['question_id']}"]) for q in questions]
         per_split[split] = bench.pope_metrics(predictions, [q["label"] for q in questions])
         samples += [[p, q["label"], split] for p, q in zip(predictions, questions)]
-        # LLaVA's answer-file format, one per split.
-        write_atomic(folder(args, "pope") / f"answers_{split}.jsonl", "".join(
-            json_line({"question_id": q["question_id"], "prompt": q["text"], "text": texts[f"{split}-{q['question_id']}"],
-                       "model_id": model_name(args)}) for q in questions))
+        lines += [json_line({"question_id": q["question_id"], "prompt": q["text"], "text": texts[f"{split}-{q['question_id']}"],
+                             "model_id": model_name(args), "category": split}) for q in questions]
+    write_atomic(folder(args, "pope") / "answers.jsonl", "".join(lines))  # LLaVA's answer format (+ category)
     average = {k: sum(m[k] for m in per_split.values()) / len(per_split) for k in next(iter(per_split.values()))}
     result = headline("pope", average["f1"], "f1", samples, splits=per_split, average=average)
     rows = "; ".join(f"{s} F1 {m['f1']:.3f} acc {m['accuracy']:.3f} yes {m['yes_ratio']:.2f}" for s, m in per_split.items())
     return finish(args, "pope", result, f"{rows}; mean F1 {average['f1']:.3f}")
 
 
+def mmbench_rows(args) -> list[dict]:
+    """The TSV's rows; --limit keeps the first N questions with all their circular rows."""
+    rows = bench.read_mmbench(args.tsv)
+    if args.limit:
+        kept = list(dict.fromkeys(r["index"] % bench.CIRCULAR_STRIDE for r in rows))[:args.limit]
+        rows = [r for r in rows if r["index"] % bench.CIRCULAR_STRIDE in set(kept)]
+    return rows
+
+
 def run_mmbench(args) -> dict:
-    """Multiple choice; every rotation of the options asked (circular evaluation)."""
+    """Multiple choice: each row answered once (the file's circular rows are rows of their own),
+    scored by circular groups; the submission file carries the raw answers."""
     from PIL import Image
 
-    questions = bench.read_mmbench(args.tsv)[:args.limit]
-    items = []
-    for q in questions:
-        image = Image.open(io.BytesIO(q["image"]))
-        for shift in range(len(q["options"])):
-            options, _ = bench.rotate(q["options"], q["answer"], shift)
-            items.append({"id": f"{q['index']}-r{shift}", "images": [image],
-                          "turns": [{"from": "human", "value": bench.mmbench_prompt(q, options, args.prompt_suffix)}]})
-    texts = answers(args, items, "mmbench")
-    predictions = {}
-    for q in questions:
-        for shift in range(len(q["options"])):
-            options, _ = bench.rotate(q["options"], q["answer"], shift)
-            predictions[(q["index"], shift)] = bench.extract_option(texts[f"{q['index']}-r{shift}"], options)
-    # The submission file (the unrotated question's letter): the TSV's own columns plus "prediction",
-    # as Excel (what MMBench's server takes) and as TSV (to read).
-    columns = [c for c in questions[0]["row"] if c != "answer"] + ["prediction"] if questions else []
-    rows = [[q["row"].get(c, "") for c in columns[:-1]] + [predictions[(q["index"], 0)] or ""] for q in questions]
-    write_xlsx(folder(args, "mmbench") / "submission.xlsx", columns, rows)
-    write_atomic(folder(args, "mmbench") / "submission.tsv",
-                 "\t".join(columns) + "\n" + "".join("\t".join(map(str, r)) + "\n" for r in rows))
-    if any(q["answer"] is None for q in questions):
+    rows = mmbench_rows(args)
+    ids = [str(r["index"]) for r in rows]
+    if args.answers:
+        texts = read_answers_file(args.answers, ids, args.tsv)
+    else:
+        items = [{"id": str(r["index"]), "images": [Image.open(io.BytesIO(r["image"]))],
+                  "turns": [{"from": "human", "value": bench.mmbench_prompt(r, args.prompt_suffix)}]} for r in rows]
+        texts = answers(args, items, "mmbench")
+    write_atomic(folder(args, "mmbench") / "answers.jsonl", "".join(json_line({  # LLaVA's answer format
+        "question_id": r["index"], "round_id": 0, "prompt": bench.mmbench_prompt(r, args.prompt_suffix),
+        "text": texts[str(r["index"])], "options": r["options"], "option_char": list(bench.LETTERS[:len(r["options"])]),
+        "model_id": model_name(args)}) for r in rows))
+    write_submission(args, rows, texts)
+    if any(r["answer"] is None for r in rows):
         return finish(args, "mmbench", headline("mmbench", float("nan"), "none", [], submission="submission.xlsx"),
                       f"no answers in {args.tsv} (test split): submission written to {folder(args, 'mmbench')}")
-    scores = bench.mmbench_scores(questions, predictions)
-    result = headline("mmbench", 100 * scores["circular_accuracy"], "mean_percent",
-                      [int(p["circular"]) for p in scores["per_question"]],
-                      single_accuracy=100 * scores["single_accuracy"],
-                      by_category={c: 100 * v for c, v in scores["by_category"].items()})
-    return finish(args, "mmbench", result, f"circular accuracy {100 * scores['circular_accuracy']:.1f} "
-                                           f"(unrotated only: {100 * scores['single_accuracy']:.1f})")
+    predictions = {r["index"]: bench.extract_option(texts[str(r["index"])], r["options"]) for r in rows}
+    scores = bench.mmbench_scores(rows, predictions)
+    result = headline("mmbench", 100 * scores["accuracy"], "mean_percent", [int(q["right"]) for q in scores["per_question"]],
+                      row_accuracy=100 * scores["row_accuracy"], questions=len(scores["per_question"]), rows=len(rows),
+                      by_category={c: 100 * v for c, v in scores["by_category"].items()},
+                      by_l2_category={c: 100 * v for c, v in scores["by_l2_category"].items()},
+                      matching="exact (VLMEvalKit can_infer; no LLM matcher)")
+    return finish(args, "mmbench", result, f"circular accuracy {100 * scores['accuracy']:.1f} over "
+                                           f"{len(scores['per_question'])} questions ({len(rows)} rows; "
+                                           f"rows right: {100 * scores['row_accuracy']:.1f})")
+
+
+# LLaVA's scripts/convert_mmbench_for_submission.py (lines 21-25): these columns dropped, "prediction"
+# (the model's raw answer text) inserted as the 7th column; the server extracts the option itself.
+SUBMISSION_DROPPED = ("hint", "category", "source", "image", "comment", "l2-category")
+
+
+def write_submission(args, rows: list[dict], texts: dict) -> None:
+    """submission.xlsx (what MMBench's server takes) and the same as submission.tsv (to read)."""
+    columns = [c for c in rows[0]["row"] if c not in SUBMISSION_DROPPED] if rows else []
+    at = min(6, len(columns))
+    columns = columns[:at] + ["prediction"] + columns[at:]
+    table = [[texts[str(r["index"])] if c == "prediction" else r["row"].get(c, "") for c in columns] for r in rows]
+    write_xlsx(folder(args, "mmbench") / "submission.xlsx", columns, table)
+    write_atomic(folder(args, "mmbench") / "submission.tsv", "\t".join(columns) + "\n" + "".join(
+        "\t".join(str(v).replace("\t", " ").replace("\n", " ") for v in r) + "\n" for r in table))
 
 
 def run_mmvet(args) -> dict:
@@ -200,14 +287,13 @@ def run_mmvet(args) -> dict:
                   "turns": [{"from": "human", "value": "<image>\n" + q["question"]}]} for qid, q in questions.items()]
         texts = answers(args, items, "mmvet")
     write_json(folder(args, "mmvet") / "answers.json", {qid: texts[qid] for qid in questions})  # the official grader's input
-    judge = make_judge(args, "mmvet")
-    items = [{"id": qid, "answer": texts[qid],
-              "prompt": judge.fill(question=q["question"], ground_truth=q["answer"], answer=texts[qid])}
+    judge, prompt = make_judge(args), judge_prompt(args, "mmvet")
+    items = [request(prompt, texts[qid], qid, question=q["question"], ground_truth=q["answer"], answer=texts[qid])
              for qid, q in questions.items()]
     grades = dict(zip(questions, judged(judge, items, bench.parse_unit_score, "mmvet", args)))
     scores = bench.mmvet_scores(questions, grades)
     result = headline("mmvet", scores["total"], "mean_percent", [grades[q] for q in questions],
-                      by_capability=scores["by_capability"], judge=judge.info)
+                      by_capability=scores["by_capability"], judge=judge.info(prompt))
     return finish(args, "mmvet", result, f"total {scores['total']:.1f}")
 
 
@@ -216,87 +302,112 @@ def run_llava_bench(args) -> dict:
     questions = bench.read_llava_bench(args.folder)[:args.limit]
     image_folder = args.image_folder or Path(args.folder) / "images"
     if args.answers:
-        texts = read_answers_file(args.answers, {q["question_id"] for q in questions}, args.folder)
+        texts = read_answers_file(args.answers, [q["question_id"] for q in questions], args.folder)
     else:
         items = [{"id": q["question_id"], "images": [image_path(image_folder, q["image"], f"LLaVA-Bench question {q['question_id']}")],
                   "turns": [{"from": "human", "value": "<image>\n" + q["text"]}]} for q in questions]
-        texts = answers(args, items, "llava_bench")
+        texts = {str(k): v for k, v in answers(args, items, "llava_bench").items()}
     write_atomic(folder(args, "llava_bench") / "answers.jsonl", "".join(
-        json_line({"question_id": q["question_id"], "prompt": q["text"], "text": texts[q["question_id"]],
+        json_line({"question_id": q["question_id"], "prompt": q["text"], "text": texts[str(q["question_id"])],
                    "model_id": model_name(args)}) for q in questions))
-    judge = make_judge(args, "llava_bench")
-    items = [{"id": q["question_id"], "answer": texts[q["question_id"]],
-              "prompt": judge.fill(context=q["caption"], question=q["text"], answer_1=q["reference"],
-                                   answer_2=texts[q["question_id"]])} for q in questions]
+    judge = make_judge(args)
+    # LLaVA's rule.json has one prompt per category ("llava_bench_conv", ...); ours is one for all.
+    prompts = {c: judge_prompt(args, "llava_bench", f"llava_bench_{c}") for c in sorted({q["category"] for q in questions})}
+    items = [request(prompts[q["category"]], texts[str(q["question_id"])], q["question_id"], context=q["caption"],
+                     question=q["text"], answer_1=q["reference"], answer_2=texts[str(q["question_id"])])
+             for q in questions]
     pairs = judged(judge, items, bench.parse_pair_scores, "llava_bench", args)
     reviews = [{"category": q["category"], "reference": a, "model": b} for q, (a, b) in zip(questions, pairs)]
     scores = bench.relative_scores(reviews)
     result = headline("llava_bench", scores["overall"], "relative", [list(p) for p in pairs],
-                      by_category=scores["by_category"], judge=judge.info)
+                      by_category=scores["by_category"], judge=judge.info(*prompts.values()))
     cats = ", ".join(f"{c} {v:.1f}" for c, v in scores["by_category"].items())
     return finish(args, "llava_bench", result, f"relative score {scores['overall']:.1f} ({cats})")
 
 
-def run_mtbench(args) -> dict:
-    """Two-turn text questions, each turn graded 1-10 (with the reference answer for math,
-    reasoning and coding). --distractor-image puts an unrelated image in the first turn."""
-    questions = bench.read_mtbench(args.questions)[:args.limit]
-    references = {}
-    if args.references:  # FastChat's reference answers (e.g. gpt-4.jsonl): model-answer format
-        references = {r["question_id"]: r["choices"][0]["turns"] for r in bench.read_jsonl(args.references)}
-    for q in questions:
-        if "reference" in q:
-            references.setdefault(q["question_id"], q["reference"])
+# The four MT-Bench judges: (ours, FastChat's judge_prompts.jsonl name), by (turn, with a reference).
+MTBENCH_JUDGES = {(1, False): ("mtbench_single", "single-v1"), (1, True): ("mtbench_single_ref", "single-math-v1"),
+                  (2, False): ("mtbench_multi", "single-v1-multi-turn"),
+                  (2, True): ("mtbench_multi_ref", "single-math-v1-multi-turn")}
+
+
+def mtbench_answers(args, questions: list[dict]) -> dict:
+    """{question_id: [answer per turn]}: from --answers (FastChat's model-answer lines), or generated
+    turn by turn, each turn seeing the earlier ones. Sampled with FastChat's per-category temperature
+    (writing and roleplay 0.7, stem and humanities 0.1, the others greedy), or all greedy with --greedy."""
+    if args.answers:
+        return read_answers_file(args.answers, [q["question_id"] for q in questions], args.questions)
     images = [image_path(".", args.distractor_image, "--distractor-image")] if args.distractor_image else []
     model_and_processor = load(args)
-    history = {q["question_id"]: [] for q in questions}
     texts = {}
     for turn in range(max(len(q["turns"]) for q in questions)):
         items = []
         for q in questions:
             if turn < len(q["turns"]):
-                first = ("<image>\n" if images else "") + q["turns"][0]
-                asked = [first] + q["turns"][1:turn + 1]
+                asked = [("<image>\n" if images else "") + q["turns"][0]] + q["turns"][1:turn + 1]
                 turns = []
                 for i, text in enumerate(asked):
                     turns.append({"from": "human", "value": text})
                     if i < turn:
                         turns.append({"from": "gpt", "value": texts[f"{q['question_id']}-{i + 1}"]})
-                items.append({"id": f"{q['question_id']}-{turn + 1}", "images": images, "turns": turns})
+                temperature = 0.0 if args.greedy else bench.MTBENCH_TEMPERATURES.get(q["category"],
+                                                                                     bench.MTBENCH_DEFAULT_TEMPERATURE)
+                items.append({"id": f"{q['question_id']}-{turn + 1}", "images": images, "turns": turns,
+                              "temperature": temperature})
         texts.update(answers(args, items, "mtbench", model_and_processor))
+    return {str(q["question_id"]): [texts[f"{q['question_id']}-{t + 1}"] for t in range(len(q["turns"]))]
+            for q in questions}
+
+
+def run_mtbench(args) -> dict:
+    """Two-turn text questions, each turn graded 1-10 by FastChat's single-answer judges (with the
+    reference answer for math, reasoning and coding). --distractor-image puts an unrelated image in
+    the first turn (the paper's robustness test)."""
+    questions = bench.read_mtbench(args.questions)[:args.limit]
+    references = {}
+    if args.references:  # FastChat's reference answers (e.g. gpt-4.jsonl): model-answer format
+        references = {str(r["question_id"]): r["choices"][0]["turns"] for r in bench.read_jsonl(args.references)}
     for q in questions:
-        history[q["question_id"]] = [texts[f"{q['question_id']}-{t + 1}"] for t in range(len(q["turns"]))]
-    write_atomic(folder(args, "mtbench") / "model_answer.jsonl", "".join(json_line({
+        if "reference" in q:
+            references.setdefault(str(q["question_id"]), q["reference"])
+        if q["category"] in bench.MTBENCH_REFERENCE_CATEGORIES and str(q["question_id"]) not in references:
+            raise bench.BenchmarkError(f"{args.questions}: question {q['question_id']} ({q['category']}) is judged "
+                                       "against a reference answer, as FastChat does; pass --references "
+                                       "(reference_answer/gpt-4.jsonl)")
+    source = getattr(args, "judge_prompt", None)
+    if source and Path(source).suffix != ".jsonl":
+        raise bench.BenchmarkError(f"--judge-prompt {source}: MT-Bench has four judge prompts; pass FastChat's "
+                                   "judge_prompts.jsonl")
+    prompts = {kind: judge_prompt(args, ours, official) for kind, (ours, official) in MTBENCH_JUDGES.items()}
+    history = mtbench_answers(args, questions)
+    # FastChat's layout: model_answer/<model id>.jsonl, so its show_result.py and gen_judgment.py find it.
+    write_atomic(folder(args, "mtbench") / "model_answer" / f"{model_name(args)}.jsonl", "".join(json_line({
         "question_id": q["question_id"], "answer_id": hashlib.sha256(f"{model_name(args)}-{q['question_id']}".encode()).hexdigest()[:22],
-        "model_id": model_name(args), "choices": [{"index": 0, "turns": history[q["question_id"]]}],
+        "model_id": model_name(args), "choices": [{"index": 0, "turns": history[str(q["question_id"])]}],
         "tstamp": time.time()}) for q in questions))
 
-    ratings, judges = [], {}
-    for turn in (1, 2):
-        for with_reference in (False, True):
-            chosen = [q for q in questions if len(q["turns"]) >= turn and
-                      (q["category"] in bench.MTBENCH_REFERENCE_CATEGORIES and q["question_id"] in references) == with_reference]
-            if not chosen:
-                continue
-            name = f"mtbench_{'single' if turn == 1 else 'multi'}{'_ref' if with_reference else ''}"
-            judge = judges.setdefault(name, make_judge(args, name))
-            items = []
-            for q in chosen:
-                a = history[q["question_id"]]
-                ref = references.get(q["question_id"], [])
-                fields = ({"question": q["turns"][0], "answer": a[0]} if turn == 1 else
-                          {"question_1": q["turns"][0], "answer_1": a[0], "question_2": q["turns"][1], "answer": a[1]})
-                if with_reference:
-                    fields.update(reference=ref[turn - 1], reference_1=ref[0])
-                items.append({"id": f"{q['question_id']}-{turn}", "answer": a[turn - 1], "prompt": judge.fill(**fields)})
-            for q, rating in zip(chosen, judged(judge, items, bench.parse_rating, "mtbench", args)):
-                ratings.append({"question_id": q["question_id"], "turn": turn, "category": q["category"], "rating": rating})
+    items, meta = [], []  # every request is made (and its prompt filled) before any is sent
+    for q in questions:
+        qid, a = str(q["question_id"]), history[str(q["question_id"])]
+        with_reference = q["category"] in bench.MTBENCH_REFERENCE_CATEGORIES
+        ref = references.get(qid, [])
+        for turn in (1, 2)[:len(q["turns"])]:
+            fields = ({"question": q["turns"][0], "answer": a[0]} if turn == 1 else
+                      {"question_1": q["turns"][0], "answer_1": a[0], "question_2": q["turns"][1], "answer_2": a[1]})
+            if with_reference:
+                fields.update({f"ref_answer_{i + 1}": r for i, r in enumerate(ref[:turn])})
+            items.append(request(prompts[(turn, with_reference)], a[turn - 1], f"{qid}-{turn}", **fields))
+            meta.append({"question_id": q["question_id"], "turn": turn, "category": q["category"]})
+    judge = make_judge(args)
+    ratings = [{**m, "rating": r} for m, r in zip(meta, judged(judge, items, bench.parse_rating, "mtbench", args))]
     scores = bench.mtbench_scores(ratings)
-    result = headline("mtbench", scores["overall"], "mean", [r["rating"] for r in ratings], turn_1=scores["turn_1"],
-                      turn_2=scores["turn_2"], by_category=scores["by_category"], ratings=ratings,
-                      distractor_image=args.distractor_image, judge={n: j.info for n, j in judges.items()})
+    result = headline("mtbench", scores["overall"], "mean", [r["rating"] for r in ratings if r["rating"] != -1],
+                      turn_1=scores["turn_1"], turn_2=scores["turn_2"], unrated=scores["unrated"],
+                      by_category=scores["by_category"], ratings=ratings, distractor_image=args.distractor_image,
+                      sampling="greedy" if args.greedy else "FastChat's per-category temperatures",
+                      judge=judge.info(*prompts.values()))
     return finish(args, "mtbench", result, f"overall {scores['overall']:.2f} (turn 1 {scores['turn_1']:.2f}, "
-                                           f"turn 2 {scores['turn_2']:.2f})")
+                                           f"turn 2 {scores['turn_2']:.2f}; {scores['unrated']} judgments without a rating)")
 
 
 def run_alpaca_eval(args) -> dict:
@@ -312,17 +423,16 @@ def run_alpaca_eval(args) -> dict:
     outputs = [{"instruction": r["instruction"], "output": texts[str(i)], "generator": model_name(args),
                 "dataset": r.get("dataset", "")} for i, r in enumerate(data)]
     write_json(folder(args, "alpaca_eval") / "model_outputs.json", outputs)  # alpaca_eval's own input format
-    judge = make_judge(args, "alpaca_eval")
+    judge, prompt = make_judge(args), judge_prompt(args, "alpaca_eval")
     items, ours_first = [], []
     for i, r in enumerate(data):
         first = random.Random(hashlib.sha256(r["instruction"].encode()).digest()).random() < 0.5
         a, b = (texts[str(i)], r["output"]) if first else (r["output"], texts[str(i)])
-        items.append({"id": str(i), "answer": f"(a) {a}\n(b) {b}",
-                      "prompt": judge.fill(instruction=r["instruction"], output_a=a, output_b=b)})
+        items.append(request(prompt, f"(a) {a}\n(b) {b}", str(i), instruction=r["instruction"], output_a=a, output_b=b))
         ours_first.append(first)
     picks = judged(judge, items, bench.parse_preference, "alpaca_eval", args)
     wins = [float((p == "a") == first) for p, first in zip(picks, ours_first)]
-    result = headline("alpaca_eval", bench.win_rate(wins), "mean_percent", wins, judge=judge.info)
+    result = headline("alpaca_eval", bench.win_rate(wins), "mean_percent", wins, judge=judge.info(prompt))
     return finish(args, "alpaca_eval", result, f"win rate {bench.win_rate(wins):.1f}% over {len(wins)} instructions")
 
 
@@ -384,7 +494,8 @@ def parse(argv=None):
         a = s.add_argument
         a("--model", required=True, help="checkpoint folder")
         a("--out", required=True, help="run folder for this model: results go to OUT/<benchmark>/")
-        a("--model-name", help="name written into answer files (default: the checkpoint folder's name)")
+        a("--model-id", "--model-name", dest="model_name", help="the model's name in answer files (MT-Bench: "
+          "model_answer/<model id>.jsonl, as FastChat names it; default: the checkpoint folder's name)")
         a("--vision-tower", help="CLIP folder, for original LLaVA checkpoints")
         a("--template", default="vicuna_v1", choices=["vicuna_v1", "llava_v1"])
         a("--image-mode", default="pad", choices=["pad", "crop"])
@@ -400,7 +511,8 @@ def parse(argv=None):
         j.add_argument("--judge-url", default="https://api.openai.com/v1")
         j.add_argument("--judge-model", default="gpt-4o")
         j.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
-        j.add_argument("--judge-prompt", help="a prompt file to use instead of ours (tinyalign/judge_prompts/)")
+        j.add_argument("--judge-prompt", help="the official prompts instead of ours (tinyalign/judge_prompts/): "
+                       "FastChat's judge_prompts.jsonl (MT-Bench), LLaVA's rule.json (LLaVA-Bench), or a text file")
         j.add_argument("--judge-cache", default=str(Path.home() / ".cache" / "tinyalign" / "judgments.jsonl"))
         j.add_argument("--judge-workers", type=int, default=4, help="requests in flight at once")
         j.add_argument("--judge-timeout", type=float, default=120.0)
@@ -409,7 +521,9 @@ def parse(argv=None):
         if name in ("pope", "mmbench"):
             a("--prompt-suffix", help="text after the question (default: LLaVA-1.5's short-answer instruction)")
         if name == "pope":
-            a("--pope-dir", required=True, help="folder with coco_pope_{adversarial,popular,random}.json")
+            a("--pope-dir", required=True, help="folder with coco_pope_{adversarial,popular,random}.json (the labels)")
+            a("--questions", help="LLaVA's combined question file (llava_pope_test.jsonl: ids, images, text, "
+                                  "category); default: the questions of the split files")
         if name == "mmbench":
             a("--tsv", required=True, help="mmbench_dev_*.tsv (scored) or mmbench_test_*.tsv (submission only)")
         if name in ("mmvet", "mtbench"):
@@ -419,6 +533,9 @@ def parse(argv=None):
         if name == "mtbench":
             a("--references", help="FastChat reference answers (model-answer JSONL, e.g. gpt-4.jsonl)")
             a("--distractor-image", help="an unrelated image put in the first turn (the paper's robustness test)")
+            a("--greedy", action="store_true", help="answer every category greedily (default: FastChat's "
+                                                       "per-category sampling temperatures)")
+            a("--seed", type=int, default=0, help="seed of the sampled answers")
         if name in ("alpaca-eval", "preference"):
             a("--data", required=True)
         if name == "preference":

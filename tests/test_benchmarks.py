@@ -16,14 +16,31 @@ from tinyalign.evaluation import bootstrap_ci, f1_of, relative_of
 
 @pytest.mark.parametrize("answer, expected", [
     ("Yes", "yes"), ("yes.", "yes"), ("No", "no"), ("no", "no"),
-    ("No, there is not a dog in the image.", "no"),
+    ("No, there is not a dog in the image.", "no"),  # comma removed: "No" is a word
     ("There is not a dog.", "no"),
     ("Yes, there is a dog. No other animals are visible.", "yes"),  # only the first sentence counts
-    ("Yes, but not clearly.", "no"),  # "not" in the first sentence: the scripts' rule says no
-    ("NO.", "no"), ("A dog is there", "yes"),
+    ("Yes, but not clearly.", "no"),  # "not" in the first sentence
+    # Exact words only, case and punctuation included: all of these are "yes" to the official rule.
+    ("No!", "yes"), ("NO", "yes"), ("Not at all.", "yes"), ("(no)", "yes"), ("No;", "yes"),
+    ("NO.", "yes"), ("no\nthere is none", "yes"), ("A dog is there", "yes"),
+    ("There's no dog", "no"), ("no. Not sure.", "no"),
 ])
-def test_pope_yes_no_extraction(answer, expected):
+def test_pope_yes_no_is_the_official_rule(answer, expected):
+    """LLaVA's llava/eval/eval_pope.py lines 11-20 (c121f04) and POPE's evaluate.py lines 12-21
+    (AoiDragon/POPE f3ec604): text before the first ".", commas removed, split on " ", "no" iff a word
+    is exactly "No", "not" or "no"."""
     assert bench.yes_or_no(answer) == expected
+
+
+def test_pope_accuracy_on_answers_the_old_rule_got_wrong():
+    """26 answers, 13 of them truly "no" but written so the official rule reads them as "yes".
+    Worked by hand with the rule: 12 of 26 right."""
+    answers = ["No!", "NO", "Not at all.", "(no)", "No;", "NO.", "Nope", "No:", "No?", "NOT", "Not really",
+               "no!", "(No)"] + ["Yes"] * 8 + ["No"] * 4 + ["Yes."]
+    labels = ["no"] * 13 + ["yes"] * 8 + ["no"] * 4 + ["no"]
+    predictions = [bench.yes_or_no(a) for a in answers]
+    assert predictions[:13] == ["yes"] * 13 and predictions[-5:] == ["no"] * 4 + ["yes"]
+    assert bench.pope_metrics(predictions, labels)["accuracy"] == pytest.approx(12 / 26)
 
 
 def test_pope_metrics_by_hand():
@@ -50,21 +67,48 @@ def test_pope_reader_names_a_bad_label(tmp_path):
         bench.read_pope(path)
 
 
+def test_llava_pope_question_file_takes_labels_by_position(tmp_path):
+    """LLaVA's llava/eval/eval_pope.py lines 74-80: the answers of category c, in file order, are
+    scored against coco_pope_c.json's labels in file order."""
+    for split, labels in [("random", ["yes", "no"]), ("popular", ["no"])]:
+        (tmp_path / f"coco_pope_{split}.json").write_text("".join(json.dumps(
+            {"question_id": i + 1, "image": "x.jpg", "text": "?", "label": lab}) + "\n" for i, lab in enumerate(labels)))
+    suffix = bench.POPE_SUFFIX
+    questions = [{"question_id": 10, "image": "a.jpg", "text": "Is there a cat?" + suffix, "category": "random"},
+                 {"question_id": 11, "image": "b.jpg", "text": "Is there a dog?" + suffix, "category": "popular"},
+                 {"question_id": 12, "image": "c.jpg", "text": "Is there a cow?" + suffix, "category": "random"}]
+    path = tmp_path / "llava_pope_test.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    splits = bench.read_llava_pope(path, tmp_path)
+    assert [(q["question_id"], q["label"]) for q in splits["random"]] == [(10, "yes"), (12, "no")]
+    assert [(q["question_id"], q["label"]) for q in splits["popular"]] == [(11, "no")]
+    path.write_text("".join(json.dumps(q) + "\n" for q in questions[:2]))
+    with pytest.raises(bench.BenchmarkError, match=r"1 questions of category 'random' but 2 labels"):
+        bench.read_llava_pope(path, tmp_path)
+
+
 # ---- MMBench ------------------------------------------------------------------------------------
 
 OPTIONS = ["a cat", "a dog", "a bird", "a fish"]
 
 
 @pytest.mark.parametrize("answer, expected", [
-    ("B", "B"), ("(B)", "B"), ("B.", "B"), (" c ", "C") if False else ("C", "C"),
-    ("The answer is (B).", "B"), ("The answer is B, a dog.", "B"), ("Answer: D", "D"),
-    ("B. a dog", "B"), ("It is a bird.", "C"),
-    ("It could be a cat or a dog.", None),  # two options named: no answer
-    ("The answer is A or option B.", None),  # two letters stated: no answer
+    ("B", "B"), ("(B)", "B"), ("B.", "B"), ("C", "C"), ("I think B", "B"), ("B is correct", "B"),
+    ("The answer is (B).", "B"), ("Answer: D", "D"), ("B. a dog", "B"),
+    ("It is a bird.", "C"),  # no letter: the one option whose text is in the answer
+    ("A dog is in the picture.", "B"),  # "A" too far from the end to be the letter; the text names a dog
+    ("It could be a cat or a dog.", None),  # two options' texts: no verdict
+    ("The answer is A or option B.", "A"),  # two letters, but "answer is A" states one
     ("I cannot tell.", None),
-    ("A dog is in the picture.", "B"),  # the article "A" is not the letter A
+    ("Cannot determine the answer", "Z"),  # a refusal: an answer, and a wrong one
+    ("B is the right choice because the animal has four legs, fur and a loud bark.", None),  # letter too early, too long
+    ("the correct answer is **c**", "C"),
 ])
-def test_mmbench_option_extraction(answer, expected):
+def test_mmbench_option_extraction_is_vlmevalkits_exact_matching(answer, expected):
+    """VLMEvalKit vlmeval/utils/matching_util.py at e8e78f0: `can_infer_option` (lines 18-61: the one
+    option letter among the last four words of the answer with .()[],:;!*#{} made spaces; "Z" for a
+    refusal; else "answer is X"), then `can_infer_text` (lines 107-121: the one option whose text the
+    answer contains, if the answer is at most twice as long as all options)."""
     assert bench.extract_option(answer, OPTIONS) == expected
 
 
@@ -73,23 +117,37 @@ def test_mmbench_letter_beyond_the_options_is_not_an_answer():
     assert bench.extract_option("C", ["yes", "no", "maybe"]) == "C"
 
 
-def test_rotation_moves_the_right_answer():
-    assert bench.rotate(OPTIONS, "B", 0) == (OPTIONS, "B")
-    assert bench.rotate(OPTIONS, "B", 1) == (["a dog", "a bird", "a fish", "a cat"], "A")
-    assert bench.rotate(OPTIONS, "B", 2) == (["a bird", "a fish", "a cat", "a dog"], "D")
-    assert bench.rotate(OPTIONS, None, 3)[1] is None
+def circular_rows(question_answers):
+    """Rows of an MMBench file in the released layout: question g's rotations are rows g, g + 1e6, ..."""
+    rows = []
+    for g, (category, answers) in enumerate(question_answers):
+        for k, answer in enumerate(answers):
+            rows.append({"index": g + k * 1_000_000, "options": OPTIONS, "answer": answer, "category": category,
+                         "l2_category": "perception"})
+    return rows
 
 
-def test_circular_scoring_by_hand():
-    questions = [{"index": "1", "options": OPTIONS, "answer": "B", "category": "x"},
-                 {"index": "2", "options": ["yes", "no"], "answer": "A", "category": "y"}]
-    # Question 1: right in every rotation (B, A, D, C). Question 2: right unrotated (A), wrong rotated.
-    predictions = {("1", 0): "B", ("1", 1): "A", ("1", 2): "D", ("1", 3): "C", ("2", 0): "A", ("2", 1): "A"}
-    s = bench.mmbench_scores(questions, predictions)
-    assert s["circular_accuracy"] == 0.5 and s["single_accuracy"] == 1.0
-    assert s["by_category"] == {"x": 1.0, "y": 0.0}
-    predictions[("1", 2)] = None  # one unanswered rotation fails the whole question
-    assert bench.mmbench_scores(questions, predictions)["circular_accuracy"] == 0.0
+def test_circular_groups_by_index_modulo_a_million():
+    """VLMEvalKit vlmeval/dataset/utils/multiple_choice.py `mcq_circular_eval` (lines 511-536): rows
+    grouped by index % 1e6; in exact matching a group is right only if every row's extracted option
+    is its answer. 5 questions in 15 rows, 13 rows right, one question with a wrong row: 80.00% (a
+    row-by-row score would say 86.67%)."""
+    rows = circular_rows([("x", "BADC"), ("x", "CD"), ("y", "ABC"), ("y", "DCBA"), ("y", "AB")])
+    predictions = {r["index"]: r["answer"] for r in rows}
+    predictions[2_000_003] = "C"  # question 3, third rotation: wrong
+    predictions[1_000_003] = None  # ... and its second rotation had no readable option: still one group
+    s = bench.mmbench_scores(rows, predictions)
+    assert len(rows) == 15 and s["accuracy"] == pytest.approx(0.8) and s["row_accuracy"] == pytest.approx(13 / 15)
+    assert s["by_category"] == pytest.approx({"x": 1.0, "y": 2 / 3})
+    assert s["by_l2_category"] == pytest.approx({"perception": 0.8})
+    assert [q["rows"] for q in s["per_question"]] == [4, 2, 3, 4, 2]
+
+
+def test_a_group_without_its_main_row_is_left_out():
+    rows = circular_rows([("x", "BA")])
+    rows.append({"index": 1_000_007, "options": OPTIONS, "answer": "A", "category": "x", "l2_category": None})
+    s = bench.mmbench_scores(rows, {r["index"]: r["answer"] for r in rows})
+    assert [q["index"] for q in s["per_question"]] == [0]
 
 
 def mmbench_tsv(path, rows):
@@ -104,15 +162,21 @@ def mmbench_tsv(path, rows):
 def test_mmbench_reader(tmp_path):
     path = tmp_path / "mmbench_dev.tsv"
     mmbench_tsv(path, [("0", "What is it?", "nan", "cat", "dog", "", "", "B", "animals"),
-                       ("1", "Which colour?", "Look closely.", "red", "green", "blue", "yellow", "A", "colour")])
+                       ("1", "Which colour?", "Look closely.", "red", "green", "blue", "yellow", "A", "colour"),
+                       ("1000001", "Which colour?", "Look closely.", "green", "blue", "yellow", "red", "D", "colour")])
     q = bench.read_mmbench(path)
-    assert q[0]["options"] == ["cat", "dog"] and q[0]["hint"] == "" and q[0]["answer"] == "B"
+    assert q[0]["options"] == ["cat", "dog"] and q[0]["hint"] == "" and q[0]["answer"] == "B" and q[0]["index"] == 0
     assert q[1]["options"] == ["red", "green", "blue", "yellow"] and q[1]["hint"] == "Look closely."
+    assert q[2]["index"] == 1_000_001 and q[2]["answer"] == "D"
     assert Image.open(io.BytesIO(q[1]["image"])).size == (8, 8)
-    assert bench.mmbench_prompt(q[1], q[1]["options"]) == (
+    # LLaVA's llava/eval/model_vqa_mmbench.py lines 86-99: hint, question, "A. ..." lines, the instruction.
+    assert bench.mmbench_prompt(q[1]) == (
         "<image>\nLook closely.\nWhich colour?\nA. red\nB. green\nC. blue\nD. yellow\n" + bench.MMBENCH_SUFFIX)
     mmbench_tsv(path, [("7", "What is it?", "", "cat", "dog", "", "", "C", "animals")])
     with pytest.raises(bench.BenchmarkError, match=r"line 2 \(index 7\): answer 'C'"):
+        bench.read_mmbench(path)
+    mmbench_tsv(path, [("seven", "What is it?", "", "cat", "dog", "", "", "A", "animals")])
+    with pytest.raises(bench.BenchmarkError, match=r"line 2: index 'seven' is not a number"):
         bench.read_mmbench(path)
 
 
@@ -125,19 +189,38 @@ def test_judge_reply_parsers():
         bench.parse_unit_score("I think 0.5 fits.\nThis answer is good")
     with pytest.raises(ValueError):
         bench.parse_unit_score("7")
-    assert bench.parse_pair_scores("8 6\nAssistant 1 is more detailed.") == (8.0, 6.0)
-    with pytest.raises(ValueError):
-        bench.parse_pair_scores("Assistant 1 gets 8.\n6")
-    assert bench.parse_rating("Solid answer. Rating: [[7]]") == 7.0
-    assert bench.parse_rating("Rating: [8.5]") == 8.5
-    with pytest.raises(ValueError):
-        bench.parse_rating("Rating: 7/10")
-    with pytest.raises(ValueError):
-        bench.parse_rating("Rating: [[11]]")
     assert bench.parse_preference("Output (b) is clearer.\nb") == "b"
     assert bench.parse_preference("Reasoning...\nOutput (a)") == "a"
     with pytest.raises(ValueError):
         bench.parse_preference("Both are fine: a and b")
+
+
+@pytest.mark.parametrize("reply, rating", [
+    ("Solid answer. Rating: [[7]]", 7.0), ("Rating: [[7.]]", 7.0), ("Rating: [[0]]", 0.0),
+    ("Rating: [8.5]", 8.5), ("Rating: [[3]]. Had it been shorter: [[9]]", 3.0),  # the first one
+    ("[4] is a citation; Rating: [[6]]", 6.0),  # "[[n]]" first, "[n]" only as the fallback
+    ("Rating: [[11]]", 11.0),  # FastChat does not check the range
+    ("Rating: 7/10", -1.0), ("Rating: [[seven]]", -1.0),
+])
+def test_mtbench_rating_is_fastchats(reply, rating):
+    """FastChat fastchat/llm_judge/common.py at 0e6d3e4: one_score_pattern "\\[\\[(\\d+\\.?\\d*)\\]\\]", then
+    one_score_pattern_backup "\\[(\\d+\\.?\\d*)\\]" (lines 36-37), re.search (the first match), -1 when
+    neither matches (lines 175-183)."""
+    assert bench.parse_rating(reply) == rating
+
+
+@pytest.mark.parametrize("reply, scores", [
+    ("8 6\nAssistant 1 is more detailed.", (8.0, 6.0)), ("8,6\nbecause", (8.0, 6.0)), ("7.5 9", (7.5, 9.0)),
+    ("8, 6\nbecause", None), ("Assistant 1 gets 8.\n6", None), ("8 6 5", None),
+])
+def test_llava_bench_scores_are_llavas_parse(reply, scores):
+    """LLaVA's llava/eval/eval_gpt_review_bench.py `parse_score` (lines 36-47): first line, "," -> " ",
+    split(" "), exactly two numbers ("8, 6" splits into three parts: not parsed, as there)."""
+    if scores is None:
+        with pytest.raises(ValueError):
+            bench.parse_pair_scores(reply)
+    else:
+        assert bench.parse_pair_scores(reply) == scores
 
 
 def test_mmvet_scores_by_hand():
@@ -162,10 +245,10 @@ def test_mtbench_averages_by_hand():
                {"question_id": 111, "turn": 1, "category": "math", "rating": 3},
                {"question_id": 111, "turn": 2, "category": "math", "rating": 2},
                {"question_id": 112, "turn": 1, "category": "math", "rating": 10}]
-    s = bench.mtbench_scores(ratings)
+    s = bench.mtbench_scores(ratings + [{"question_id": 112, "turn": 2, "category": "math", "rating": -1}])
     assert s["turn_1"] == pytest.approx(7.0) and s["turn_2"] == pytest.approx(4.0)
-    assert s["overall"] == pytest.approx(29 / 5)
-    assert s["by_category"] == pytest.approx({"math": 5.0, "writing": 7.0})
+    assert s["overall"] == pytest.approx(29 / 5)  # the unrated judgment (-1) left out, as show_result.py does
+    assert s["by_category"] == pytest.approx({"math": 5.0, "writing": 7.0}) and s["unrated"] == 1
 
 
 def test_win_rate_by_hand():

@@ -84,12 +84,35 @@ def read_pope(path) -> list[dict]:
     return records
 
 
+def read_llava_pope(question_file, pope_dir) -> dict[str, list[dict]]:
+    """LLaVA's combined question file (`llava_pope_test.jsonl`: question_id, image, text, category) with
+    each question's label from POPE's file of its category, {split: [question...]}. The labels pair up
+    by position within a category, as LLaVA's llava/eval/eval_pope.py (lines 75-79) pairs them: the
+    k-th question of category c takes the label of the k-th line of coco_pope_c.json."""
+    questions = read_jsonl(question_file)
+    by_split = {}
+    for n, q in enumerate(questions, 1):
+        require(q, ["question_id", "image", "text", "category"], f"{question_file} record {n}")
+        by_split.setdefault(q["category"], []).append(dict(q))
+    for split, rows in by_split.items():
+        label_file = Path(pope_dir) / f"coco_pope_{split}.json"
+        labels = read_pope(label_file)
+        if len(labels) != len(rows):
+            raise BenchmarkError(f"{question_file}: {len(rows)} questions of category {split!r} but {len(labels)} "
+                                 f"labels in {label_file}; LLaVA pairs them by position, so the counts must agree")
+        for row, label in zip(rows, labels):
+            row["label"] = label["label"]
+    return by_split
+
+
 def yes_or_no(answer: str) -> str:
-    """The first sentence says no (a word "no" or "not") -> "no"; anything else -> "yes".
-    The rule of the POPE scripts LLaVA-1.5 was scored with, restated."""
+    """POPE's yes/no rule, as LLaVA's llava/eval/eval_pope.py (lines 11-20) and POPE's own evaluate.py
+    both write it: keep the text before the first "." (all of it if there is none), remove commas,
+    split on single spaces; "no" if one of the words is exactly "No", "not" or "no", else "yes".
+    Case and other punctuation count: "NO", "No!", "(no)", "Not at all" are all "yes"."""
     first = answer.split(".")[0]
-    words = {w.strip(",;:!?\"'()").lower() for w in first.split()}
-    return "no" if words & {"no", "not"} else "yes"
+    words = first.replace(",", "").split(" ")
+    return "no" if "No" in words or "not" in words or "no" in words else "yes"
 
 
 def pope_metrics(predictions: list[str], labels: list[str]) -> dict:
@@ -109,96 +132,134 @@ def pope_metrics(predictions: list[str], labels: list[str]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# MMBench: multiple choice, scored with circular evaluation
+# MMBench: multiple choice, circular evaluation. The released TSVs already hold every circular
+# pass as a row of its own: rows index, index + 1e6, index + 2e6, ... are one question with its
+# options rotated. Each row is answered once (as LLaVA does); a question counts as right only if
+# every row of its group is (OpenCompass / VLMEvalKit `mcq_circular_eval`).
 # ---------------------------------------------------------------------------------------------
 
 LETTERS = "ABCD"
 MMBENCH_SUFFIX = "Answer with the option's letter from the given choices directly."
+CIRCULAR_STRIDE = 1_000_000  # VLMEvalKit: g_index = int(index % 1e6)
+
+
+def _missing(value) -> bool:
+    """An empty cell, as pandas reads it (NaN) from the official TSVs."""
+    return value is None or value.strip() in ("", "nan", "NaN")
 
 
 def read_mmbench(path) -> list[dict]:
-    """-> [{index, question, hint, options: [text...], answer (letter or None), category, image (bytes)}]."""
+    """-> one dict per row: {index (int), question, hint, options: [text...], answer (letter or None),
+    category, l2_category, image (bytes), row (the TSV's other columns)}."""
     path = Path(path)
     if not path.exists():
         raise BenchmarkError(f"{path}: file not found")
     csv.field_size_limit(sys.maxsize)  # one field holds a whole base64 image
     rows = list(csv.DictReader(io.StringIO(path.read_text()), delimiter="\t"))
-    questions = []
+    out = []
     for n, row in enumerate(rows, 2):  # line 1 is the header
         where = f"{path} line {n}"
         require(row, ["index", "question", "A", "B", "image"], where)
-        options = [row[k] for k in LETTERS if row.get(k) not in (None, "", "nan")]
-        answer = (row.get("answer") or "").strip() or None
+        try:
+            index = int(float(row["index"]))
+        except ValueError:
+            raise BenchmarkError(f"{where}: index {row['index']!r} is not a number") from None
+        options = []
+        for letter in LETTERS:  # LLaVA's get_options: up to the first empty option
+            if _missing(row.get(letter)):
+                break
+            options.append(row[letter])
+        answer = None if _missing(row.get("answer")) else row["answer"].strip()
         if answer is not None and answer not in LETTERS[:len(options)]:
-            raise BenchmarkError(f"{where} (index {row['index']}): answer {answer!r} is not one of the options "
+            raise BenchmarkError(f"{where} (index {index}): answer {answer!r} is not one of the options "
                                  f"{list(LETTERS[:len(options)])}")
         try:
             image = base64.b64decode(row["image"], validate=True)
         except ValueError:
-            raise BenchmarkError(f"{where} (index {row['index']}): the image column is not base64") from None
-        hint = row.get("hint") or ""
-        questions.append({"index": row["index"], "question": row["question"], "options": options, "answer": answer,
-                          "hint": "" if hint == "nan" else hint, "category": row.get("category") or "all",
-                          "image": image, "row": {k: v for k, v in row.items() if k != "image"}})
-    return questions
+            raise BenchmarkError(f"{where} (index {index}): the image column is not base64") from None
+        out.append({"index": index, "question": row["question"], "options": options, "answer": answer,
+                    "hint": "" if _missing(row.get("hint")) else row["hint"],
+                    "category": row.get("category") or "all", "l2_category": row.get("l2-category") or None,
+                    "image": image, "row": {k: v for k, v in row.items() if k != "image"}})
+    return out
 
 
-def rotate(options: list[str], answer: str | None, shift: int) -> tuple[list[str], str | None]:
-    """Circular evaluation: the options moved `shift` places, and where the right one went."""
-    rotated = options[shift:] + options[:shift]
-    if answer is None:
-        return rotated, None
-    right = options[LETTERS.index(answer)]
-    return rotated, LETTERS[rotated.index(right)]
-
-
-def mmbench_prompt(question: dict, options: list[str], suffix: str | None = None) -> str:
-    """Hint, question, lettered options, then the instruction to answer with a letter."""
-    lines = ([question["hint"]] if question["hint"] else []) + [question["question"]]
-    lines += [f"{letter}. {text}" for letter, text in zip(LETTERS, options)]
+def mmbench_prompt(row: dict, suffix: str | None = None) -> str:
+    """LLaVA's llava/eval/model_vqa_mmbench.py (lines 86-98): hint, question, "A. ..." per option, the
+    image first, then the single-prediction instruction."""
+    lines = ([row["hint"]] if row["hint"] else []) + [row["question"]]
+    lines += [f"{letter}. {text}" for letter, text in zip(LETTERS, row["options"])]
     suffix = "\n" + MMBENCH_SUFFIX if suffix is None else suffix
     return "<image>\n" + "\n".join(lines) + suffix
 
 
-def extract_option(answer: str, options: list[str]) -> str | None:
-    """The option letter a free-text answer picks, or None when it picks none or several.
+# VLMEvalKit vlmeval/utils/matching_util.py (`can_infer_option`, `can_infer_text`, `can_infer`), restated.
+REFUSALS = ["Sorry, I can't help with images of people yet.", "I can't process this file.",
+            "I'm sorry, but without the image provided", "Cannot determine the answer"]
+STATED_ANSWER = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
 
-    In order: a bare letter ("B", "(B)", "B."); an explicit statement ("the answer is (B)",
-    "option B"); a letter opening the answer ("B. a cat"); the one option whose text the answer
-    contains. Naming two options is no answer (scored wrong)."""
-    letters = LETTERS[:len(options)]
-    text = answer.strip()
-    bare = re.fullmatch(rf"\(?([{letters}])\)?[.:)]?", text)
-    if bare:
-        return bare.group(1)
-    stated = set(re.findall(rf"(?:answer is|answer:|option|choice)\s*:?\s*\(?([{letters}])\b\)?", text, re.I))
-    stated = {s.upper() for s in stated if s.upper() in letters}
-    if len(stated) == 1:
-        return stated.pop()
-    if len(stated) > 1:
+
+def option_from_letters(answer: str, letters: str) -> str | None:
+    """The option letter an answer names, or "Z" (refused / names none but "Z"), or None (no verdict).
+    Punctuation .()[],:;!*#{} becomes spaces and the text is split into words; exactly one word that
+    is an option letter, among the last four words, is the answer; else "the answer is X"."""
+    if "Failed to obtain answer via API" in answer:
         return None
-    opening = re.match(rf"\(?([{letters}])[.:)]\s", text + " ")
-    if opening:
-        return opening.group(1)
-    named = [letter for letter, option in zip(letters, options) if option and option.lower() in text.lower()]
-    return named[0] if len(named) == 1 else None
+    if any(refusal in answer for refusal in REFUSALS):
+        return "Z"
+    words = re.sub(r"[.()\[\],:;!*#{}]", " ", answer).split()
+    named = [letter for letter in letters if letter in words]
+    if len(named) == 1 and words.index(named[0]) > len(words) - 5:
+        return named[0]
+    if not named and "Z" in words:
+        return "Z"
+    stated = STATED_ANSWER.search(answer)
+    if stated and stated.group(1).upper() in letters:
+        return stated.group(1).upper()
+    return None
 
 
-def mmbench_scores(questions: list[dict], predictions: dict) -> dict:
-    """predictions: {(index, shift): letter or None}. A question counts as right only when every
-    rotation of its options was answered right (circular evaluation); also the plain accuracy of
-    the unrotated question and the accuracy per category."""
-    per_question, by_category = [], {}
-    for q in questions:
-        shifts = range(len(q["options"]))
-        right = [predictions[(q["index"], s)] == rotate(q["options"], q["answer"], s)[1] for s in shifts]
-        per_question.append({"index": q["index"], "category": q["category"], "circular": all(right),
-                             "single": right[0]})
-        by_category.setdefault(q["category"], []).append(all(right))
+def option_from_text(answer: str, options: list[str]) -> str | None:
+    """The one option whose text the answer contains (lower-cased), unless the answer is longer than
+    twice all the options together."""
+    answer = answer.lower()
+    if len(answer) > 2 * sum(len(o) for o in options):
+        return None
+    found = [letter for letter, option in zip(LETTERS, options) if option.lower() in answer]
+    return found[0] if len(found) == 1 else None
+
+
+def extract_option(answer: str, options: list[str]) -> str | None:
+    """The option a free-text answer picks (VLMEvalKit's exact-matching `can_infer`): by its letter,
+    else by its text; "Z" for a refusal; None when it cannot tell (scored wrong, as the official
+    exact-matching mode scores it)."""
+    return option_from_letters(answer, LETTERS[:len(options)]) or option_from_text(answer, options)
+
+
+def mmbench_scores(rows: list[dict], predictions: dict) -> dict:
+    """predictions: {row index: letter or None}. Rows are grouped by index % 1e6; a group is right
+    only if every one of its rows is (circular evaluation; a file without circular rows has groups
+    of one). Overall, per l2-category and per category: the share of right groups, each group under
+    its main row's (index < 1e6) categories, as VLMEvalKit's `report_acc`."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(row["index"] % CIRCULAR_STRIDE, []).append(row)
+    per_question, by_category, by_l2 = [], {}, {}
+    for g_index, members in groups.items():
+        main = next((r for r in members if r["index"] == g_index), None)
+        if main is None:
+            continue  # VLMEvalKit keeps only groups whose main row is in the file
+        right = all(predictions[r["index"]] == r["answer"] for r in members)
+        per_question.append({"index": g_index, "category": main["category"], "rows": len(members), "right": right})
+        by_category.setdefault(main["category"], []).append(right)
+        if main["l2_category"]:
+            by_l2.setdefault(main["l2_category"], []).append(right)
     n = max(len(per_question), 1)
-    return {"circular_accuracy": sum(p["circular"] for p in per_question) / n,
-            "single_accuracy": sum(p["single"] for p in per_question) / n,
-            "by_category": {c: sum(v) / len(v) for c, v in sorted(by_category.items())},
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    return {"accuracy": sum(p["right"] for p in per_question) / n,
+            "row_accuracy": sum(predictions[r["index"]] == r["answer"] for r in rows) / max(len(rows), 1),
+            "by_category": {c: mean(v) for c, v in sorted(by_category.items())},
+            "by_l2_category": {c: mean(v) for c, v in sorted(by_l2.items())},
             "per_question": per_question}
 
 
@@ -255,15 +316,14 @@ def read_llava_bench(folder) -> list[dict]:
 
 
 def parse_pair_scores(reply: str) -> tuple[float, float]:
-    """LLaVA-Bench review: the first line holds two scores 1-10, the reference's then the model's."""
-    first = reply.strip().splitlines()[0] if reply.strip() else ""
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)[\s,]+(\d+(?:\.\d+)?)\s*", first)
-    if not found:
-        raise ValueError(f"expected only two scores on the first line, got {first!r}")
-    a, b = float(found.group(1)), float(found.group(2))
-    if not (1 <= a <= 10 and 1 <= b <= 10):
-        raise ValueError(f"scores must be 1-10, got {a} and {b}")
-    return a, b
+    """LLaVA-Bench review, LLaVA's llava/eval/eval_gpt_review_bench.py `parse_score` (lines 36-47): the
+    reply's first line, commas made spaces, split on single spaces, must be exactly two numbers (the
+    reference's score, then the model's). Where LLaVA then records [-1, -1] and averages it in, an
+    unparsable reply here is a failed try (retried, and reported if it never parses)."""
+    parts = reply.split("\n")[0].replace(",", " ").split(" ")
+    if len(parts) != 2:
+        raise ValueError(f"expected two scores on the first line, got {reply.split(chr(10))[0]!r}")
+    return float(parts[0]), float(parts[1])
 
 
 def relative_scores(reviews: list[dict]) -> dict:
@@ -277,7 +337,13 @@ def relative_scores(reviews: list[dict]) -> dict:
     return {"overall": relative(reviews), "by_category": {c: relative(rows) for c, rows in sorted(groups.items())}}
 
 
-MTBENCH_REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
+# FastChat fastchat/llm_judge/common.py: the categories judged with a reference answer (NEED_REF_CATS,
+# line 31) and the sampling temperature of each category's answers (temperature_config, lines 40-50;
+# below 1e-4 means greedy; a category not listed: 0.7, as fastchat/llm_judge/gen_model_answer.py does).
+MTBENCH_REFERENCE_CATEGORIES = ("math", "reasoning", "coding", "arena-hard-200")
+MTBENCH_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+                        "reasoning": 0.0, "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0}
+MTBENCH_DEFAULT_TEMPERATURE = 0.7
 
 
 def read_mtbench(path) -> list[dict]:
@@ -290,26 +356,30 @@ def read_mtbench(path) -> list[dict]:
 
 
 def parse_rating(reply: str) -> float:
-    """MT-Bench single-answer grading: "Rating: [[7]]" (1-10)."""
-    found = re.findall(r"\[\[(\d+(?:\.\d+)?)\]\]", reply) or re.findall(r"\[(\d+(?:\.\d+)?)\]", reply)
-    if not found:
-        raise ValueError(f"no [[rating]] in the reply: {reply[-120:]!r}")
-    rating = float(found[-1])
-    if not 1 <= rating <= 10:
-        raise ValueError(f"rating {rating} is outside 1-10")
-    return rating
+    """MT-Bench single-answer grading, as FastChat's fastchat/llm_judge/common.py does it (patterns at
+    lines 36-37, used at 175-183): the first "[[n]]", else the first "[n]", n digits with an optional
+    "." and decimals ("[[7.]]" is 7, "[[0]]" is 0). No rating: -1, which FastChat's show_result.py
+    (line 20) leaves out of every mean, as `mtbench_scores` does."""
+    for pattern in (r"\[\[(\d+\.?\d*)\]\]", r"\[(\d+\.?\d*)\]"):
+        found = re.search(pattern, reply)
+        if found:
+            return float(found.group(1))
+    return -1.0
 
 
 def mtbench_scores(ratings: list[dict]) -> dict:
-    """ratings [{question_id, turn (1|2), category, rating}] -> per-turn and overall means (the
-    overall is the mean over every judged turn, as FastChat's show_result reports)."""
+    """ratings [{question_id, turn (1|2), category, rating}] -> per-turn and overall means over the
+    rated judgments (rating -1, no rating found, left out as FastChat's show_result.py does; the
+    overall is the mean over every rated turn, lines 20-35 there)."""
+    rated = [r for r in ratings if r["rating"] != -1]
+
     def mean(rows):
         return sum(r["rating"] for r in rows) / len(rows) if rows else float("nan")
     by_category = {}
-    for r in ratings:
+    for r in rated:
         by_category.setdefault(r["category"], []).append(r)
-    return {"overall": mean(ratings), "turn_1": mean([r for r in ratings if r["turn"] == 1]),
-            "turn_2": mean([r for r in ratings if r["turn"] == 2]),
+    return {"overall": mean(rated), "turn_1": mean([r for r in rated if r["turn"] == 1]),
+            "turn_2": mean([r for r in rated if r["turn"] == 2]), "unrated": len(ratings) - len(rated),
             "by_category": {c: mean(rows) for c, rows in sorted(by_category.items())}}
 
 

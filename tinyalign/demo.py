@@ -212,8 +212,9 @@ def make_world(folder, seed: int = 0, n_sft: int = 4000, n_prompts: int = 1500, 
 def make_benchmarks(folder, seed: int = 7, n: int = 100) -> dict:
     """Shapes-world questions in the exact file formats eval.py reads, so it runs on the demo models
     on a CPU: POPE (yes/no: "is there a shape at the ... ?"), MMBench (a TSV with base64 images;
-    colour, shape and count as multiple choice) and held-out preference pairs (the right answer
-    chosen, a wrong one, the SFT data's usual mistake where there is one, rejected)."""
+    colour, shape and count as multiple choice, each question also in its circular rows index + k *
+    1e6 with the options rotated, as the released files are) and held-out preference pairs (the right
+    answer chosen, a wrong one, the SFT data's usual mistake where there is one, rejected)."""
     import base64
     import io
 
@@ -221,7 +222,8 @@ def make_benchmarks(folder, seed: int = 7, n: int = 100) -> dict:
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "pope").mkdir(exist_ok=True)
     rng = random.Random(seed)
-    pope, pairs, mmbench = [], [], ["\t".join(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"])]
+    pope, pairs = [], []
+    mmbench = ["\t".join(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "l2-category"])]
     options = {"color": list(COLORS), "shape": list(SHAPES), "count": list(NUMBERS.values())}
     for i in range(n):
         scene, cell = random_scene(rng), rng.randrange(4)
@@ -234,12 +236,14 @@ def make_benchmarks(folder, seed: int = 7, n: int = 100) -> dict:
         wrong = CONFUSIONS.get((kind, right)) or rng.choice(wrong_values(kind, right))
         pairs.append({"id": f"pair-{i}", "image": name, "prompt": "<image>\n" + question(kind),
                       "chosen": say(kind, right), "rejected": say(kind, wrong)})
-        choices = options[kind] + [""] * (4 - len(options[kind]))
         png = io.BytesIO()
         image.save(png, format="PNG")
-        answer = "ABCD"[options[kind].index(truth(scene, kind))]
-        mmbench.append("\t".join([str(i), question(kind), "", *choices, answer, kind,
-                                  base64.b64encode(png.getvalue()).decode()]))
+        encoded = base64.b64encode(png.getvalue()).decode()
+        for shift in range(len(options[kind])):  # circular rows: the options rotated by `shift`
+            rotated = options[kind][shift:] + options[kind][:shift]
+            answer = "ABCD"[rotated.index(truth(scene, kind))]
+            mmbench.append("\t".join([str(i + shift * 1_000_000), question(kind), "",
+                                      *(rotated + [""] * (4 - len(rotated))), answer, kind, encoded, "shapes"]))
     (folder / "pope" / "coco_pope_random.json").write_text("".join(json.dumps(r) + "\n" for r in pope))
     (folder / "mmbench_dev_shapes.tsv").write_text("\n".join(mmbench) + "\n")
     (folder / "preference_heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))

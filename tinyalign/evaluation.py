@@ -50,9 +50,12 @@ def read_generations(path) -> dict:
 
 @torch.no_grad()
 def generate_answers(model, processor, items: list[dict], path, max_new_tokens: int, batch_size: int = 8,
-                     steer: dict | None = None, steer_template: str = "tinyalign", desc: str = "generating") -> dict:
-    """Greedy answers for items {"id", "turns": [{"from", "value"}...] ending with a human turn,
-    "images": [path or PIL image, one per <image> tag]}; -> {id: text} for all items.
+                     steer: dict | None = None, steer_template: str = "tinyalign", desc: str = "generating",
+                     seed: int = 0) -> dict:
+    """Answers for items {"id", "turns": [{"from", "value"}...] ending with a human turn, "images":
+    [path or PIL image, one per <image> tag], "temperature"?}; -> {id: text} for all items. Greedy,
+    unless an item asks for a temperature (then sampled as transformers' `generate` samples by
+    default: top_k 50, from a generator seeded with `seed`).
 
     Items already in `path` are not generated again. With `steer` (SteerLM checkpoints) the
     ratings are written into the last question, the same way train_steerlm.py wrote them."""
@@ -73,15 +76,21 @@ def generate_answers(model, processor, items: list[dict], path, max_new_tokens: 
         # Only the item's own images are images: an "<image>" inside a benchmark's question is text.
         encoded[item["id"]] = processor.encode(turns, where=f"question {item['id']}",
                                                num_images=len(item.get("images", [])))
-    todo.sort(key=lambda item: len(encoded[item["id"]].input_ids))
+    temperature = {item["id"]: item.get("temperature", 0.0) for item in todo}
+    todo.sort(key=lambda item: (temperature[item["id"]], len(encoded[item["id"]].input_ids)))
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    batches = [[item for item in chunk if temperature[item["id"]] == t]  # one temperature per batch
+               for chunk in batches for t in sorted({temperature[item["id"]] for item in chunk})]
+    generator = torch.Generator(device=model.device).manual_seed(seed)
     with open(path, "a") as f, tqdm(total=len(todo), desc=desc, unit="answer") as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
+        for chunk in batches:
             batch = processor.collate([encoded[item["id"]] for item in chunk], padding_side="left")
             images = [image for item in chunk for image in item.get("images", [])]
             pixels = processor.images.batch(images).to(model.device) if images else None
+            t = temperature[chunk[0]["id"]]
             out = generate(model, batch["input_ids"].to(model.device), pixels, batch["attention_mask"].to(model.device),
-                           max_new_tokens=max_new_tokens, pad_token_id=processor.pad_token_id)
+                           max_new_tokens=max_new_tokens, pad_token_id=processor.pad_token_id,
+                           temperature=t if t >= 1e-4 else 0.0, top_k=50, generator=generator)
             for item, row in zip(chunk, out.tolist()):
                 if processor.eos_token_id in row:
                     row = row[: row.index(processor.eos_token_id)]

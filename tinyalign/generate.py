@@ -15,11 +15,16 @@ from .llama import KVCache
 CHECK_EVERY = 8  # decoding steps between checks whether every row has finished
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """logits [B, V] -> next ids [B]. temperature 0 is greedy (argmax)."""
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None, top_k: int = 0) -> torch.Tensor:
+    """logits [B, V] -> next ids [B]. temperature 0 is greedy (argmax); top_k > 0 keeps the k most
+    likely tokens (transformers samples with top_k=50 unless told otherwise), then top_p."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         # Keep the smallest set of most likely tokens whose mass reaches top_p (Holtzman et al. 2019).
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -73,8 +78,9 @@ def compiled_decoder(model, batch: int, max_len: int):
 
 @torch.no_grad()
 def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 128,
-             temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int = 2, pad_token_id: int = 0,
-             generator: torch.Generator | None = None, compile_step: bool = False) -> torch.Tensor:
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_token_id: int = 2,
+             pad_token_id: int = 0, generator: torch.Generator | None = None,
+             compile_step: bool = False) -> torch.Tensor:
     """input_ids [B, T] (left-padded) -> new tokens [B, <= max_new_tokens]. A row stops at its first
     </s> (kept in the output) and is padded with pad_token_id after it. compile_step: decode through
     `compiled_decode_step` (worth it for long answers on a GPU; the first call compiles)."""
@@ -102,7 +108,7 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
     length = torch.full((), max_new_tokens, dtype=torch.long, device=device)  # tokens until every row is done
     slot = torch.tensor([T], device=device)  # the cache slot of the token being fed
     for step in range(max_new_tokens):
-        token = sample_next(logits[:, -1], temperature, top_p, generator)
+        token = sample_next(logits[:, -1], temperature, top_p, generator, top_k)
         token = token.masked_fill(done, pad_token_id)
         out[:, step] = token
         done |= token == eos_token_id

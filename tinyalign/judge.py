@@ -15,11 +15,13 @@ import base64
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,17 +34,83 @@ class JudgeError(RuntimeError):
     """The judge did not give a usable reply, even after retries."""
 
 
-def read_prompt(name_or_path: str) -> tuple[str, str]:
-    """A judge prompt file -> (text, version). Ours live in tinyalign/judge_prompts/ (by name); a user
-    may pass any file (e.g. the benchmark's own prompt). The version is the file name plus a digest of
-    its text, so an edited prompt never reuses judgments cached for the old one."""
-    path = Path(name_or_path)
+PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# LLaVA's llava/eval/eval_gpt_review_bench.py (lines 17-20 and 98-102): its system message, and the
+# review it builds around rule.json's per-category prompt and role.
+LLAVA_REVIEW_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+LLAVA_REVIEW_LAYOUT = ("[Context]\n{context}\n\n[Question]\n{question}\n\n[ROLE 1]\n{answer_1}\n\n[End of ROLE 1]\n\n"
+                       "[ROLE 2]\n{answer_2}\n\n[End of ROLE 2]\n\n[System]\nPROMPT\n\n")
+
+
+@dataclass
+class JudgePrompt:
+    """What a judge is sent: an optional system message and a user-message template with {name}
+    placeholders ("{{" and "}}" are literal braces, as in Python's str.format)."""
+
+    name: str
+    template: str
+    system: str | None
+    version: str  # the name plus a digest of the text: an edited prompt never reuses cached judgments
+
+    @property
+    def placeholders(self) -> set[str]:
+        return {m.group(1) for m in PLACEHOLDER.finditer(self.template) if m.group(1)}
+
+    def fill(self, **fields) -> str:
+        """Every placeholder replaced in one pass over the template, so a value that itself contains
+        "{reference}" is sent as written. A placeholder with no value is an error (raised while the
+        requests are being made ready, before any is sent)."""
+        missing = self.placeholders - set(fields)
+        if missing:
+            raise ValueError(f"judge prompt {self.name}: no value for placeholder(s) {sorted(missing)} "
+                             f"(this benchmark fills {sorted(fields)})")
+        return PLACEHOLDER.sub(lambda m: str(fields[m.group(1)]) if m.group(1) else m.group(0)[0], self.template)
+
+
+def _version(name: str, *texts) -> str:
+    return f"{name}-{hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:8]}"
+
+
+def _literal(text: str) -> str:
+    """Text put inside a template as it is: its braces doubled, so they are never read as placeholders."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def read_prompt(source: str | None, name: str) -> JudgePrompt:
+    """The judge prompt `name` from `source`:
+    - None: ours, tinyalign/judge_prompts/<name>.txt (written for this project);
+    - FastChat's `judge_prompts.jsonl`: the record whose "name" is `name` (e.g. "single-math-v1"), its
+      system_prompt and prompt_template as they are;
+    - LLaVA's `rule.json`: the entry `name` (e.g. "llava_bench_conv"), in the review layout and with
+      the system message of LLaVA's eval_gpt_review_bench.py;
+    - any other file: its whole text is the template (no system message)."""
+    if source is None:
+        path = PROMPTS / f"{name}.txt"
+        if not path.exists():
+            raise FileNotFoundError(f"judge prompt {name!r}: not one of ours ({sorted(p.stem for p in PROMPTS.glob('*.txt'))})")
+        text = path.read_text()
+        return JudgePrompt(name, text, None, _version(name, text))
+    path = Path(source)
     if not path.exists():
-        path = PROMPTS / f"{name_or_path}.txt"
-    if not path.exists():
-        raise FileNotFoundError(f"judge prompt {name_or_path!r}: no such file (ours: {sorted(p.stem for p in PROMPTS.glob('*.txt'))})")
+        raise FileNotFoundError(f"--judge-prompt {path}: file not found")
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        found = [r for r in records if r.get("name") == name]
+        if not found:
+            raise ValueError(f"{path}: no judge prompt named {name!r} (it has {[r.get('name') for r in records]})")
+        r = found[0]
+        return JudgePrompt(f"{path.name}:{name}", r["prompt_template"], r.get("system_prompt"),
+                           _version(name, r.get("system_prompt"), r["prompt_template"]))
+    if path.suffix == ".json":
+        rules = json.loads(path.read_text())
+        if name not in rules:
+            raise ValueError(f"{path}: no rule named {name!r} (it has {sorted(rules)})")
+        role, prompt = _literal(rules[name]["role"]), _literal(rules[name]["prompt"])
+        template = LLAVA_REVIEW_LAYOUT.replace("ROLE", role).replace("PROMPT", prompt)
+        return JudgePrompt(f"{path.name}:{name}", template, LLAVA_REVIEW_SYSTEM,
+                           _version(name, LLAVA_REVIEW_SYSTEM, template))
     text = path.read_text()
-    return text, f"{path.stem}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return JudgePrompt(path.name, text, None, _version(path.stem, text))
 
 
 def image_part(path) -> dict:
@@ -107,7 +175,7 @@ class JudgmentCache:
         self.hits = 0
 
     @staticmethod
-    def key(judge_model: str, prompt_version: str, prompt: str, answer: str) -> str:
+    def key(judge_model: str, prompt_version: str, prompt, answer: str) -> str:
         return hashlib.sha256(json.dumps([judge_model, prompt_version, prompt, answer]).encode()).hexdigest()
 
     def get(self, key: str):
@@ -128,43 +196,42 @@ class JudgmentCache:
         return entry
 
 
-class Judge:
-    """A chat client + a prompt file + a cache: `judge_all` grades many items with bounded concurrency."""
+def request(prompt: JudgePrompt, graded: str, item_id, images=(), /, **fields) -> dict:
+    """One item to judge: the prompt filled with `fields` (any placeholder error raised now, before
+    anything is sent) and the text graded (part of the cache key)."""
+    return {"id": item_id, "system": prompt.system, "prompt": prompt.fill(**fields), "version": prompt.version,
+            "answer": graded, "images": list(images)}
 
-    def __init__(self, client: ChatClient, prompt: str, cache_path, workers: int = 4):
+
+class Judge:
+    """A chat client + a cache: `judge_all` grades many requests with bounded concurrency."""
+
+    def __init__(self, client: ChatClient, cache_path, workers: int = 4):
         self.client = client
-        self.template, self.prompt_version = read_prompt(prompt)
         self.cache = JudgmentCache(cache_path)
         self.workers = workers
 
-    @property
-    def info(self) -> dict:
+    def info(self, *prompts: JudgePrompt) -> dict:
         """What every result file records about how it was judged."""
-        return {"judge_model": self.client.model, "prompt_version": self.prompt_version}
-
-    def fill(self, **fields: str) -> str:
-        """The prompt with each {name} replaced (only the names given: other braces stay as they are)."""
-        text = self.template
-        for name, value in fields.items():
-            text = text.replace("{" + name + "}", str(value))
-        return text
+        return {"judge_model": self.client.model, "prompts": {p.name: p.version for p in prompts}}
 
     def judge_all(self, items: list[dict], parse: Callable[[str], object], desc: str = "judging") -> list[dict]:
-        """items: {"prompt": the full text sent (fills the template), "answer": what is graded, "images"?}.
-        -> one {"value", "reply"} or {"error"} per item, in order."""
+        """items: from `request`. -> one {"value", "reply"} or {"error"} per item, in order."""
         def one(item):
-            key = self.cache.key(self.client.model, self.prompt_version, item["prompt"], item["answer"])
+            key = self.cache.key(self.client.model, item["version"], [item["system"], item["prompt"]], item["answer"])
             hit = self.cache.get(key)
             if hit is not None:
                 return hit
             images = item.get("images", [])
             content = ([{"type": "text", "text": item["prompt"]}] + [image_part(p) for p in images]
                        if images else item["prompt"])  # plain text for text-only judges
+            messages = ([{"role": "system", "content": item["system"]}] if item["system"] else []) + \
+                [{"role": "user", "content": content}]
             try:
-                value, reply = self.client.ask([{"role": "user", "content": content}], parse)
+                value, reply = self.client.ask(messages, parse)
             except JudgeError as e:
                 return {"error": str(e)}
-            return self.cache.put(key, value, reply, self.client.model, self.prompt_version)
+            return self.cache.put(key, value, reply, self.client.model, item["version"])
 
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             return list(tqdm(pool.map(one, items), total=len(items), desc=desc, unit="item"))
