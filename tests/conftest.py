@@ -75,18 +75,21 @@ def write_json(path: Path, obj):
     path.write_text(json.dumps(obj, indent=2))
 
 
-@pytest.fixture(scope="session")
-def tiny_world(tmp_path_factory):
+def make_tiny_world(root: Path) -> dict:
     """A small shapes world on disk and a randomly initialised tiny checkpoint (with its tokenizer)
     that the training scripts can be pointed at like any real checkpoint."""
     import tinyalign
     from tinyalign.demo import demo_config, demo_processor, make_world
 
-    root = tmp_path_factory.mktemp("world")
-    files = make_world(root / "data", seed=1, n_sft=96, n_prompts=48, n_heldout=16)
+    files = make_world(root / "data", seed=1, n_sft=96, n_prompts=48, n_heldout=16, n_heldout_prompts=0)
     model = tinyalign.random_model(demo_config(), seed=1)
     checkpoint = tinyalign.save_model(model, root / "start", processor=demo_processor())
     return {"root": root, "checkpoint": checkpoint, **files}
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    return make_tiny_world(tmp_path_factory.mktemp("world"))
 
 
 class ChatStub:

@@ -14,7 +14,7 @@ from tinyalign.packing import pack_pairs, pack_sft, place, pair_document
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("packing")
-    files = make_world(folder, seed=3, n_sft=0, n_prompts=6, n_heldout=0)
+    files = make_world(folder, seed=3, n_sft=0, n_prompts=6, n_heldout=0, n_heldout_prompts=0)
     prompts = read_heldout(files["prompts"])
     processor = demo_processor()
     answers = ["The color is red .", "There are two shapes . It is easy to see in the picture .", "No , there is not .",

@@ -50,23 +50,31 @@ def test_training_data_names_a_record_with_bad_ratings(tmp_path):
         train_steerlm.steer_conversations(path, "tinyalign")
 
 
-def test_steering_follows_the_verbosity_asked_for(tiny_world, tmp_path):
-    """A tiny model trained briefly on rated answers writes long answers when asked for verbosity 4
-    and short ones when asked for 2."""
-    data = tmp_path / "steer.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rated_styles(read_heldout(tiny_world["prompts"]))))
-    args = sft_args(tiny_world, tmp_path / "steer", "--epochs", "5", "--lora-r", "0", "--lr", "3e-3",
-                    "--grad-accum", "1", "--batch-size", "16", "--eval-every", "0")
+def verbosity_lengths(world, out, seed: int = 0) -> dict:
+    """Train a tiny model briefly on rated answers (training seed `seed`), then ask for verbosity 2 and
+    4: mean words per greedy answer for each."""
+    data = out.parent / f"{out.name}-steer.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rated_styles(read_heldout(world["prompts"]))))
+    args = sft_args(world, out, "--epochs", "5", "--lora-r", "0", "--lr", "3e-3", "--grad-accum", "1",
+                    "--batch-size", "16", "--eval-every", "0", "--seed", str(seed))
     args[args.index("--data") + 1] = str(data)
     train_steerlm.main(args)
-    model, processor = load_model(tmp_path / "steer" / "model"), demo_processor()
-    heldout = read_heldout(tiny_world["heldout"])
-    images = [tiny_world["images"] / r["image"] for r in heldout]
+    model, processor = load_model(out / "model"), demo_processor()
+    heldout = read_heldout(world["heldout"])
+    images = [world["images"] / r["image"] for r in heldout]
     lengths = {}
     for name in ("concise and correct", "verbose and correct"):  # verbosity 2 and 4 (and what goes with them)
         questions = [steer_prompt(r["prompt"], train_steerlm.DEMO_CONDITIONS[name]) for r in heldout]
         answers = greedy_answers(model, processor, questions, images)
         lengths[name] = sum(len(processor.decode(a).split()) for a in answers) / len(answers)
+    return lengths
+
+
+def test_steering_follows_the_verbosity_asked_for(tiny_world, tmp_path):
+    """A tiny model trained briefly on rated answers writes long answers when asked for verbosity 4
+    and short ones when asked for 2. The bar (a gap of 5 words) sits below the smallest gap measured
+    over training seeds 0-4 at 2 threads and at 1 (`python tests/threshold_margins.py`; README, Tests)."""
+    lengths = verbosity_lengths(tiny_world, tmp_path / "steer")
     assert lengths["verbose and correct"] > lengths["concise and correct"] + 5, lengths
 
 
