@@ -14,14 +14,19 @@ from tinyalign.config import preset
 def test_bench_tiny_runs_every_row(tmp_path):
     out = tmp_path / "bench.json"
     results = reference_bench.main(["--preset", "tiny", "--steps", "1", "--decode-tokens", "8", "--skip", "compile",
-                          "--out", str(out)])
+                                    "--prompt-tokens", "16", "--answer-tokens", "24", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     for row in ("ours_lora", "ours_full", "hf_full", "ours_decode_eager", "ours_decode_compiled", "hf_decode_dynamic"):
         assert "error" not in results[row], (row, results[row])
     assert "hf_lora" in results  # measured where peft is installed, else recorded as failed with the reason
-    ours = results["ours_lora"]
-    assert ours["pairs_per_s"] > 0 and ours["tokens_per_step"] < 4 * (577 + 64 + 2 * 250)  # the prompt counted once
-    assert results["paper_run_hours"] > 0
+    # Packed pairs compute each pair's image and question once: exactly prompt + chosen + rejected.
+    pairs = bench.synthetic_pairs(preset("tiny"), 4, prompt_tokens=16, answer_tokens=24)
+    prompt = [len(e.chosen.input_ids) - e.chosen.num_supervised for e in pairs]
+    packed = sum(len(e.chosen.input_ids) + len(e.rejected.input_ids) - p for e, p in zip(pairs, prompt))
+    assert results["ours_lora"]["tokens_per_step"] == packed
+    both = len(pairs[0].chosen.input_ids) + len(pairs[0].rejected.input_ids)  # the one-pair full fine-tuning rows
+    assert results["hf_full"]["tokens_per_step"] == both and results["ours_full"]["tokens_per_step"] == both - prompt[0]
+    assert results["ours_lora"]["pairs_per_s"] > 0 and results["paper_run_hours"] > 0
 
 
 def test_flop_count_by_hand():
