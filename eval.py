@@ -441,12 +441,12 @@ def run_preference(args) -> dict:
     rejected. Reward accuracy = share of pairs whose chosen answer gets the larger reward."""
     import torch
 
-    import train_dpo
     from tinyalign import load_model
-    from tinyalign.data import collate_pairs, pair_examples
+    from tinyalign.data import collate_pairs, load_pairs, pair_examples
+    from tinyalign.packing import pair_logps
     from tinyalign.training import autocast
 
-    pairs, report_ = train_dpo.load_pairs(args.data, 0)
+    pairs, report_ = load_pairs(args.data, 0)
     print(report_.summary())
     model, processor = load(args)
     examples, _ = pair_examples(pairs[:args.limit], processor, args.image_folder, 100_000, False, args.data)
@@ -456,8 +456,8 @@ def run_preference(args) -> dict:
         for start in range(0, len(examples), args.batch_size):
             batch = collate_pairs(examples[start:start + args.batch_size], processor)
             with autocast(args.device):
-                policy = train_dpo.pair_logps(model.eval(), batch, args.device)
-                ref = train_dpo.pair_logps(reference.eval(), batch, args.device)
+                policy = pair_logps(model.eval(), batch, args.device)
+                ref = pair_logps(reference.eval(), batch, args.device)
             chosen = args.beta * (policy[0] - ref[0]).float()
             rejected = args.beta * (policy[1] - ref[1]).float()
             correct += (chosen > rejected).int().tolist()

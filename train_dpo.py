@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from tinyalign import Processor, load_model
-from tinyalign.data import build_pairs, file_digest, pair_examples, read_pairs, read_records, read_scored
+from tinyalign.data import file_digest, load_pairs, pair_examples
 from tinyalign.demo import demo_processor, exact_answer_accuracy, read_heldout, sample_and_rate
-from tinyalign.losses import dpo_loss
-from tinyalign.packing import batch_logps, batch_maker, real_tokens, supervised_counts
+from tinyalign.losses import PREFERENCE_LOSSES
+from tinyalign.packing import batch_maker, pair_logps, real_tokens, supervised_counts
 from tinyalign.training import (autocast, common_arguments, fill_defaults, finish_distributed, init_distributed,
                                 mean_over_ranks, my_share, optimizer_step, prepare_training, seed_everything,
                                 split_held_out)
@@ -49,37 +49,29 @@ DEMO_DATA = Path("runs/demo-data")
 def parse(argv=None):
     parser = common_arguments(__doc__.split("\n\n")[0])
     a = parser.add_argument
-    a("--beta", type=float, default=0.1, help="strength of the KL constraint to the reference")
-    a("--loss-type", default="sigmoid", choices=["sigmoid", "ipo", "hinge"])
+    a("--beta", type=float, default=0.1, help="DPO: strength of the KL constraint to the reference; SimPO: the "
+      "reward scale (its paper uses 2-2.5); ORPO: the weight of the odds-ratio term (its lambda)")
+    a("--loss-type", default="sigmoid", choices=list(PREFERENCE_LOSSES),
+      help="; ".join(f"{name}: {loss.paper}" + ("" if loss.reference else ", no reference model")
+                     for name, loss in PREFERENCE_LOSSES.items()))
+    a("--simpo-gamma", type=float, default=0.5, help="SimPO's target reward margin gamma")
     a("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed rate of flipped labels")
     a("--sft-weight", type=float, help="the authors' SFT_weight: adds -w * mean log p(chosen), summed or averaged "
       "as the DPO term's log-probs are (paper: 0)")
     a("--chosen-nll-weight", type=float, help="adds w * the chosen answer's NLL per token (the demo's stabiliser; "
       "paper: 0, demo: 1)")
-    a("--average-logps", action="store_true", help="mean instead of sum of token log-probs per answer")
+    a("--average-logps", action="store_true", help="mean instead of sum of token log-probs per answer (SimPO "
+      "and ORPO always use means)")
     a("--ref", choices=["precomputed", "live"], default="precomputed",
       help="precomputed: one pass before training, cached; live: keep a frozen copy of the start model")
     a("--cache-dir", default=str(Path.home() / ".cache" / "tinyalign"), help="where precomputed reference log-probs go")
     a("--pair-seed", type=int, default=0, help="seed of build_pairs (rejected answer drawn among the worse ones)")
     args = parser.parse_args(argv)
     args.demo = fill_defaults(args, PAPER, DEMO)
+    args.average_logps = args.average_logps or PREFERENCE_LOSSES[args.loss_type].average
     if args.out is None:
         parser.error("--out is required with --model")
     return args
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-probs of a batch of pairs: one forward over [chosen rows; rejected rows], the tower run once
-# ---------------------------------------------------------------------------------------------
-
-
-def pair_logps(model, batch: dict, device, average: bool = False):
-    """-> (log p(chosen) [B], log p(rejected) [B]): sums (or means) over each answer's tokens.
-
-    Plain batches hold the B chosen rows, then the B rejected rows, and each pair's image(s) once:
-    repeat_images=2 runs the tower once and reuses its features for both halves. Packed batches
-    (--packing) hold each pair as [prompt | chosen | rejected]: the prompt is computed once too."""
-    return batch_logps(model, batch, device, average, repeat_images=2).chunk(2)
 
 
 @torch.no_grad()
@@ -126,17 +118,6 @@ def fill_reference(model, examples, processor, args, cache_path: Path):
     return f"computed now, cached in {cache_path}"
 
 
-def load_pairs(path, seed, average: bool = False):
-    """The paper's DPO file or plain pairs, or scored samples turned into pairs by the paper's rule.
-    average: take the file's averaged reference log-probs (--average-logps), not its sums."""
-    records = read_records(path)
-    if records and "responses" in records[0]:
-        scored, report = read_scored(path)
-        print(report.summary())
-        return build_pairs(scored, seed=seed)
-    return read_pairs(path, average)
-
-
 @torch.no_grad()
 def evaluate(model, examples, processor, args, ref_model=None) -> dict:
     """Held-out DPO metrics: loss, reward accuracy and margin against the reference."""
@@ -155,16 +136,18 @@ def evaluate(model, examples, processor, args, ref_model=None) -> dict:
 
 
 def step_metrics(model, batch, args, ref_model=None):
-    """The DPO loss of one micro-batch and the numbers worth logging."""
+    """The preference loss of one micro-batch (--loss-type, from losses.PREFERENCE_LOSSES) and the
+    numbers worth logging."""
+    preference = PREFERENCE_LOSSES[args.loss_type]
     policy_chosen, policy_rejected = pair_logps(model, batch, args.device, args.average_logps)
-    if ref_model is not None:
+    ref_chosen = ref_rejected = None
+    if preference.reference and ref_model is not None:
         with torch.no_grad():
             ref_chosen, ref_rejected = pair_logps(ref_model, batch, args.device, args.average_logps)
-    else:
+    elif preference.reference:
         ref_chosen, ref_rejected = batch["ref_chosen"].to(args.device), batch["ref_rejected"].to(args.device)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                                        beta=args.beta, loss_type=args.loss_type,
-                                                        label_smoothing=args.label_smoothing)
+    losses, chosen_rewards, rejected_rewards = preference.compute(policy_chosen, policy_rejected, ref_chosen,
+                                                                  ref_rejected, args)
     loss = losses.mean()
     if args.sft_weight:  # the authors' term as written (mllm-dpo llava/train/llava_trainer.py:453-455)
         loss = loss - args.sft_weight * policy_chosen.mean()
@@ -236,7 +219,9 @@ def main(argv=None):
 
     # The reference: the starting model's log-probs, then (unless --ref live) no reference model at all.
     ref_model = None
-    if args.ref == "live":
+    if not PREFERENCE_LOSSES[args.loss_type].reference:
+        print(f"reference log-probs: not needed by --loss-type {args.loss_type}")
+    elif args.ref == "live":
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     else:
         cache = Path(args.cache_dir) / "ref_logps" / f"{cache_key(args, model_fingerprint(args.model))}.json"

@@ -46,3 +46,9 @@ def test_tinyalign_never_imports_transformers_or_peft():
     for path in sorted((ROOT / "tinyalign").glob("*.py")):
         found = re.findall(r"^\s*(?:from|import)\s+(transformers|peft|trl|accelerate)\b", path.read_text(), re.M)
         assert not found, f"{path.name} imports {found}"
+
+
+def test_eval_imports_nothing_from_the_training_scripts():
+    """eval.py's helpers live in tinyalign/, so a reader of eval.py never has to open train_dpo.py."""
+    found = re.findall(r"^\s*(?:from|import)\s+(train_\w+)", (ROOT / "eval.py").read_text(), re.M)
+    assert not found, found

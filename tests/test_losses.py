@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from tinyalign.losses import answer_logps, dpo_loss, sequence_logps, sft_loss, sft_loss_from_hidden
+from tinyalign.losses import (PREFERENCE_LOSSES, answer_logps, dpo_loss, orpo_loss, sequence_logps, simpo_loss,
+                              sft_loss, sft_loss_from_hidden)
 
 
 def log_sigmoid(x):
@@ -89,3 +90,46 @@ def test_sft_loss_is_token_mean_cross_entropy():
     logp = logits.log_softmax(-1)
     terms = [logp[0, 2, 4], logp[0, 3, 7], logp[0, 4, 2], logp[1, 1, 5], logp[1, 2, 2]]
     assert sft_loss(logits, labels).item() == pytest.approx(-sum(t.item() for t in terms) / 5, rel=1e-6)
+
+
+# Mean log-probs per answer token (SimPO and ORPO work on those): (chosen, rejected) per pair.
+AVERAGED = [(-0.5, -1.25), (-2.0, -0.75), (-0.1, -3.0)]
+
+
+def test_simpo_by_hand():
+    """Meng et al. 2024, eq. 6: -log sigmoid(beta * avg_w - beta * avg_l - gamma), worked in floats."""
+    pc, pr = (torch.tensor(col) for col in zip(*AVERAGED))
+    losses, chosen, rejected = simpo_loss(pc, pr, beta=2.0, gamma=0.5)
+    expected = [-log_sigmoid(2.0 * w - 2.0 * l - 0.5) for w, l in AVERAGED]  # 1: 2*0.75-0.5 = 1.0 ...
+    assert losses.tolist() == pytest.approx(expected, rel=1e-6)
+    assert losses[0].item() == pytest.approx(math.log(1 + math.exp(-1.0)), rel=1e-6)  # the first pair, by hand
+    assert chosen.tolist() == pytest.approx([-1.0, -4.0, -0.2]) and rejected.tolist() == pytest.approx([-2.5, -1.5, -6.0])
+
+
+def test_orpo_by_hand():
+    """Hong et al. 2024, eqs. 4-7: -avg_w - lambda * log sigmoid(log odds_w - log odds_l), odds = p / (1 - p)
+    with p = exp(avg log p), worked in floats."""
+    pc, pr = (torch.tensor(col, dtype=torch.float64) for col in zip(*AVERAGED))
+    losses, chosen, _ = orpo_loss(pc, pr, beta=0.1)
+    for i, (w, l) in enumerate(AVERAGED):
+        p_w, p_l = math.exp(w), math.exp(l)
+        ratio = math.log(p_w / (1 - p_w)) - math.log(p_l / (1 - p_l))
+        assert losses[i].item() == pytest.approx(-w - 0.1 * log_sigmoid(ratio), rel=1e-9)
+    # The first pair by hand: p_w = e^-0.5 = 0.60653, p_l = e^-1.25 = 0.28650; odds 1.54149 and 0.40155;
+    # log ratio 1.34517; -log sigmoid(1.34517) = log(1 + 0.26050) = 0.23150; loss = 0.5 + 0.1 * 0.23150.
+    assert losses[0].item() == pytest.approx(0.52315, abs=1e-5)
+    assert chosen.tolist() == pytest.approx([-0.05, -0.2, -0.01])
+
+
+def test_the_loss_table_says_what_each_loss_needs():
+    assert {n for n, loss in PREFERENCE_LOSSES.items() if loss.reference} == {"sigmoid", "ipo", "hinge"}
+    assert {n for n, loss in PREFERENCE_LOSSES.items() if loss.average} == {"simpo", "orpo"}
+
+    class Options:
+        beta, label_smoothing, simpo_gamma = 0.1, 0.0, 0.5
+
+    pc, pr, rc, rr = (torch.tensor(col) for col in zip(*PAIRS))
+    table = PREFERENCE_LOSSES["sigmoid"].compute(pc, pr, rc, rr, Options)[0]
+    assert torch.equal(table, dpo_loss(pc, pr, rc, rr, beta=0.1)[0])  # the entry is DPO itself
+    assert torch.equal(PREFERENCE_LOSSES["simpo"].compute(pc / 10, pr / 10, None, None, Options)[0],
+                       simpo_loss(pc / 10, pr / 10, 0.1, 0.5)[0])  # no reference passed, none needed

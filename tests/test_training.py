@@ -13,6 +13,8 @@ import train_sft
 from tinyalign.data import collate_pairs, pair_examples, read_pairs
 from tinyalign.demo import read_heldout, say, wrong_values
 from tinyalign.lora import LoRALinear, apply_lora, merge_lora
+from tinyalign.losses import orpo_loss, simpo_loss
+from tinyalign.training import micro_batches
 
 
 def sft_args(world, out, *extra):
@@ -264,3 +266,27 @@ def test_sft_weight_is_the_authors_term(tiny_world, tmp_path):
     assert losses[(2, 0)] - losses[(0, 0)] == pytest.approx(-2 * chosen.mean().item(), rel=1e-5)
     assert losses[(0, 2)] - losses[(0, 0)] == pytest.approx(-2 * (chosen / n_tokens).mean().item(), rel=1e-5)
     assert abs(chosen.mean().item()) > 5 * abs((chosen / n_tokens).mean().item())  # the two differ a lot
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_reference_free_losses_train_without_a_reference_pass(tiny_world, tmp_path, capsys, loss_type):
+    """SimPO and ORPO come from the loss table alone: no reference log-probs are computed, the
+    log-probs are means per token, and the first step's loss is the table's function of them."""
+    pairs_path = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
+    out = tmp_path / loss_type
+    train_dpo.main(dpo_args(tiny_world, pairs_path, out, "--max-steps", "2", "--loss-type", loss_type,
+                            "--beta", "2.0" if loss_type == "simpo" else "0.1", "--lr", "0", "--projector-lr", "0",
+                            "--batch-size", "16", "--grad-accum", "1", "--eval-fraction", "0"))
+    assert f"reference log-probs: not needed by --loss-type {loss_type}" in capsys.readouterr().out
+    assert not (tmp_path / "cache").exists()
+    first = metrics(out)[0]
+    processor = tinyalign.Processor.from_pretrained(tiny_world["checkpoint"])
+    examples, _ = pair_examples(read_pairs(pairs_path)[0], processor, tiny_world["images"])
+    first_batch = micro_batches(len(examples), 16, 1, seed=0)[0]  # the run's data order
+    with torch.no_grad():
+        chosen, rejected = train_dpo.pair_logps(tinyalign.load_model(tiny_world["checkpoint"]),
+                                                collate_pairs([examples[i] for i in first_batch], processor), "cpu",
+                                                average=True)
+    expected = (simpo_loss(chosen, rejected, 2.0, 0.5) if loss_type == "simpo" else orpo_loss(chosen, rejected, 0.1))[0]
+    assert first["loss"] == pytest.approx(expected.mean().item(), abs=1e-5)
+    assert first["logps/chosen"] == pytest.approx(chosen.mean().item(), abs=1e-5)  # means per token, not sums

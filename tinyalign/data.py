@@ -253,6 +253,18 @@ def build_pairs(scored: list[Scored], seed: int = 0, min_gap: float = 2) -> tupl
     return pairs, report
 
 
+def load_pairs(path, seed: int = 0, average: bool = False) -> tuple[list[Pair], DataReport]:
+    """Preference pairs from any of the formats: the paper's DPO file or plain pairs (reference
+    log-probs kept, summed or with `average` the averaged ones), or scored samples turned into pairs
+    by the paper's rule (`build_pairs`, drawing with `seed`)."""
+    records = read_records(path)
+    if records and "responses" in records[0]:
+        scored, report = read_scored(path)
+        print(report.summary())
+        return build_pairs(scored, seed=seed)
+    return read_pairs(path, average)
+
+
 def select_best(scored: list[Scored]) -> list[Conversation]:
     """Rejection sampling: the top-rated answer of each prompt as an SFT conversation. Ties go to
     the higher total over all five attributes, then to the earlier answer."""

@@ -6,6 +6,9 @@ padding); logits at position t score the label at t + 1, so every function shift
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -110,3 +113,63 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
     rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference losses without a reference model. Both work on length-normalised log-probs: the mean
+# log p per answer token, written avg log pi(y|x) below.
+# ---------------------------------------------------------------------------------------------
+
+
+def simpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, beta: float = 2.0, gamma: float = 0.5):
+    """SimPO (Meng et al. 2024, arXiv 2405.14734, eq. 6): the implicit reward is beta * avg log pi(y|x)
+    (eq. 4; no reference model), and the chosen answer must win by a margin gamma:
+        loss = -log sigmoid(beta * avg log pi(y_w|x) - beta * avg log pi(y_l|x) - gamma).
+    Inputs: mean log-probs per answer [B]. Returns (losses [B], chosen rewards [B], rejected rewards [B])."""
+    chosen_rewards, rejected_rewards = beta * policy_chosen, beta * policy_rejected
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def orpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, beta: float = 0.1):
+    """ORPO (Hong et al. 2024, arXiv 2403.07691, eqs. 4-7): the chosen answer's NLL plus beta (the
+    paper's lambda) times an odds-ratio term, no reference model. With P = exp(avg log pi(y|x)) and
+    odds(y) = P / (1 - P) (eq. 4):
+        loss = -avg log pi(y_w|x) - beta * log sigmoid(log odds(y_w) - log odds(y_l)).
+    log odds = avg log p - log(1 - exp(avg log p)), computed with log1p(-exp) for stability.
+    Inputs: mean log-probs per answer [B] (each < 0). Rewards, as TRL reports them: beta * avg log p."""
+    def log_odds(avg_logp):
+        return avg_logp - torch.log1p(-torch.exp(avg_logp))
+
+    losses = -policy_chosen - beta * F.logsigmoid(log_odds(policy_chosen) - log_odds(policy_rejected))
+    return losses, (beta * policy_chosen).detach(), (beta * policy_rejected).detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# The table train_dpo.py reads: a loss is one function and one entry. `reference`: it compares with
+# the starting model's log-probs (computed once before training, or read from the data file);
+# `average`: it needs mean log-probs per answer token rather than sums (--average-logps asks for
+# means with any loss).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    compute: Callable  # (policy_chosen, policy_rejected, ref_chosen, ref_rejected, options) -> (losses, rewards, rewards)
+    reference: bool
+    average: bool
+    paper: str
+
+
+PREFERENCE_LOSSES = {
+    "sigmoid": PreferenceLoss(lambda pc, pr, rc, rr, o: dpo_loss(pc, pr, rc, rr, o.beta, "sigmoid", o.label_smoothing),
+                              reference=True, average=False, paper="DPO, arXiv 2305.18290"),
+    "ipo": PreferenceLoss(lambda pc, pr, rc, rr, o: dpo_loss(pc, pr, rc, rr, o.beta, "ipo"),
+                          reference=True, average=False, paper="IPO, arXiv 2310.12036"),
+    "hinge": PreferenceLoss(lambda pc, pr, rc, rr, o: dpo_loss(pc, pr, rc, rr, o.beta, "hinge"),
+                            reference=True, average=False, paper="SLiC, arXiv 2305.10425"),
+    "simpo": PreferenceLoss(lambda pc, pr, rc, rr, o: simpo_loss(pc, pr, o.beta, o.simpo_gamma),
+                            reference=False, average=True, paper="SimPO, arXiv 2405.14734"),
+    "orpo": PreferenceLoss(lambda pc, pr, rc, rr, o: orpo_loss(pc, pr, o.beta),
+                           reference=False, average=True, paper="ORPO, arXiv 2403.07691"),
+}

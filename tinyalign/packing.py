@@ -173,6 +173,14 @@ def batch_logps(model, batch: dict, device, average: bool = False, repeat_images
                  labels=batch["labels"].to(device), average_logps=average, repeat_images=repeat_images)
 
 
+def pair_logps(model, batch: dict, device, average: bool = False):
+    """-> (log p(chosen) [B], log p(rejected) [B]): sums (or means) over each answer's tokens, in one
+    forward. Plain batches hold the B chosen rows, then the B rejected rows, and each pair's image(s)
+    once: repeat_images=2 runs the tower once and reuses its features for both halves. Packed batches
+    (--packing) hold each pair as [prompt | chosen | rejected]: the prompt is computed once too."""
+    return batch_logps(model, batch, device, average, repeat_images=2).chunk(2)
+
+
 def supervised_counts(batch: dict) -> torch.Tensor:
     """Number of scored tokens of each answer in a batch [S] (plain or packed)."""
     if "targets" in batch:
