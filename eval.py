@@ -201,16 +201,17 @@ def run_pope(args) -> dict:
             for q in questions:
                 where = f"POPE {split} question {q['question_id']}"
                 text = q["text"] if q["text"].endswith(bench.POPE_SUFFIX) else q["text"] + suffix  # LLaVA's file has it
-                items.append({"id": f"{split}-{q['question_id']}", "images": [image_path(args.image_folder, q["image"], where)],
-                              "turns": [{"from": "human", "value": "<image>\n" + text}]})
+                items.append({"id": f"{split}-{q['question_id']}", "turns": [{"from": "human", "value": "<image>\n" + text}],
+                              "images": [image_path(args.image_folder, q["image"], where)]})
         texts = answers(args, items, "pope")
     per_split, samples, lines = {}, [], []
     for split, questions in splits.items():
         predictions = [bench.yes_or_no(texts[f"{split}-{q['question_id']}"]) for q in questions]
         per_split[split] = bench.pope_metrics(predictions, [q["label"] for q in questions])
         samples += [[p, q["label"], split] for p, q in zip(predictions, questions)]
-        lines += [json_line({"question_id": q["question_id"], "prompt": q["text"], "text": texts[f"{split}-{q['question_id']}"],
-                             "model_id": model_name(args), "category": split}) for q in questions]
+        lines += [json_line({"question_id": q["question_id"], "prompt": q["text"], "category": split,
+                             "text": texts[f"{split}-{q['question_id']}"], "model_id": model_name(args)})
+                  for q in questions]
     write_atomic(folder(args, "pope") / "answers.jsonl", "".join(lines))  # LLaVA's answer format (+ category)
     average = {k: sum(m[k] for m in per_split.values()) / len(per_split) for k in next(iter(per_split.values()))}
     result = headline("pope", average["f1"], "f1", samples, splits=per_split, average=average)
@@ -250,7 +251,8 @@ def run_mmbench(args) -> dict:
                       f"no answers in {args.tsv} (test split): submission written to {folder(args, 'mmbench')}")
     predictions = {r["index"]: bench.extract_option(texts[str(r["index"])], r["options"]) for r in rows}
     scores = bench.mmbench_scores(rows, predictions)
-    result = headline("mmbench", 100 * scores["accuracy"], "mean_percent", [int(q["right"]) for q in scores["per_question"]],
+    right = [int(q["right"]) for q in scores["per_question"]]
+    result = headline("mmbench", 100 * scores["accuracy"], "mean_percent", right,
                       row_accuracy=100 * scores["row_accuracy"], questions=len(scores["per_question"]), rows=len(rows),
                       by_category={c: 100 * v for c, v in scores["by_category"].items()},
                       by_l2_category={c: 100 * v for c, v in scores["by_l2_category"].items()},
@@ -312,7 +314,8 @@ def run_llava_bench(args) -> dict:
                    "model_id": model_name(args)}) for q in questions))
     judge = make_judge(args)
     # LLaVA's rule.json has one prompt per category ("llava_bench_conv", ...); ours is one for all.
-    prompts = {c: judge_prompt(args, "llava_bench", f"llava_bench_{c}") for c in sorted({q["category"] for q in questions})}
+    prompts = {c: judge_prompt(args, "llava_bench", f"llava_bench_{c}")
+               for c in sorted({q["category"] for q in questions})}
     items = [request(prompts[q["category"]], texts[str(q["question_id"])], q["question_id"], context=q["caption"],
                      question=q["text"], answer_1=q["reference"], answer_2=texts[str(q["question_id"])])
              for q in questions]

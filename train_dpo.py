@@ -27,8 +27,8 @@ from tinyalign.data import file_digest, load_pairs, pair_examples
 from tinyalign.demo import demo_processor, exact_answer_accuracy, read_heldout, sample_and_rate
 from tinyalign.losses import PREFERENCE_LOSSES
 from tinyalign.packing import batch_maker, pair_logps, real_tokens, supervised_counts
-from tinyalign.training import (autocast, common_arguments, fill_defaults, finish_distributed, init_distributed,
-                                mean_over_ranks, my_share, optimizer_step, prepare_training, seed_everything,
+from tinyalign.training import (autocast, common_arguments, finish_distributed, init_distributed, mean_over_ranks,
+                                my_share, optimizer_step, parse_recipe, prepare_training, seed_everything,
                                 split_held_out)
 
 PAPER = dict(epochs=3, batch_size=8, grad_accum=4, lr=5e-5, projector_lr=2e-5, lora_r=128, lora_alpha=256,
@@ -57,17 +57,15 @@ def parse(argv=None):
     a("--simpo-gamma", type=float, default=0.5, help="SimPO's target reward margin gamma")
     a("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed rate of flipped labels")
     a("--sft-weight", type=float, help="the authors' SFT_weight: adds -w * mean log p(chosen), summed or averaged "
-      "as the DPO term's log-probs are (paper: 0)")
-    a("--chosen-nll-weight", type=float, help="adds w * the chosen answer's NLL per token (the demo's stabiliser; "
-      "paper: 0, demo: 1)")
+      "as the DPO term's log-probs are")
+    a("--chosen-nll-weight", type=float, help="adds w * the chosen answer's NLL per token (the demo's stabiliser)")
     a("--average-logps", action="store_true", help="mean instead of sum of token log-probs per answer (SimPO "
       "and ORPO always use means)")
     a("--ref", choices=["precomputed", "live"], default="precomputed",
       help="precomputed: one pass before training, cached; live: keep a frozen copy of the start model")
     a("--cache-dir", default=str(Path.home() / ".cache" / "tinyalign"), help="where precomputed reference log-probs go")
     a("--pair-seed", type=int, default=0, help="seed of build_pairs (rejected answer drawn among the worse ones)")
-    args = parser.parse_args(argv)
-    args.demo = fill_defaults(args, PAPER, DEMO)
+    args = parse_recipe(parser, argv, PAPER, DEMO)
     args.average_logps = args.average_logps or PREFERENCE_LOSSES[args.loss_type].average
     if args.out is None:
         parser.error("--out is required with --model")

@@ -20,8 +20,8 @@ from tinyalign import Processor, load_model, random_model
 from tinyalign.data import read_conversations, read_scored, select_best, sft_examples
 from tinyalign.packing import batch_logps, batch_maker, real_tokens, supervised_counts
 from tinyalign.demo import demo_config, demo_processor, exact_answer_accuracy, make_world, read_heldout
-from tinyalign.training import (append_metrics, autocast, common_arguments, fill_defaults, finish_distributed,
-                                init_distributed, mean_over_ranks, my_share, optimizer_step, prepare_training,
+from tinyalign.training import (append_metrics, autocast, common_arguments, finish_distributed, init_distributed,
+                                mean_over_ranks, my_share, optimizer_step, parse_recipe, prepare_training,
                                 seed_everything, split_held_out, sum_over_ranks)
 
 PAPER = dict(epochs=3, batch_size=16, grad_accum=2, lr=4e-4, projector_lr=2e-5, lora_r=128, lora_alpha=256,
@@ -38,8 +38,7 @@ def parse(argv=None):
     parser = common_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--select", choices=["all", "best"], default="all",
                         help="'best': rejection sampling; --data is a scored-samples file, the top answer per prompt is kept")
-    args = parser.parse_args(argv)
-    args.demo = fill_defaults(args, PAPER, DEMO)
+    args = parse_recipe(parser, argv, PAPER, DEMO)
     if args.out is None:
         parser.error("--out is required with --model")
     return args

@@ -19,8 +19,8 @@ from tinyalign import Processor, load_model
 from tinyalign.data import Conversation, read_scored
 from tinyalign.demo import demo_processor, greedy_answers, rated_styles, read_heldout
 from tinyalign.steer import STEER_TEMPLATES, check_ratings, steer_prompt
-from tinyalign.training import (append_metrics, common_arguments, fill_defaults, finish_distributed,
-                                init_distributed, seed_everything, split_held_out)
+from tinyalign.training import (append_metrics, common_arguments, finish_distributed, init_distributed, parse_recipe,
+                                seed_everything, split_held_out)
 
 import train_sft
 
@@ -40,8 +40,7 @@ def parse(argv=None):
     parser = common_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--steer-template", choices=sorted(STEER_TEMPLATES), default="tinyalign",
                         help="how the ratings are written into the prompt (tinyalign, or the authors' wording)")
-    args = parser.parse_args(argv)
-    args.demo = fill_defaults(args, PAPER, DEMO)
+    args = parse_recipe(parser, argv, PAPER, DEMO)
     args.select = "all"
     if args.out is None:
         parser.error("--out is required with --model")

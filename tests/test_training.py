@@ -290,3 +290,18 @@ def test_reference_free_losses_train_without_a_reference_pass(tiny_world, tmp_pa
     expected = (simpo_loss(chosen, rejected, 2.0, 0.5) if loss_type == "simpo" else orpo_loss(chosen, rejected, 0.1))[0]
     assert first["loss"] == pytest.approx(expected.mean().item(), abs=1e-5)
     assert first["logps/chosen"] == pytest.approx(chosen.mean().item(), abs=1e-5)  # means per token, not sums
+
+
+def test_help_shows_the_paper_and_the_demo_default(capsys):
+    """--help tells what a run will use: each recipe option's paper value and, where it differs, the
+    demo's; no "(default: None)"."""
+    with pytest.raises(SystemExit):
+        train_dpo.parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    assert "(paper: 5e-05; demo: 0.001)" in text and "(paper: 128; demo: 32)" in text and "(paper: 3; demo: 6)" in text
+    assert "(paper: True; demo: False)" in text  # --packing
+    args = train_dpo.parse([])  # no --model: the demo's values
+    assert (args.lr, args.lora_r, args.epochs, args.demo) == (1e-3, 32, 6, True)
+    args = train_dpo.parse(["--model", "m", "--out", "o", "--lr", "2e-5"])
+    assert (args.lr, args.lora_r, args.epochs, args.demo) == (2e-5, 128, 3, False)

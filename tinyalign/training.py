@@ -23,13 +23,20 @@ from tqdm import tqdm
 from .lora import apply_lora, merge_lora, save_adapter
 
 # ---------------------------------------------------------------------------------------------
-# Arguments. Defaults are None so a script can tell "not given" from "given": not given means the
-# paper's value for a real run, or the demo's value when --model is not given.
+# Arguments. A recipe option left out means the paper's value for a real run, or the demo's value
+# when --model is not given (`parse_recipe`).
 # ---------------------------------------------------------------------------------------------
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in --help, except where there is none (an option that is simply off)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def common_arguments(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--model", help="checkpoint folder (llava-hf or original LLaVA layout); omit to run the built-in demo")
     a("--vision-tower", help="CLIP folder, for original LLaVA checkpoints")
@@ -58,29 +65,37 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
     a("--packing", action=argparse.BooleanOptionalAction, help="packed batches: DPO pairs as [prompt | chosen | "
-      "rejected] (the prompt and image computed once), no compute on padding (tinyalign/packing.py); default: on "
-      "with --model, off in the demo")
+      "rejected] (the prompt and image computed once), no compute on padding (tinyalign/packing.py)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each decoder block (default: on for "
       "CUDA)")
     a("--pack-tokens", type=int, help="with --packing: several examples per row, up to this many tokens, kept "
       "apart by the attention mask (default: one per row)")
     a("--save-adapter", action="store_true", help="also save the LoRA adapter alone (PEFT layout)")
     a("--skip-bad", action="store_true", help="skip (and count) records with a missing or unreadable image")
-    a("--template", default="vicuna_v1", choices=["vicuna_v1", "llava_v1"])
-    a("--image-mode", default="pad", choices=["pad", "crop"])
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--seed", type=int, default=0)
+    a("--template", default="vicuna_v1", choices=["vicuna_v1", "llava_v1"], help="chat template (LLaVA-1.5: vicuna_v1)")
+    a("--image-mode", default="pad", choices=["pad", "crop"], help="pad to a square (LLaVA-1.5) or centre-crop")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
+    a("--seed", type=int, default=0, help="seed of the initialisation, data order and sampling")
     return p
 
 
-def fill_defaults(args, paper: dict, demo: dict) -> bool:
-    """Fill every argument left as None from the demo's values (no --model) or the paper's. Returns
-    True for a demo run."""
-    is_demo = args.model is None
-    for key, value in (demo if is_demo else paper).items():
+def parse_recipe(parser: argparse.ArgumentParser, argv, paper: dict, demo: dict):
+    """Parse the command line; every recipe option not given takes the paper's value (a run with
+    --model) or the demo's (no --model). --help shows both next to each option, so it tells the
+    truth about what a run will use. Sets args.demo."""
+    for action in parser._actions:
+        if action.dest in paper:
+            shown = f"paper: {paper[action.dest]}"
+            if action.dest in demo and demo[action.dest] != paper[action.dest]:
+                shown += f"; demo: {demo[action.dest]}"
+            action.help = f"{action.help} ({shown})" if action.help else f"({shown})"
+            action.default = argparse.SUPPRESS  # "not given" (and no "default: None" in --help)
+    args = parser.parse_args(argv)
+    args.demo = args.model is None
+    for key, value in ({**paper, **demo} if args.demo else paper).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    return is_demo
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
