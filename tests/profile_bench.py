@@ -1,0 +1,283 @@
+"""Where the GPU time goes, measured before changing code (issue 15: "take a profile first").
+
+Four sections, most important first, each written to its own JSON as soon as it is done (a run cut
+off by --deadline keeps what it has):
+
+1. ``linear``: one-row (decode) matrix products of every decoder weight shape, through cuBLAS
+   (``F.linear``) and through inductor (``torch.compile``, coordinate-descent tuning, what the
+   compiled decode step uses), unfused and with q/k/v and gate/up fused, against the copy bandwidth:
+   how many decode tokens/s the matmuls alone would allow, and whether fusing or cuBLAS helps.
+2. ``dpo``: the paper-setting DPO step (LoRA r128 on every projection, 4 pairs, compiled blocks):
+   step time, a ``torch.profiler`` table of the kernels that take the time, grouped (matrix
+   products, attention, fused elementwise, other), the forward alone, and two variants named in
+   docs/benchmarks.md: LoRA dropout 0 and LoRA weights in bf16.
+3. ``generation``: annotate-style sampling (one 600-token multimodal prompt, 4 samples, T=0.7,
+   fixed answer length) and eval-style greedy batches with today's ``generate`` (a static batch:
+   the prompt is prefilled once per sample), next to transformers' ``generate`` with
+   ``num_return_sequences=4``, samples/s and tokens/s.
+
+    python tests/profile_bench.py --preset llava-1.5-7b --out profile   # on a GPU, ~6 min
+    python tests/profile_bench.py --preset tiny --out /tmp/profile        # the same code on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from tinyalign import bench  # noqa: E402
+from tinyalign.config import preset  # noqa: E402
+
+
+def median_time(fn, device, warmup=3, repeat=20) -> float:
+    return statistics.median(bench.timed(fn, device, warmup, repeat))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. One-row matrix products
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_section(cfg, device, dtype, rows: int) -> dict:
+    """Per decode step the decoder reads every weight once; at one row each product is a
+    matrix-vector product, so its floor is its weight bytes over the copy bandwidth."""
+    t = cfg.text
+    shapes = {"q/k/v/o": (t.hidden_size, t.hidden_size), "gate/up": (t.intermediate_size, t.hidden_size),
+              "down": (t.hidden_size, t.intermediate_size), "qkv fused": (3 * t.hidden_size, t.hidden_size),
+              "gate_up fused": (2 * t.intermediate_size, t.hidden_size), "lm_head": (t.vocab_size, t.hidden_size)}
+    bandwidth = bench.copy_bandwidth(device)
+    out = {"rows": rows, "copy_bandwidth": bandwidth, "shapes": {}}
+    for name, (n_out, n_in) in shapes.items():
+        # Several weight copies in rotation, so the timing reads memory, not the L2 cache.
+        weights = [torch.randn(n_out, n_in, device=device, dtype=dtype) * 0.02 for _ in range(4)]
+        x = torch.randn(rows, n_in, device=device, dtype=dtype)
+        turn = iter(range(10**9))
+        cublas = median_time(lambda: F.linear(x, weights[next(turn) % 4]), device)
+        compiled_fn = torch.compile(lambda x, w: F.linear(x, w), dynamic=False,
+                                    options={"coordinate_descent_tuning": True} if device != "cpu" else {})
+        inductor = median_time(lambda: compiled_fn(x, weights[next(turn) % 4]), device)
+        nbytes = n_out * n_in * weights[0].element_size()
+        out["shapes"][name] = {"out": n_out, "in": n_in, "bytes": nbytes, "cublas_s": cublas, "inductor_s": inductor,
+                               "floor_s": nbytes / bandwidth if bandwidth else None}
+        print(f"   {name:14s} cuBLAS {cublas * 1e6:8.1f} us  inductor {inductor * 1e6:8.1f} us"
+              + (f"  floor {nbytes / bandwidth * 1e6:8.1f} us" if bandwidth else ""), flush=True)
+    s = out["shapes"]
+    for kind in ("cublas_s", "inductor_s", "floor_s"):
+        if s["q/k/v/o"][kind] is None:
+            continue
+        unfused = t.num_layers * (4 * s["q/k/v/o"][kind] + 2 * s["gate/up"][kind] + s["down"][kind])
+        fused = t.num_layers * (s["qkv fused"][kind] + s["q/k/v/o"][kind] + s["gate_up fused"][kind]
+                                       + s["down"][kind])
+        out[f"step_{kind}"] = {"unfused": unfused + s["lm_head"][kind], "fused": fused + s["lm_head"][kind]}
+        out[f"tokens_per_s_{kind}"] = {k: rows / v for k, v in out[f"step_{kind}"].items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The DPO step and its profile
+# ---------------------------------------------------------------------------------------------
+
+GROUPS = [("matrix products", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "splitk", "matmul", "addmm", " mm")),
+          ("attention", ("flex", "flash", "attention", "fmha", "sdpa", "triton_tem")),  # flex kernels: triton_tem_*
+          ("fused elementwise (triton)", ("triton_",)),
+          ("optimizer", ("adam", "multi_tensor", "foreach")),
+          ("copies and casts", ("copy", "cast", "memcpy", "memset", "fill"))]
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    return next((g for g, keys in GROUPS if any(k in low for k in keys)), "other")
+
+
+def profile_rows(step, device, steps=2, top=30) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device != "cpu" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        bench.sync(device)
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0] if device != "cpu" else []
+    if not events:  # CPU, or no device counters (CUPTI unavailable): CPU self time instead
+        events, attr = list(prof.key_averages()), "self_cpu_time_total"
+    else:
+        attr = "self_device_time_total"
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    groups: dict[str, float] = {}
+    for e in events:
+        groups[group_of(e.key)] = groups.get(group_of(e.key), 0.0) + getattr(e, attr)
+    return {"measure": attr, "total_us_per_step": total / steps,
+            "groups": {g: {"us_per_step": v / steps, "share": v / total} for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": e.key[:120], "calls_per_step": e.count / steps, "us_per_step": getattr(e, attr) / steps,
+                     "share": getattr(e, attr) / total} for e in events[:top]]}
+
+
+def dpo_section(cfg, device, dtype, n_pairs: int, deadline) -> dict:
+    from tinyalign.packing import batch_logps, pack_pairs
+    from tinyalign.training import setup_trainable
+
+    processor = bench.SyntheticProcessor(cfg)
+    pairs = bench.synthetic_pairs(cfg, n_pairs, 64, 200)
+    flops = bench.dpo_step_flops(cfg, pairs, False, 128)
+    peak = bench.card_peak(device)[1]
+    out = {"pairs": n_pairs, "flops_per_step": flops}
+    model = bench.our_model(cfg, device, dtype)
+    setup_trainable(model, lora_r=128, lora_alpha=256, lora_dropout=0.05)
+    if device != "cpu":
+        model.language_model.compile_blocks()
+    model.train()
+
+    def rate(name, step_and_tokens):
+        step, tokens = step_and_tokens
+        t = median_time(step, device, 2, 5)
+        out[name] = {"s_per_step": t, "pairs_per_s": n_pairs / t, "tokens_per_step": tokens,
+                     "mfu": flops / t / 1e12 / peak if peak else None, "peak_gib": bench.peak_gib(device)}
+        print(f"   {name}: {out[name]}", flush=True)
+        return step
+
+    step = rate("step", bench.our_dpo_step(model, pairs, processor, device, bench.trainable_optimizer(model, 5e-5)))
+    out["profile"] = profile_rows(step, device)
+    for g, v in out["profile"]["groups"].items():
+        print(f"   {g:28s} {v['share'] * 100:5.1f}%  {v['us_per_step'] / 1e3:8.2f} ms/step", flush=True)
+
+    # The forward alone (reference log-probs are precomputed, so this is the policy's forward).
+    batch = pack_pairs(pairs, processor)
+    batch["pixel_values"] = bench.pixel_batch(cfg, n_pairs, device, model.dtype)
+
+    def forward_only():
+        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            return batch_logps(model, batch, device, repeat_images=2)
+
+    out["forward_no_grad_s"] = median_time(forward_only, device, 2, 5)
+    print(f"   forward alone (no grad): {out['forward_no_grad_s'] * 1e3:.1f} ms", flush=True)
+
+    variants = [("dropout 0", lambda m: [setattr(mod.dropout, "p", 0.0) for mod in m.modules() if hasattr(mod, "lora_A")]),
+                ("dropout 0 + bf16 LoRA weights",
+                 lambda m: [setattr(p, "data", p.data.to(torch.bfloat16)) for n, p in m.named_parameters() if "lora_" in n])]
+    for name, change in variants:
+        if time.time() > deadline:
+            out[name] = {"error": "not run: deadline"}
+            continue
+        change(model)
+        rate(name, bench.our_dpo_step(model, pairs, processor, device, bench.trainable_optimizer(model, 5e-5)))
+    del model
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Generation throughput
+# ---------------------------------------------------------------------------------------------
+
+
+def prompt_ids(cfg, rows: int, prompt_len: int, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 1000, (rows, prompt_len), generator=g)
+    ids[:, 1:1 + cfg.image_seq_length] = cfg.image_token_index
+    return ids.to(device)
+
+
+def generation_section(cfg, device, dtype, new_tokens: int, eval_batch: int, deadline, with_hf: bool) -> dict:
+    from tinyalign.generate import generate
+
+    prompt_len = cfg.image_seq_length + 24
+    model = bench.our_model(cfg, device, dtype).eval()
+    compiled = device != "cpu"
+    out = {"prompt_len": prompt_len, "new_tokens": new_tokens, "samples": 4, "eval_batch": eval_batch}
+
+    def ours_annotate():  # today's annotate: the prompt repeated n times in one static batch
+        ids = prompt_ids(cfg, 1, prompt_len, device).repeat(4, 1)
+        pixels = bench.pixel_batch(cfg, 1, device, dtype).repeat(4, 1, 1, 1)
+        g = torch.Generator(device=device).manual_seed(0)
+        return generate(model, ids, pixels, max_new_tokens=new_tokens, temperature=0.7, eos_token_id=-1,
+                        generator=g, compile_step=compiled)
+
+    def ours_eval():
+        ids = prompt_ids(cfg, eval_batch, prompt_len, device)
+        pixels = bench.pixel_batch(cfg, eval_batch, device, dtype)
+        return generate(model, ids, pixels, max_new_tokens=new_tokens, eos_token_id=-1, compile_step=compiled)
+
+    def record(name, fn, samples, repeat=3):
+        t = median_time(fn, device, 1, repeat)
+        out[name] = {"s": t, "samples_per_s": samples / t, "tokens_per_s": samples * new_tokens / t}
+        print(f"   {name}: {out[name]}", flush=True)
+
+    record("ours_annotate_static_batch", ours_annotate, 4)
+    record("ours_eval_greedy", ours_eval, eval_batch)
+    del model
+    if not with_hf or time.time() > deadline:
+        return out
+    from reference_bench import hf_model  # tests/: the transformers reference
+
+    hf = hf_model(cfg, device, dtype)
+
+    def hf_annotate():
+        ids = prompt_ids(cfg, 1, prompt_len, device)
+        pixels = bench.pixel_batch(cfg, 1, device, dtype)
+        torch.manual_seed(0)
+        return hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), do_sample=True,
+                           temperature=0.7, top_k=0, num_return_sequences=4, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, pad_token_id=0)
+
+    def hf_eval():
+        ids = prompt_ids(cfg, eval_batch, prompt_len, device)
+        pixels = bench.pixel_batch(cfg, eval_batch, device, dtype)
+        return hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), do_sample=False,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+
+    record("hf_annotate_num_return_sequences", hf_annotate, 4, repeat=2)
+    if time.time() < deadline:
+        record("hf_eval_greedy", hf_eval, eval_batch, repeat=2)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sections", default="linear,dpo,generation")
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--eval-batch", type=int, default=16)
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--deadline", type=float, default=0, help="seconds: start no new section after this (0: none)")
+    p.add_argument("--out", default="profile")
+    args = p.parse_args(argv)
+    cfg, device = preset(args.preset), args.device
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    deadline = time.time() + (args.deadline or 10**9)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"preset": args.preset, "card": bench.card_peak(device)[0], "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "command": "python tests/profile_bench.py " + " ".join(argv or sys.argv[1:])}
+    sections = {"linear": lambda: linear_section(cfg, device, dtype, 1),
+                "dpo": lambda: dpo_section(cfg, device, dtype, args.pairs, deadline),
+                "generation": lambda: generation_section(cfg, device, dtype, args.new_tokens, args.eval_batch,
+                                                         deadline, not args.no_hf)}
+    for name in args.sections.split(","):
+        if time.time() > deadline:
+            print(f"-- {name}: not run (deadline)")
+            continue
+        print(f"-- {name}", flush=True)
+        started = time.time()
+        try:
+            result = sections[name]()
+        except Exception as e:  # noqa: BLE001 - one failed section must not hide the others
+            result = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            print(f"   {result['error']}", flush=True)
+        result.update(meta, seconds=time.time() - started)
+        (folder / f"{name}.json").write_text(json.dumps(result, indent=1))
+        bench.reset_memory(device)
+
+
+if __name__ == "__main__":
+    main()
