@@ -170,7 +170,7 @@ def dpo_section(cfg, device, dtype, n_pairs: int, deadline) -> dict:
             continue
         change(model)
         rate(name, bench.our_dpo_step(model, pairs, processor, device, bench.trainable_optimizer(model, 5e-5)))
-    del model
+    model = None  # free the GPU memory before the next model
     return out
 
 
@@ -213,7 +213,7 @@ def generation_section(cfg, device, dtype, new_tokens: int, eval_batch: int, dea
 
     record("ours_annotate_static_batch", ours_annotate, 4)
     record("ours_eval_greedy", ours_eval, eval_batch)
-    del model
+    model = None  # free the GPU memory before the next model
     if not with_hf or time.time() > deadline:
         return out
     from reference_bench import hf_model  # tests/: the transformers reference
