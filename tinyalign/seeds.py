@@ -80,12 +80,17 @@ def done(part: str, folder: Path) -> bool:
         return False
 
 
-def run_one(seed: int, threads: int, parts: list[str], out: Path) -> dict:
-    """Every part for one (seed, threads), in its own folder; returns {part: figures}."""
-    folder = out / f"seed{seed}-threads{threads}"
+# Vector instructions off: ATen's own kernels (softmax, norms, sums) fall back to scalar code and
+# the BLAS libraries to SSE4, so reductions add in another order, as on an older or another CPU.
+NO_SIMD = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
+
+
+def run_one(seed: int, threads: int, simd: str, parts: list[str], out: Path) -> dict:
+    """Every part for one (seed, threads, simd), in its own folder; returns {part: figures}."""
+    folder = out / (f"seed{seed}-threads{threads}" + ("-nosimd" if simd == "off" else ""))
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(NO_SIMD if simd == "off" else {})}
     times = json.loads((folder / "times.json").read_text()) if (folder / "times.json").exists() else {}
     for part in ["sft", *[p for p in parts if p != "sft"]]:  # every other part starts from the SFT demo
         if done(part, folder):
@@ -99,7 +104,7 @@ def run_one(seed: int, threads: int, parts: list[str], out: Path) -> dict:
                                      f"see {folder / f'{part}.log'}")
         times[part] = round(time.time() - started, 1)
         write_json(folder / "times.json", times)
-        print(f"seed {seed}, {threads} thread(s): {part} done in {times[part] / 60:.1f} min", flush=True)
+        print(f"seed {seed}, {threads} thread(s), SIMD {simd}: {part} done in {times[part] / 60:.1f} min", flush=True)
     return {part: figures(part, folder) for part in parts} | {"minutes": {k: round(v / 60, 2) for k, v in times.items()}}
 
 
@@ -133,15 +138,18 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--threads", type=int, nargs="+", default=[2, 1],
                    help="torch thread counts: each changes the float rounding, as another CPU does")
+    p.add_argument("--simd", nargs="+", choices=("native", "off"), default=["native"],
+                   help="off: vector instructions off (another float rounding: another CPU's, in effect)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--jobs", type=int, default=1, help="runs at once (with 1-thread runs, one per core)")
     p.add_argument("--out", default="runs/seeds")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
-    grid = [(seed, threads) for threads in args.threads for seed in args.seeds]
+    grid = [(seed, threads, simd) for simd in args.simd for threads in args.threads for seed in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda st: run_one(*st, args.parts, out), grid))
-    runs = {f"seed {s}, {t} thread{'s' * (t > 1)}": r for (s, t), r in zip(grid, results)}
+        results = list(pool.map(lambda run: run_one(*run, args.parts, out), grid))
+    runs = {f"seed {s}, {t} thread{'s' * (t > 1)}" + (", no SIMD" if simd == "off" else ""): r
+            for (s, t, simd), r in zip(grid, results)}
     table = markdown(runs, args.parts)
     write_json(out / "seeds.json", runs)
     write_atomic(out / "seeds.md", table)
