@@ -270,17 +270,18 @@ def main(argv=None):
 
 
 def demo_summary(model, processor, args, start: dict, final: dict, n_pairs: int) -> dict:
-    """The starting model and the DPO model side by side on held-out data."""
+    """The starting model and the trained one side by side on held-out data."""
     heldout = read_heldout(DEMO_DATA / "heldout.jsonl")
     start_acc = exact_answer_accuracy(load_model(args.model, device=args.device), processor, heldout, args.image_folder)
     dpo_acc = exact_answer_accuracy(model, processor, heldout, args.image_folder)
-    rows = [(f"held-out reward accuracy (DPO's implicit reward), {n_pairs} pairs", "-",
+    method = PREFERENCE_LOSSES[args.loss_type].paper.split(",")[0]  # "DPO", "SimPO", "ORPO", ...
+    rows = [(f"held-out reward accuracy ({method}'s implicit reward), {n_pairs} pairs", "-",
              f"{final['rewards/accuracy']:.3f}"),
             ("held-out pair accuracy (log p chosen > log p rejected)", f"{start['logps/accuracy']:.3f}",
              f"{final['logps/accuracy']:.3f}"),
             (f"exact-answer accuracy, greedy, {len(heldout)} held-out questions", f"{start_acc:.3f}", f"{dpo_acc:.3f}")]
     width = max(len(r[0]) for r in rows)
-    print(f"\n{'':{width}}  {'start (SFT)':>11}  {'DPO':>7}")
+    print(f"\n{'':{width}}  {'start (SFT)':>11}  {method:>7}")
     for name, a, b in rows:
         print(f"{name:{width}}  {a:>11}  {b:>7}")
     return {"exact_answer_accuracy": dpo_acc, "start_exact_answer_accuracy": start_acc,

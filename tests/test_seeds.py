@@ -32,3 +32,17 @@ def test_figures_are_read_back_from_what_the_scripts_wrote(tmp_path):
     (steer / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n")  # a run that did not finish
     with pytest.raises(ValueError, match="no held-out line with 'steering'"):
         figures("steerlm", tmp_path)
+
+
+def test_simd_off_really_changes_the_kernels_torch_runs():
+    """--simd off must reach torch in the child process: ATen then runs its scalar kernels."""
+    import os
+    import subprocess
+    import sys
+
+    from tinyalign.seeds import NO_SIMD
+
+    probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    off = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, **NO_SIMD}).stdout.strip()
+    assert off == "DEFAULT"
