@@ -188,13 +188,15 @@ def ensure_demo_start(device, seed: int) -> tuple[Path, Path, Path]:
 def main(argv=None):
     args = parse(argv)
     rank, world = init_distributed(args)
-    seed_everything(args.seed)
     if args.demo:
         print("No --model: running the built-in demo (DPO on the shapes world, from the SFT demo's model).")
         start, samples, heldout_samples = ensure_demo_start(args.device, args.seed)
         args.model, args.data = str(start), args.data or str(samples)
         args.eval_data = args.eval_data or str(heldout_samples)
         args.image_folder = args.image_folder or str(DEMO_DATA)
+    # Seeded after the demo's setup, which may train the SFT demo in this process first: the run is
+    # then the same draw whether or not the SFT model was already there.
+    seed_everything(args.seed)
     model = load_model(args.model, device=args.device, vision_tower=args.vision_tower)
     processor = (demo_processor(args.image_mode) if args.demo else
                  Processor.from_pretrained(args.model, template=args.template, image_mode=args.image_mode,

@@ -90,14 +90,14 @@ def steering_table(model, processor, args) -> dict:
 def main(argv=None):
     args = parse(argv)
     rank, world = init_distributed(args)
-    seed_everything(args.seed)
     if args.demo:
         print("No --model: running the built-in demo (SteerLM on the shapes world, from the SFT demo's model).")
         if not (train_sft.DEMO_SFT_MODEL / "config.json").exists():
-            train_sft.main([])
+            train_sft.main(["--seed", str(args.seed)])
         args.model = str(train_sft.DEMO_SFT_MODEL)
         args.data = args.data or str(demo_data())
         args.image_folder = args.image_folder or str(train_sft.DEMO_DATA)
+    seed_everything(args.seed)  # after the demo's setup (which may train the SFT demo here): the same draw either way
     model = load_model(args.model, device=args.device, vision_tower=args.vision_tower)
     processor = (demo_processor(args.image_mode) if args.demo else
                  Processor.from_pretrained(args.model, template=args.template, image_mode=args.image_mode,
