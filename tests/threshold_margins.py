@@ -41,7 +41,7 @@ def main(seeds=range(5), thread_counts=(2, 1)):
                              "DPO reward accuracy": final["rewards/accuracy"], "DPO loss": final["loss"],
                              "DPO loss fell": sum(r["loss"] for r in train[-3:]) / 3 < train[0]["loss"]})
     keys = [k for k in rows[0] if k not in ("seed", "threads")]
-    print("\n| seed | threads | " + " | ".join(keys) + " |\n|---" * (len(keys) + 2) + "|")
+    print("\n| seed | threads | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 2) + "|")
     for r in rows:
         print(f"| {r['seed']} | {r['threads']} | " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k])
                                                              for k in keys) + " |")
@@ -49,7 +49,7 @@ def main(seeds=range(5), thread_counts=(2, 1)):
              "DPO reward accuracy": min(r["DPO reward accuracy"] for r in rows),
              "DPO loss": max(r["DPO loss"] for r in rows), "DPO loss fell": all(r["DPO loss fell"] for r in rows)}
     print("\nworst:", ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in worst.items()))
-    print("the tests' bars: verbosity gap > 5, DPO reward accuracy >= 0.5, DPO loss < 0.6, loss fell")
+    print("the tests' bars: verbosity gap > 5, DPO reward accuracy >= 0.25, DPO loss < 0.65, loss fell")
     return rows
 
 
