@@ -12,17 +12,16 @@ loss on a filtered set: of the several answers sampled for each prompt, only the
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from tinyalign import Processor, load_model, random_model
+from tinyalign import Processor, demo, load_model
 from tinyalign.data import read_conversations, read_scored, select_best, sft_examples
-from tinyalign.packing import batch_logps, batch_maker, real_tokens, supervised_counts
-from tinyalign.demo import demo_config, demo_processor, exact_answer_accuracy, make_world, read_heldout
-from tinyalign.training import (append_metrics, autocast, common_arguments, finish_distributed, init_distributed,
-                                mean_over_ranks, my_share, optimizer_step, parse_recipe, prepare_training,
-                                seed_everything, split_held_out, sum_over_ranks)
+from tinyalign.losses import sft_loss
+from tinyalign.packing import batch_maker, model_inputs, real_tokens, supervised_counts
+from tinyalign.training import (Run, autocast, common_arguments, cosine_schedule, describe_trainable,
+                                finish_distributed, init_distributed, mean_over_ranks, micro_batches, my_share,
+                                optimizer_step, optimizer_steps, parse_recipe, seed_everything, split_held_out,
+                                sum_over_ranks, train_decoder, train_projector, wrap_ddp)
 
 PAPER = dict(epochs=3, batch_size=16, grad_accum=2, lr=4e-4, projector_lr=2e-5, lora_r=128, lora_alpha=256,
              max_length=2048, eval_every=200, save_every=500, eval_fraction=0.02, packing=True)
@@ -30,8 +29,6 @@ PAPER = dict(epochs=3, batch_size=16, grad_accum=2, lr=4e-4, projector_lr=2e-5, 
 DEMO = dict(epochs=4, batch_size=16, grad_accum=1, lr=1e-3, projector_lr=1e-2, lora_r=0, lora_alpha=0,
             max_length=256, eval_every=100, save_every=200, eval_fraction=0.02, out="runs/demo-sft",
             packing=False)
-DEMO_DATA = Path("runs/demo-data")
-DEMO_SFT_MODEL = Path("runs/demo-sft/model")
 
 
 def parse(argv=None):
@@ -51,30 +48,12 @@ def load_records(args):
     return read_conversations(args.data)
 
 
-@torch.no_grad()
-def evaluate(model, examples, processor, args) -> dict:
-    """Held-out token cross-entropy on the answers."""
-    model.eval()
-    total, tokens = 0.0, 0
-    for start in range(0, len(examples), args.batch_size):
-        batch = batch_maker(args, processor, "sft")(examples[start:start + args.batch_size])
-        with autocast(args.device):
-            logps = batch_logps(model, batch, args.device)
-        total -= logps.sum().item()
-        tokens += int(supervised_counts(batch).sum())
-    model.train()
-    return {"loss": total / max(tokens, 1)}
-
-
 def main(argv=None):
     args = parse(argv)
     rank, world = init_distributed(args)
     seed_everything(args.seed)
-    if args.demo:
-        print("No --model: running the built-in demo (a tiny LLaVA on the synthetic shapes world).")
-        files = make_world(DEMO_DATA, seed=args.seed)
-        args.data, args.image_folder = args.data or str(files["sft"]), args.image_folder or str(files["images"])
-        model, processor = random_model(demo_config(), seed=args.seed, device=args.device), demo_processor(args.image_mode)
+    if args.demo:  # no --model: the shapes world and a tiny LLaVA with random weights (tinyalign/demo.py)
+        model, processor = demo.sft_start(args)
     else:
         model = load_model(args.model, device=args.device, vision_tower=args.vision_tower)
         processor = Processor.from_pretrained(args.model, template=args.template, image_mode=args.image_mode,
@@ -89,10 +68,7 @@ def main(argv=None):
         train_records, held_records = split_held_out(records, args.eval_fraction, args.seed)
     final = train(args, model, processor, train_records, held_records, rank, world)
     if args.demo and rank == 0:
-        heldout = read_heldout(DEMO_DATA / "heldout.jsonl")
-        final["exact_answer_accuracy"] = exact_answer_accuracy(model, processor, heldout, args.image_folder)
-        print(f"exact-answer accuracy on {len(heldout)} held-out questions: {final['exact_answer_accuracy']:.3f}")
-        append_metrics(args.out, {"exact_answer_accuracy": final["exact_answer_accuracy"], "questions": len(heldout)})
+        final.update(demo.sft_report(model, processor, args))
     finish_distributed(world)
     return final
 
@@ -107,13 +83,30 @@ def train(args, model, processor, train_records, held_records, rank=0, world=1) 
     if not examples:
         raise SystemExit(f"{args.data}: no usable training examples")
 
-    trainer, optimizer, scheduler, run, batches, step = prepare_training(args, model, len(examples), rank, world)
+    # ---- the recipe (paper section 3.3): what trains, at which rate, on which schedule ---------------
+    model.requires_grad_(False)  # everything frozen to begin with; the CLIP tower stays so
+    projector = train_projector(model)  # the projector trains fully...
+    decoder = train_decoder(model, args.lora_r, args.lora_alpha, args.lora_dropout)  # ...the decoder via LoRA
+    print(describe_trainable(model))
+    model.language_model.gradient_checkpointing = args.gradient_checkpointing
+    if args.compile:
+        model.language_model.compile_blocks()  # after LoRA is in place: the adapters compile with each block
+    optimizer = torch.optim.AdamW([{"params": decoder, "lr": args.lr, "name": "decoder"},
+                                   {"params": projector, "lr": args.projector_lr, "name": "projector"}],
+                                  weight_decay=args.weight_decay)
+    # --batch-size is per process: a micro-batch of the whole run holds batch_size x world examples.
+    batches = micro_batches(len(examples), args.batch_size * world, args.epochs, args.seed, drop_last=world > 1)
+    total_steps = optimizer_steps(len(batches), args.grad_accum, args.max_steps)
+    scheduler = cosine_schedule(optimizer, total_steps, args.warmup_ratio)  # linear warmup, then cosine to 0
+    run = Run(args.out, args, total_steps, rank)  # metrics.jsonl, resumable checkpoints, the progress bar
+    step = run.load_state(model, optimizer, scheduler) if args.resume else 0
+    trainer = wrap_ddp(model, world, args.device)  # the model itself, or its DDP wrapper with several processes
     pixel_cache = {}  # the demo's images are tiny: decode each once
-    make_batch = batch_maker(args, processor, "sft")  # plain, or packed with --packing
+    make_batch = batch_maker(args, processor, "sft")  # plain rows, or packed ones with --packing
     run.start_progress(step)
     model.train()
 
-    # ---- the SFT loop --------------------------------------------------------------------------
+    # ---- the SFT loop ------------------------------------------------------------------------------
     while step < run.total_steps:
         group = batches[step * args.grad_accum:(step + 1) * args.grad_accum]
         step_loss = 0.0
@@ -122,19 +115,19 @@ def train(args, model, processor, train_records, held_records, rank=0, world=1) 
             # Token-mean over the whole micro-batch (all processes), whatever each process holds.
             n_tokens = sum_over_ranks(supervised_counts(batch).sum().to(args.device), world).clamp(min=1)
             with autocast(args.device):
-                logps = batch_logps(trainer, batch, args.device)  # [B]: answer log-probs
-                loss = -logps.sum() * world / n_tokens / len(group)  # DDP averages over processes
+                answer_logps = trainer(**model_inputs(batch, args.device))  # [B]: log p(answer | image, question)
+                loss = sft_loss(answer_logps, n_tokens) * world / len(group)  # x world: DDP averages over processes
             run.check_finite(loss, step + 1)
             loss.backward()
             step_loss += loss.item()
             run.count_tokens(real_tokens(batch))
-        optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
+        optimizer_step(model, optimizer, scheduler, args.max_grad_norm)  # clip, step, schedule, zero grads
         step += 1
         logged = {**mean_over_ranks({"loss": step_loss}, world), "lr": scheduler.get_last_lr()[0]}
         if run.after_step(step, logged, model, optimizer, scheduler,
                           (lambda: evaluate(model, held, processor, args)) if held else None):
             return {}
-    # ---------------------------------------------------------------------------------------------
+    # -------------------------------------------------------------------------------------------------
 
     run.save_state(step, model, optimizer, scheduler)
     final = {}
@@ -146,6 +139,20 @@ def train(args, model, processor, train_records, held_records, rank=0, world=1) 
         print(f"model saved to {saved}; metrics in {run.metrics_path}")
     run.finish()
     return final
+
+
+@torch.no_grad()
+def evaluate(model, examples, processor, args) -> dict:
+    """Held-out token cross-entropy on the answers."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), args.batch_size):
+        batch = batch_maker(args, processor, "sft")(examples[start:start + args.batch_size])
+        with autocast(args.device):
+            total -= model(**model_inputs(batch, args.device)).sum().item()  # the answers' summed log-probs
+        tokens += int(supervised_counts(batch).sum())
+    model.train()
+    return {"loss": total / max(tokens, 1)}
 
 
 if __name__ == "__main__":

@@ -12,28 +12,18 @@ LoRA r128/alpha256 at lr 4e-4, projector at 2e-5, 3 epochs.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from tinyalign import Processor, load_model
+from tinyalign import Processor, demo, load_model
 from tinyalign.data import Conversation, read_scored
-from tinyalign.demo import demo_processor, greedy_answers, rated_styles, read_heldout
 from tinyalign.steer import STEER_TEMPLATES, check_ratings, steer_prompt
-from tinyalign.training import (append_metrics, common_arguments, finish_distributed, init_distributed, parse_recipe,
-                                seed_everything, split_held_out)
+from tinyalign.training import (common_arguments, finish_distributed, init_distributed, parse_recipe, seed_everything,
+                                split_held_out)
 
-import train_sft
+import train_sft  # SteerLM is SFT on rated answers: the same loss and loop (train_sft.train)
 
 PAPER = dict(train_sft.PAPER)
 DEMO = dict(epochs=2, batch_size=16, grad_accum=1, lr=1e-3, projector_lr=1e-3, lora_r=32, lora_alpha=64,
             max_length=256, eval_every=100, save_every=200, eval_fraction=0.05, out="runs/demo-steerlm",
             packing=False)
-# What the demo asks for, and what a rater would have given each kind of answer (demo.annotate).
-DEMO_CONDITIONS = {
-    "concise and correct": dict(helpfulness=4, correctness=4, coherence=4, complexity=1, verbosity=2),
-    "verbose and correct": dict(helpfulness=3, correctness=4, coherence=4, complexity=2, verbosity=4),
-    "concise and wrong": dict(helpfulness=0, correctness=0, coherence=4, complexity=1, verbosity=2),
-}
 
 
 def parse(argv=None):
@@ -63,45 +53,15 @@ def steer_conversations(path, style: str) -> list[Conversation]:
     return out
 
 
-def demo_data() -> Path:
-    """Every answer style for each demo prompt, rated by the annotator, as a scored-samples file."""
-    path = train_sft.DEMO_DATA / "steer.jsonl"
-    prompts = read_heldout(train_sft.DEMO_DATA / "prompts.jsonl")
-    path.write_text("".join(json.dumps(r) + "\n" for r in rated_styles(prompts)))
-    return path
-
-
-def steering_table(model, processor, args) -> dict:
-    """Ask for each DEMO_CONDITION on held-out questions: does the answer follow what was asked?"""
-    heldout = read_heldout(train_sft.DEMO_DATA / "heldout.jsonl")
-    images = [Path(args.image_folder) / r["image"] for r in heldout]
-    results = {}
-    print(f"\n{'asked for':<22} {'words per answer':>16} {'correct':>8}")
-    for name, ratings in DEMO_CONDITIONS.items():
-        questions = [steer_prompt(r["prompt"], ratings, args.steer_template) for r in heldout]
-        answers = [processor.decode(a) for a in greedy_answers(model, processor, questions, images)]
-        words = sum(len(a.split()) for a in answers) / len(answers)
-        correct = sum(a.startswith(r["answer"]) for a, r in zip(answers, heldout)) / len(answers)
-        results[name] = {"words": words, "correct": correct}
-        print(f"{name:<22} {words:>16.1f} {correct:>8.3f}")
-    return results
-
-
 def main(argv=None):
     args = parse(argv)
     rank, world = init_distributed(args)
     if args.demo:
-        print("No --model: running the built-in demo (SteerLM on the shapes world, from the SFT demo's model).")
-        if not (train_sft.DEMO_SFT_MODEL / "config.json").exists():
-            train_sft.main(["--seed", str(args.seed)])
-        args.model = str(train_sft.DEMO_SFT_MODEL)
-        args.data = args.data or str(demo_data())
-        args.image_folder = args.image_folder or str(train_sft.DEMO_DATA)
-    seed_everything(args.seed)  # after the demo's setup (which may train the SFT demo here): the same draw either way
+        demo.steerlm_start(args)  # no --model: the SFT demo's model, every answer style rated (tinyalign/demo.py)
+    seed_everything(args.seed)  # after the demo's setup (which may train the SFT demo first): the same draw either way
     model = load_model(args.model, device=args.device, vision_tower=args.vision_tower)
-    processor = (demo_processor(args.image_mode) if args.demo else
-                 Processor.from_pretrained(args.model, template=args.template, image_mode=args.image_mode,
-                                           vision_tower=args.vision_tower))
+    processor = Processor.from_pretrained(args.model, template=args.template, image_mode=args.image_mode,
+                                          vision_tower=args.vision_tower)
     records = steer_conversations(args.data, args.steer_template)
     if args.eval_data:
         train_records, held_records = records, steer_conversations(args.eval_data, args.steer_template)
@@ -109,8 +69,7 @@ def main(argv=None):
         train_records, held_records = split_held_out(records, args.eval_fraction, args.seed)
     final = train_sft.train(args, model, processor, train_records, held_records, rank, world)
     if args.demo and rank == 0:
-        final["steering"] = steering_table(model, processor, args)
-        append_metrics(args.out, {"steering": final["steering"]})
+        final["steering"] = demo.steerlm_report(model, processor, args)
     finish_distributed(world)
     return final
 

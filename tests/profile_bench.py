@@ -141,16 +141,14 @@ def profile_rows(step, device, steps=2, top=30) -> dict:
 
 
 def dpo_section(cfg, device, dtype, n_pairs: int, deadline, out: dict) -> dict:
-    from tinyalign.packing import batch_logps, pack_pairs
-    from tinyalign.training import setup_trainable
+    from tinyalign.packing import model_inputs, pack_pairs
 
     processor = bench.SyntheticProcessor(cfg)
     pairs = bench.synthetic_pairs(cfg, n_pairs, 64, 200)
     flops = bench.dpo_step_flops(cfg, pairs, False, 128)
     peak = bench.card_peak(device)[1]
     out.update(pairs=n_pairs, flops_per_step=flops)
-    model = bench.our_model(cfg, device, dtype)
-    setup_trainable(model, lora_r=128, lora_alpha=256, lora_dropout=0.05)
+    model = bench.paper_lora(bench.our_model(cfg, device, dtype))
     if device != "cpu":
         model.language_model.compile_blocks()
     model.train()
@@ -174,7 +172,7 @@ def dpo_section(cfg, device, dtype, n_pairs: int, deadline, out: dict) -> dict:
 
     def forward_only():
         with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-            return batch_logps(model, batch, device, repeat_images=2)
+            return model(**model_inputs(batch, device))
 
     out["forward_no_grad_s"] = median_time(forward_only, device, 2, 5)
     print(f"   forward alone (no grad): {out['forward_no_grad_s'] * 1e3:.1f} ms", flush=True)

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from tinyalign.losses import (PREFERENCE_LOSSES, answer_logps, dpo_loss, orpo_loss, sequence_logps, simpo_loss,
-                              sft_loss, sft_loss_from_hidden)
+import torch.nn.functional as F
+
+from tinyalign.losses import PREFERENCE_LOSSES, answer_logps, dpo_loss, orpo_loss, simpo_loss, sft_loss
 
 
 def log_sigmoid(x):
@@ -48,48 +49,46 @@ def test_dpo_gradient_raises_chosen_and_lowers_rejected():
     assert pc.grad.item() < 0 < pr.grad.item()  # descent raises log p(chosen), lowers log p(rejected)
 
 
-def make_logits_and_labels():
+def hidden_head_and_labels():
+    """Decoder outputs [2, 6, 8], an LM head over 11 tokens, and labels: row 0 is a prompt (3 tokens)
+    then a 3-token answer; row 1 a prompt (2), an answer (2), padding (2)."""
     torch.manual_seed(0)
-    logits = torch.randn(2, 6, 11)
-    # row 0: prompt (3 tokens) then a 3-token answer; row 1: prompt (2), answer (2), padding (2)
-    labels = torch.tensor([[-100, -100, -100, 4, 7, 2], [-100, -100, 5, 2, -100, -100]])
-    return logits, labels
-
-
-def test_sequence_logps_scores_exactly_the_answer_tokens():
-    logits, labels = make_logits_and_labels()
-    logp = logits.log_softmax(-1)
-    # Worked out by hand: the first answer token (position 3 in row 0) is scored by position 2's logits.
-    row0 = logp[0, 2, 4] + logp[0, 3, 7] + logp[0, 4, 2]
-    row1 = logp[1, 1, 5] + logp[1, 2, 2]
-    got = sequence_logps(logits, labels)
-    assert got.tolist() == pytest.approx([row0.item(), row1.item()], rel=1e-6)
-    assert sequence_logps(logits, labels, average=True).tolist() == pytest.approx([row0.item() / 3, row1.item() / 2],
-                                                                                  rel=1e-6)
-    # Nothing of the prompt or padding matters: change those logits and the result stays.
-    changed = logits.clone()
-    changed[0, :2] += 100.0
-    changed[1, 3:] -= 50.0
-    assert torch.equal(sequence_logps(changed, labels), got)
-
-
-def test_answer_logps_equals_full_logits_path():
-    torch.manual_seed(1)
     hidden = torch.randn(2, 6, 8)
     head = torch.nn.Linear(8, 11, bias=False)
-    _, labels = make_logits_and_labels()
-    for average in (False, True):
-        for chunk in (1, 2, 1024):
-            assert torch.allclose(answer_logps(hidden, head, labels, average=average, chunk=chunk),
-                                  sequence_logps(head(hidden), labels, average=average), atol=1e-6)
-    assert sft_loss_from_hidden(hidden, head, labels).item() == pytest.approx(sft_loss(head(hidden), labels).item(), rel=1e-6)
+    labels = torch.tensor([[-100, -100, -100, 4, 7, 2], [-100, -100, 5, 2, -100, -100]])
+    return hidden, head, labels
+
+
+def test_answer_logps_scores_exactly_the_answer_tokens():
+    hidden, head, labels = hidden_head_and_labels()
+    logp = head(hidden).log_softmax(-1)
+    # Worked out by hand: the first answer token (position 3 in row 0) is scored by position 2's state.
+    row0 = logp[0, 2, 4] + logp[0, 3, 7] + logp[0, 4, 2]
+    row1 = logp[1, 1, 5] + logp[1, 2, 2]
+    for chunk in (1, 2, 1024):  # the LM head runs `chunk` scored positions at a time: same numbers
+        got = answer_logps(hidden, head, labels, chunk=chunk)
+        assert got.tolist() == pytest.approx([row0.item(), row1.item()], rel=1e-6)
+        assert answer_logps(hidden, head, labels, average=True, chunk=chunk).tolist() == pytest.approx(
+            [row0.item() / 3, row1.item() / 2], rel=1e-6)
+    # Nothing of the prompt or padding matters: change those states and the result stays.
+    changed = hidden.clone()
+    changed[0, :2] += 100.0
+    changed[1, 3:] -= 50.0
+    assert torch.equal(answer_logps(changed, head, labels), got)
 
 
 def test_sft_loss_is_token_mean_cross_entropy():
-    logits, labels = make_logits_and_labels()
+    """sft_loss on the answers' summed log-probs equals torch's own cross-entropy over the shifted
+    logits with -100 ignored (the formula SFT trainers use), and the hand-written token mean."""
+    hidden, head, labels = hidden_head_and_labels()
+    logits = head(hidden)
+    n_tokens = int((labels[:, 1:] != -100).sum())
+    got = sft_loss(answer_logps(hidden, head, labels), n_tokens)
+    torch_ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    assert got.item() == pytest.approx(torch_ce.item(), rel=1e-6)
     logp = logits.log_softmax(-1)
     terms = [logp[0, 2, 4], logp[0, 3, 7], logp[0, 4, 2], logp[1, 1, 5], logp[1, 2, 2]]
-    assert sft_loss(logits, labels).item() == pytest.approx(-sum(t.item() for t in terms) / 5, rel=1e-6)
+    assert n_tokens == 5 and got.item() == pytest.approx(-sum(t.item() for t in terms) / 5, rel=1e-6)
 
 
 # Mean log-probs per answer token (SimPO and ORPO work on those): (chosen, rejected) per pair.

@@ -7,7 +7,7 @@ from test_training import sft_args
 
 import train_steerlm
 from tinyalign import load_model
-from tinyalign.demo import demo_processor, greedy_answers, rated_styles, read_heldout
+from tinyalign.demo import STEER_CONDITIONS, demo_processor, greedy_answers, rated_styles, read_heldout
 from tinyalign.steer import check_ratings, format_ratings, parse_steer, steer_prompt
 
 R = {"helpfulness": 4, "correctness": 3, "coherence": 4, "complexity": 2, "verbosity": 1}
@@ -64,7 +64,7 @@ def verbosity_lengths(world, out, seed: int = 0) -> dict:
     images = [world["images"] / r["image"] for r in heldout]
     lengths = {}
     for name in ("concise and correct", "verbose and correct"):  # verbosity 2 and 4 (and what goes with them)
-        questions = [steer_prompt(r["prompt"], train_steerlm.DEMO_CONDITIONS[name]) for r in heldout]
+        questions = [steer_prompt(r["prompt"], STEER_CONDITIONS[name]) for r in heldout]
         answers = greedy_answers(model, processor, questions, images)
         lengths[name] = sum(len(processor.decode(a).split()) for a in answers) / len(answers)
     return lengths

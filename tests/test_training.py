@@ -1,6 +1,10 @@
 """The training scripts end to end on a tiny checkpoint: LoRA merge, reference log-probs, resume, NaN."""
 
+import importlib
+import inspect
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +18,10 @@ from tinyalign.data import collate_pairs, pair_examples, read_pairs
 from tinyalign.demo import read_heldout, say, wrong_values
 from tinyalign.lora import LoRALinear, apply_lora, merge_lora
 from tinyalign.losses import orpo_loss, simpo_loss
+from tinyalign.packing import pair_logps
 from tinyalign.training import micro_batches
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def sft_args(world, out, *extra):
@@ -130,7 +137,7 @@ def test_precomputed_reference_logps_equal_live_ones(tiny_world, tmp_path):
     cache = tmp_path / "ref.json"
     assert train_dpo.fill_reference(model, examples, processor, args, cache).startswith("computed now")
     with torch.no_grad():
-        live_c, live_r = train_dpo.pair_logps(model, collate_pairs(examples, processor), "cpu")
+        live_c, live_r = pair_logps(model, collate_pairs(examples, processor), "cpu")
     assert torch.allclose(torch.tensor([e.ref_chosen for e in examples]), live_c, atol=1e-5)
     assert torch.allclose(torch.tensor([e.ref_rejected for e in examples]), live_r, atol=1e-5)
     again, _ = pair_examples(read_pairs(pairs_path)[0], processor, tiny_world["images"])
@@ -230,7 +237,7 @@ def test_first_loss_is_ln2_when_the_file_holds_the_policys_own_logps(tiny_world,
     pairs = read_pairs(plain)[0]
     examples, _ = pair_examples(pairs, processor, tiny_world["images"])
     with torch.no_grad():
-        (sc, sr), (mc, mr) = (train_dpo.pair_logps(model, collate_pairs(examples, processor), "cpu", average=a)
+        (sc, sr), (mc, mr) = (pair_logps(model, collate_pairs(examples, processor), "cpu", average=a)
                               for a in (False, True))
     records = [{"id": p.id, "image": p.images[0], "question": {"from": "human", "value": p.prompt},
                 "chosen": {"from": "gpt", "value": p.chosen}, "rejected": {"from": "gpt", "value": p.rejected},
@@ -258,12 +265,13 @@ def test_sft_weight_is_the_authors_term(tiny_world, tmp_path):
     train_dpo.fill_reference(model, examples, processor, args, tmp_path / "ref.json")
     batch = collate_pairs(examples, processor)
     with torch.no_grad():
-        chosen, _ = train_dpo.pair_logps(model, batch, "cpu")
+        chosen, rejected = pair_logps(model, batch, "cpu")
         n_tokens = torch.tensor([e.chosen.num_supervised for e in examples], dtype=torch.float32)
         losses = {}
         for sft, nll in [(0, 0), (2, 0), (0, 2)]:
             args.sft_weight, args.chosen_nll_weight = sft, nll
-            losses[(sft, nll)] = train_dpo.step_metrics(model, batch, args)[0].item()
+            reference = train_dpo.reference_of(batch, None, args)
+            losses[(sft, nll)] = train_dpo.preference_loss(chosen, rejected, *reference, batch, args)[0].item()
     assert losses[(2, 0)] - losses[(0, 0)] == pytest.approx(-2 * chosen.mean().item(), rel=1e-5)
     assert losses[(0, 2)] - losses[(0, 0)] == pytest.approx(-2 * (chosen / n_tokens).mean().item(), rel=1e-5)
     assert abs(chosen.mean().item()) > 5 * abs((chosen / n_tokens).mean().item())  # the two differ a lot
@@ -285,7 +293,7 @@ def test_reference_free_losses_train_without_a_reference_pass(tiny_world, tmp_pa
     examples, _ = pair_examples(read_pairs(pairs_path)[0], processor, tiny_world["images"])
     first_batch = micro_batches(len(examples), 16, 1, seed=0)[0]  # the run's data order
     with torch.no_grad():
-        chosen, rejected = train_dpo.pair_logps(tinyalign.load_model(tiny_world["checkpoint"]),
+        chosen, rejected = pair_logps(tinyalign.load_model(tiny_world["checkpoint"]),
                                                 collate_pairs([examples[i] for i in first_batch], processor), "cpu",
                                                 average=True)
     expected = (simpo_loss(chosen, rejected, 2.0, 0.5) if loss_type == "simpo" else orpo_loss(chosen, rejected, 0.1))[0]
@@ -306,3 +314,69 @@ def test_help_shows_the_paper_and_the_demo_default(capsys):
     assert (args.lr, args.lora_r, args.epochs, args.demo) == (1e-3, 32, 6, True)
     args = train_dpo.parse(["--model", "m", "--out", "o", "--lr", "2e-5"])
     assert (args.lr, args.lora_r, args.epochs, args.demo) == (2e-5, 128, 3, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's "How a DPO step runs" matches the code
+# ---------------------------------------------------------------------------------------------
+
+
+def readme_step_names() -> list[str]:
+    """The dotted names (`train_dpo.x`, `tinyalign.m.x`) the README's "How a DPO step runs" lists."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("### How a DPO step runs", 1)[1].split("\n#", 1)[0]
+    names = re.findall(r"`((?:train_dpo|train_sft|tinyalign)(?:\.\w+)+)`", section)
+    return [n for n in names if not n.endswith(".py")]  # file names (`train_sft.py`) are not functions
+
+
+def resolve(dotted: str):
+    """Import the longest module prefix of `dotted`, then look the rest up as attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[cut:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(dotted)
+
+
+def test_readme_dpo_step_names_real_functions():
+    names = readme_step_names()
+    assert len(names) >= 20  # the section was found and read
+    for name in names:
+        assert resolve(name) is not None, name
+
+
+def is_project_code(path: Path) -> bool:
+    """The scripts at the top of the repository and tinyalign/ (not torch, not the tests)."""
+    path = path.resolve()
+    return path.parent == REPO and path.suffix == ".py" or path.is_relative_to(REPO / "tinyalign")
+
+
+@pytest.mark.parametrize("packing,scorer", [("--no-packing", "answer_logps"), ("--packing", "scored_logps")])
+def test_a_dpo_step_reaches_the_token_logps_in_three_calls(tiny_world, tmp_path, monkeypatch, packing, scorer):
+    """Trace a real training step: from train_dpo.main to losses.token_logps, the project's own
+    frames are main -> Llava.forward -> answer_logps (packed rows: scored_logps) -> token_logps
+    (torch's module plumbing aside), in the order the README gives."""
+    import tinyalign.losses
+
+    chains, real = [], tinyalign.losses.token_logps
+
+    def traced(*args, **kwargs):
+        if torch.is_grad_enabled():  # the training step (the reference pass and evaluation run no-grad)
+            ours = [f for f in inspect.stack()[1:] if is_project_code(Path(f.filename))]
+            chains.append([(Path(f.filename).name, f.function) for f in reversed(ours)])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tinyalign.losses, "token_logps", traced)
+    train_dpo.main(dpo_args(tiny_world, write_pairs(tiny_world, tmp_path / "pairs.jsonl"), tmp_path / "run",
+                            "--max-steps", "1", "--grad-accum", "1", packing))
+    assert chains, "no training step reached token_logps"
+    chain = chains[0]
+    assert chain[chain.index(("train_dpo.py", "main")):] == [("train_dpo.py", "main"), ("model.py", "forward"),
+                                                             ("losses.py", scorer)]  # ... then token_logps
+    order = [n.rsplit(".", 1)[-1] for n in readme_step_names()]
+    assert order.index("main") < order.index("forward") < order.index(scorer) < order.index("token_logps")

@@ -45,7 +45,7 @@ import torch
 from .config import PRESETS, LlavaConfig, preset
 from .data import PairExample
 from .losses import dpo_loss
-from .packing import batch_logps, pack_pairs
+from .packing import model_inputs, pack_pairs
 from .processor import IGNORE_INDEX, Encoded
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, from the datasheets
@@ -218,7 +218,7 @@ def our_dpo_step(model, pairs, processor, device, optimizer, beta=0.1):
 
     def step():
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-            chosen, rejected = batch_logps(model, batch, device, repeat_images=2).chunk(2)
+            chosen, rejected = model(**model_inputs(batch, device)).chunk(2)
             loss = dpo_loss(chosen, rejected, ref_c, ref_r, beta)[0].mean()
         loss.backward()
         if optimizer is not None:
@@ -227,6 +227,16 @@ def our_dpo_step(model, pairs, processor, device, optimizer, beta=0.1):
         return loss
 
     return step, int((batch["document_ids"] >= 0).sum())
+
+
+def paper_lora(model):
+    """The paper's DPO recipe on a model: tower frozen, projector trained, LoRA r128/alpha256 on the decoder."""
+    from .training import train_decoder, train_projector
+
+    model.requires_grad_(False)
+    train_projector(model)
+    train_decoder(model, lora_r=128, lora_alpha=256, lora_dropout=0.05)
+    return model
 
 
 def trainable_optimizer(model, lr):
@@ -315,10 +325,7 @@ def main(argv=None, extra_rows=None, command: str = "python -m tinyalign.bench")
 
     # ---- the rows, most important first (a --deadline cuts the tail, never the head) ---------
     def ours_lora(compiled=False):
-        from .training import setup_trainable
-
-        model = our_model(cfg, device, dtype)
-        setup_trainable(model, lora_r=128, lora_alpha=256, lora_dropout=0.05)
+        model = paper_lora(our_model(cfg, device, dtype))
         if compiled:
             model.language_model.compile_blocks()
         model.train()
@@ -326,10 +333,11 @@ def main(argv=None, extra_rows=None, command: str = "python -m tinyalign.bench")
                        flops_lora)
 
     def ours_full():
-        from .training import setup_trainable
+        from .training import train_decoder, train_projector
 
-        m = our_model(cfg, device, dtype)
-        setup_trainable(m, lora_r=0, lora_alpha=0, lora_dropout=0.0)
+        m = our_model(cfg, device, dtype).requires_grad_(False)
+        train_projector(m)
+        train_decoder(m, lora_r=0, lora_alpha=0, lora_dropout=0.0)  # every decoder weight
         m.to(dtype).train()  # pure bf16: no fp32 master copy (see optimizer_in_backward)
         optimizer_in_backward(m, 1e-5)
         return dpo_row(our_dpo_step(m, one, processor, device, None), 1, flops_full)

@@ -412,6 +412,7 @@ def collate_pairs(examples: list[PairExample], processor: Processor, pixel_cache
     batch["pixel_values"] = load_pixels(processor, [p for e in examples for p in e.images], pixel_cache)
     batch["ref_chosen"] = _ref(examples, "ref_chosen")
     batch["ref_rejected"] = _ref(examples, "ref_rejected")
+    batch["repeat_images"] = 2  # Llava.forward: run the tower once, use its features for both halves
     return batch
 
 

@@ -20,19 +20,6 @@ def shift(logits: torch.Tensor, labels: torch.Tensor):
     return logits[:, :-1], labels[:, 1:]
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """log p(answer | prompt) per sequence: the sum (or mean) of log p(label) over supervised tokens.
-
-    logits [B, T, V], labels [B, T] -> [B]. The first answer token is scored by the logits of the last
-    prompt token, which the shift takes care of; prompt and padding (-100) contribute nothing.
-    """
-    logits, labels = shift(logits, labels)
-    supervised = labels != IGNORE_INDEX
-    token_logps = torch.gather(logits.float().log_softmax(-1), 2, labels.clamp(min=0)[..., None]).squeeze(-1)
-    total = (token_logps * supervised).sum(-1)
-    return total / supervised.sum(-1).clamp(min=1) if average else total
-
-
 def token_logps(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor, chunk: int = 1024):
     """hidden [N, D] (each row the state that predicts one token), targets [N] -> log p(target) [N].
     The LM head and log-softmax run `chunk` rows at a time, in float32: the full [B, T, V] logits of
@@ -46,11 +33,13 @@ def token_logps(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.T
 
 def answer_logps(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor, average: bool = False,
                  chunk: int = 1024) -> torch.Tensor:
-    """sequence_logps without the [B, T, V] logits: the LM head and the log-softmax run only on the
-    positions that predict a supervised token (token_logps).
+    """log p(answer | prompt) per sequence: the sum (or mean) of log p(label) over supervised tokens,
+    without the [B, T, V] logits: the LM head and the log-softmax run only on the positions that
+    predict a supervised token (token_logps).
 
-    hidden [B, T, D] (the decoder output), labels [B, T] -> [B]. Equal to
-    sequence_logps(lm_head(hidden), labels) up to float rounding.
+    hidden [B, T, D] (the decoder output), labels [B, T] -> [B]. The first answer token is scored by
+    the hidden state of the last prompt token, which the shift takes care of; prompt and padding
+    (-100) contribute nothing.
     """
     hidden, labels = shift(hidden, labels)
     rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # the N scored positions
@@ -73,16 +62,13 @@ def scored_logps(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: dict, 
     return total
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token cross-entropy averaged over supervised tokens: what SFT, rejection sampling and SteerLM minimise."""
-    logits, labels = shift(logits, labels)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
-
-
-def sft_loss_from_hidden(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor) -> torch.Tensor:
-    """sft_loss without the [B, T, V] logits (see answer_logps): the same number, less memory."""
-    n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
-    return -answer_logps(hidden, lm_head, labels).sum() / n_tokens
+def sft_loss(answer_logps: torch.Tensor, n_tokens) -> torch.Tensor:
+    """What SFT, rejection sampling and SteerLM minimise: token cross-entropy on the answers,
+        loss = -(1 / N) * sum over the N supervised tokens of log p(token | everything before it).
+    answer_logps [B]: each answer's summed token log-probs (Llava.forward with labels, which calls
+    answer_logps); n_tokens: N, counted over the whole micro-batch (all processes, with DDP), so
+    that every token weighs the same whichever row and process it sits in."""
+    return -answer_logps.sum() / n_tokens
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -147,38 +147,33 @@ def pack_sft(examples: list[SFTExample], processor, max_tokens: int | None = Non
     return collate_documents(documents, len(examples), processor, max_tokens, pixel_cache)
 
 
-def to_device(batch: dict, device) -> dict:
-    """Every tensor of a (packed) batch on `device`, the targets' too."""
-    moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    if "targets" in batch:
-        moved["targets"] = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch["targets"].items()}
-    return moved
-
-
 # ---------------------------------------------------------------------------------------------
-# What the training scripts call: the same two functions for plain and packed batches
+# What the training scripts call: one forward, plain or packed batch alike
 # ---------------------------------------------------------------------------------------------
 
+# Llava.forward's keyword arguments that a batch carries. Plain rows: input_ids, attention_mask,
+# labels (and repeat_images=2 for DPO's chosen-then-rejected rows). Packed rows: position_ids,
+# document_ids, branch_ids and the scored-token list `targets`. Either way, forward returns one
+# log-prob per answer.
+FORWARD_INPUTS = ("input_ids", "pixel_values", "attention_mask", "labels", "repeat_images", "position_ids",
+                  "document_ids", "branch_ids", "targets")
 
-def batch_logps(model, batch: dict, device, average: bool = False, repeat_images: int = 1) -> torch.Tensor:
-    """Log-prob of every answer in a batch [S], plain (labels) or packed (targets). repeat_images:
-    plain DPO batches hold the chosen rows then the rejected rows, each pair's images once."""
-    pixels = batch["pixel_values"]
-    pixels = None if pixels is None else pixels.to(device)
-    if "targets" in batch:  # packed: each image appears once in the rows already
-        b = to_device(batch, device)
-        return model(b["input_ids"], pixels, position_ids=b["position_ids"], document_ids=b["document_ids"],
-                     branch_ids=b["branch_ids"], targets=b["targets"], average_logps=average)
-    return model(batch["input_ids"].to(device), pixels, batch["attention_mask"].to(device),
-                 labels=batch["labels"].to(device), average_logps=average, repeat_images=repeat_images)
+
+def model_inputs(batch: dict, device) -> dict:
+    """A batch (plain or packed) as the keyword arguments of Llava.forward, its tensors on `device`:
+    `model(**model_inputs(batch, device))` -> log p(answer) for every answer of the batch [S]."""
+    def moved(value):
+        if isinstance(value, dict):  # the packed batch's targets
+            return {k: moved(v) for k, v in value.items()}
+        return value.to(device) if torch.is_tensor(value) else value
+
+    return {key: moved(batch[key]) for key in FORWARD_INPUTS if key in batch}
 
 
 def pair_logps(model, batch: dict, device, average: bool = False):
-    """-> (log p(chosen) [B], log p(rejected) [B]): sums (or means) over each answer's tokens, in one
-    forward. Plain batches hold the B chosen rows, then the B rejected rows, and each pair's image(s)
-    once: repeat_images=2 runs the tower once and reuses its features for both halves. Packed batches
-    (--packing) hold each pair as [prompt | chosen | rejected]: the prompt is computed once too."""
-    return batch_logps(model, batch, device, average, repeat_images=2).chunk(2)
+    """-> (log p(chosen) [B], log p(rejected) [B]) of a pair batch, in one forward (what eval.py and
+    train_dpo.py's reference pass call; the training step writes the same call out)."""
+    return model(**model_inputs(batch, device), average_logps=average).chunk(2)
 
 
 def supervised_counts(batch: dict) -> torch.Tensor:

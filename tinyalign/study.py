@@ -29,14 +29,13 @@ import sys
 import time
 from pathlib import Path
 
-from .demo import (CONFUSIONS, SFT_ANSWER_NOISE, annotate, greedy_answers, read_heldout, say,
+from .demo import (CONFUSIONS, DEMO_DATA, DEMO_SFT, SFT_ANSWER_NOISE, annotate, greedy_answers, read_heldout, say,
                    sft_answer_value, value_of)
 from .evaluation import write_atomic, write_json
 from .steer import steer_prompt
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_DATA = Path("runs/demo-data")
-START = Path("runs/demo-sft/model")
+START = DEMO_SFT / "model"
 # What SteerLM is asked for at evaluation: the ratings a correct, concise answer gets in this world.
 STEER_ASK = {"helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 1, "verbosity": 2}
 # The same small budget for every method: LoRA r32 on the decoder, projector trained, from the start.

@@ -1,7 +1,9 @@
-"""What the three training scripts share, so that each script shows only its method's loop.
+"""The pieces the three training scripts put together, so that each script shows its recipe and its
+method's loop in order and nothing else.
 
-Trainable parts (the paper's recipe), optimizer groups, the cosine schedule, the deterministic data
-order, metrics.jsonl, checkpoints that can be resumed exactly, and the final save.
+Arguments (each recipe option shows the paper's value and the demo's), the trainable parts
+(`train_projector`, `train_decoder`), the cosine schedule, the deterministic data order, DDP,
+metrics.jsonl, checkpoints that can be resumed exactly, and the final save.
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ def parse_recipe(parser: argparse.ArgumentParser, argv, paper: dict, demo: dict)
             action.default = argparse.SUPPRESS  # "not given" (and no "default: None" in --help)
     args = parser.parse_args(argv)
     args.demo = args.model is None
+    if args.compile is None:  # compiled blocks pay off on a GPU; on a CPU the compile time dominates
+        args.compile = torch.device(args.device).type == "cuda"
     for key, value in ({**paper, **demo} if args.demo else paper).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -99,38 +103,41 @@ def parse_recipe(parser: argparse.ArgumentParser, argv, paper: dict, demo: dict)
 
 
 # ---------------------------------------------------------------------------------------------
-# The model's trainable parts and the optimizer
+# The model's trainable parts and the number of optimizer steps
 # ---------------------------------------------------------------------------------------------
 
 
-def setup_trainable(model, lora_r: int, lora_alpha: float, lora_dropout: float, gradient_checkpointing=False) -> str:
-    """Vision tower frozen; projector trained fully; decoder through LoRA (lora_r > 0) or fully.
-    Trainable weights are kept in float32 even when the frozen ones are bf16 (AdamW's small updates
-    vanish in bf16); the compute still runs in bf16 under autocast."""
-    model.requires_grad_(False)
-    model.multi_modal_projector.requires_grad_(True)
+def train_projector(model) -> list[nn.Parameter]:
+    """The projector trains fully. Its weights are kept in float32 even when the rest is bf16: AdamW's
+    small updates would vanish in bf16 (the compute still runs in bf16 under autocast)."""
+    model.multi_modal_projector.float().requires_grad_(True)
+    return list(model.multi_modal_projector.parameters())
+
+
+def train_decoder(model, lora_r: int, lora_alpha: float, lora_dropout: float) -> list[nn.Parameter]:
+    """lora_r > 0: LoRA adapters on every decoder projection (tinyalign/lora.py), in float32, the
+    decoder's own weights frozen; lora_r 0: the whole decoder and the LM head train."""
     if lora_r > 0:
         apply_lora(model.language_model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
-        model.multi_modal_projector.float()
-        for name, p in model.named_parameters():
+        for name, p in model.language_model.named_parameters():
             if "lora_" in name:
                 p.data = p.data.float()
     else:
         model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
-    model.language_model.gradient_checkpointing = gradient_checkpointing
+    return [p for m in (model.language_model, model.lm_head) for p in m.parameters() if p.requires_grad]
+
+
+def describe_trainable(model) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable"
 
 
-def make_optimizer(model, lr: float, projector_lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """Two groups, as in the paper: the projector at its own learning rate, everything else at lr."""
-    projector = [p for p in model.multi_modal_projector.parameters() if p.requires_grad]
-    ids = {id(p) for p in projector}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": rest, "lr": lr, "name": "decoder"}, {"params": projector, "lr": projector_lr, "name": "projector"}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay, betas=(0.9, 0.999))
+def optimizer_steps(n_micro_batches: int, grad_accum: int, max_steps: int | None) -> int:
+    """Optimizer steps in the whole run: one per grad_accum micro-batches, at most max_steps."""
+    total = math.ceil(n_micro_batches / grad_accum)
+    return min(total, max_steps) if max_steps else total
 
 
 def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
@@ -424,27 +431,6 @@ def plot_metrics(metrics_path: Path, png: Path, keys=None):
     fig.savefig(png)
     plt.close(fig)
     return png
-
-
-def prepare_training(args, model, n_examples: int, rank: int = 0, world: int = 1):
-    """Trainable parts, optimizer, schedule, the run folder and the data order, in one place:
-    -> (trainer, optimizer, scheduler, run, batches, first step). `trainer` is the model, wrapped in
-    DDP when there are several processes; `model` itself stays the plain module (eval, save)."""
-    print(setup_trainable(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.gradient_checkpointing))
-    if args.compile is None:
-        args.compile = torch.device(args.device).type == "cuda"
-    if args.compile:
-        model.language_model.compile_blocks()  # after LoRA is in place: the wrappers compile with the block
-    optimizer = make_optimizer(model, args.lr, args.projector_lr, args.weight_decay)
-    # --batch-size is per process: a micro-batch of the whole run holds batch_size x world examples.
-    batches = micro_batches(n_examples, args.batch_size * world, args.epochs, args.seed, drop_last=world > 1)
-    total_steps = math.ceil(len(batches) / args.grad_accum)
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-    scheduler = cosine_schedule(optimizer, total_steps, args.warmup_ratio)
-    run = Run(args.out, args, total_steps, rank)
-    step = run.load_state(model, optimizer, scheduler) if args.resume else 0
-    return wrap_ddp(model, world, args.device), optimizer, scheduler, run, batches, step
 
 
 def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float):
