@@ -1,6 +1,8 @@
 """The sample -> rate pipeline against a stub judge served on 127.0.0.1 by the test."""
 
 import json
+import os
+import random
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler
@@ -114,3 +116,105 @@ def test_prompts_file_without_a_prompt_is_named(tmp_path):
     prompts.write_text('{"id": "a", "prompt": "q"}\n{"id": "b", "question": "q"}\n')
     with pytest.raises(DataError, match=r"prompts.jsonl record 1: needs 'id' and 'prompt'"):
         annotate.main(["--model", str(tmp_path), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")])
+
+
+# ---------------------------------------------------------------------------------------------
+# Crashes and a second process: nothing lost, nothing judged twice
+# ---------------------------------------------------------------------------------------------
+
+
+class FixedJudge:
+    """Rates every answer the same, without a server."""
+
+    model = "fixed"
+
+    def rate(self, question, answer, image):
+        return {"helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 1, "verbosity": 2}
+
+
+def test_a_torn_last_line_is_dropped_and_its_prompt_rated_again(tmp_path):
+    out = tmp_path / "scored.jsonl"
+    prompts = [{"id": f"p{i}", "prompt": "q"} for i in range(3)]
+    annotate_prompts(prompts[:1], out, two_answers, FixedJudge())
+    whole = out.read_text()
+    out.write_text(whole + whole.replace("p0", "p1")[:40])  # a crash in the middle of p1's line
+    summary = annotate_prompts(prompts, out, two_answers, FixedJudge())
+    assert summary["already rated"] == 1 and summary["rated now"] == 2
+    assert [r["id"] for r in lines(out)] == ["p0", "p1", "p2"]  # every line parses, each prompt once
+
+
+def test_a_second_annotator_on_the_same_output_is_refused_and_nothing_is_lost(tmp_path):
+    from tinyalign.checkpoint import RunInUse
+
+    out = tmp_path / "scored.jsonl"
+    prompts = [{"id": f"p{i}", "prompt": "q"} for i in range(40)]
+    go_on, ready = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the first annotator: rates 20 prompts, then waits inside its run, holding the output
+        def sample(records):
+            if records[0]["id"] == "p16":
+                os.write(ready[1], b"1")
+                os.read(go_on[0], 1)
+            return two_answers(records)
+
+        try:
+            annotate_prompts(prompts[:20], out, sample, FixedJudge())
+        finally:
+            os._exit(0)
+    os.read(ready[0], 1)
+    try:
+        with pytest.raises(RunInUse, match=rf"{out} is in use by another run \(.*\"pid\": {pid}"):
+            annotate_prompts(prompts, out, two_answers, FixedJudge())
+    finally:
+        os.write(go_on[1], b"1")
+        os.waitpid(pid, 0)
+    summary = annotate_prompts(prompts, out, two_answers, FixedJudge())  # the first one is done: now it may
+    assert summary["already rated"] == 20 and summary["rated now"] == 20
+    assert sorted(r["id"] for r in lines(out)) == sorted(p["id"] for p in prompts)
+
+
+class RandomVerdicts:
+    """A judge client whose verdict differs from call to call (and from process to process)."""
+
+    model = "random-judge"
+    calls = 0
+
+    def ask(self, messages, parse):
+        time.sleep(0.002)
+        verdict = f"{os.getpid()}-{random.random()}"
+        return verdict, verdict
+
+
+def test_two_processes_sharing_a_judge_cache_score_with_the_first_verdict(tmp_path):
+    """Two eval processes judge the same 24 answers through one cache: each key is written once,
+    both score with that first verdict, and a rerun reproduces it without asking the judge."""
+    from tinyalign.judge import Judge
+
+    cache = tmp_path / "judgments.jsonl"
+    items = [{"id": i, "system": "", "prompt": f"grade {i}", "version": "v1", "answer": f"answer {i}", "images": []}
+             for i in range(24)]
+    children = []
+    for n in range(2):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                results = Judge(RandomVerdicts(), cache, workers=4).judge_all(items, parse=str)
+                (tmp_path / f"results{n}.json").write_text(json.dumps([r["value"] for r in results]))
+            finally:
+                os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.waitpid(pid, 0)
+    written = lines(cache)
+    assert len({e["key"] for e in written}) == len(written) == 24  # each key once: the first verdict
+    first = {e["key"]: e["value"] for e in written}
+
+    class NeverAsked(RandomVerdicts):
+        def ask(self, messages, parse):
+            raise AssertionError("a rerun asked the judge")
+
+    rerun = Judge(NeverAsked(), cache)
+    again = [r["value"] for r in rerun.judge_all(items, parse=str)]
+    assert sorted(again) == sorted(first.values())
+    for n in range(2):
+        assert json.loads((tmp_path / f"results{n}.json").read_text()) == again

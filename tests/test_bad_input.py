@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import struct
+import zlib
 
 import pytest
 from conftest import IMAGES
@@ -123,3 +125,116 @@ def test_unreadable_and_missing_images(tmp_path):
     truncated.write_bytes((IMAGES / "rocket.jpg").read_bytes()[:3000])
     with pytest.raises(ValueError, match=r"cut.jpg: not a readable image"):
         proc(truncated)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data files: every field of the wrong type, or out of range, is named with its file and record
+# ---------------------------------------------------------------------------------------------
+
+PAIR = {"id": "p1", "prompt": "What color?", "chosen": "red", "rejected": "blue"}
+RATED = {"helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 1, "verbosity": 2}
+SCORED = {"id": "s1", "prompt": "What color?", "responses": [{"text": "red", "scores": RATED},
+                                                             {"text": "blue", "scores": {**RATED, "correctness": 0}}]}
+
+BAD_RECORDS = [
+    # (reader, record, what the error must say after "FILE record 0 (id ID): ")
+    ("pairs", {**PAIR, "image": 5}, r"image must be a path or a list of paths, got 5"),
+    ("pairs", {**PAIR, "image": ["a.png", 3]}, r"image must be a path or a list of paths"),
+    ("pairs", {**PAIR, "chosen": 5}, r"chosen must be text .*got 5"),
+    ("pairs", {**PAIR, "rejected": ["x"]}, r"rejected must be text"),
+    ("pairs", {**PAIR, "prompt": 7}, r"prompt must be text"),
+    ("pairs", {**PAIR, "ref_win_logp": "n/a", "ref_rej_logp": -3.0},
+     r"ref_win_logp must be a log-probability \(a finite number <= 0\), got 'n/a'"),
+    ("pairs", {**PAIR, "ref_win_logp": float("nan"), "ref_rej_logp": -3.0}, r"ref_win_logp must be .*got nan"),
+    ("pairs", {**PAIR, "ref_win_logp": -2.0, "ref_rej_logp": 1.5}, r"ref_rej_logp must be .*got 1.5"),
+    ("pairs", {**PAIR, "ref_win_logp": -2.0, "ref_rej_logp": True}, r"ref_rej_logp must be .*got True"),
+    ("scored", {**SCORED, "responses": [{"text": 5, "scores": RATED}]}, r"response 0 text must be text"),
+    ("scored", {**SCORED, "image": {"path": "a.png"}}, r"image must be a path"),
+] + [("scored", {**SCORED, "responses": [{"text": "red", "scores": {**RATED, attribute: value}}]},
+      rf"response 0: {attribute} must be a number 0-4, got {value}")
+     for attribute in ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+     for value in (5, -1, True)] + [
+    ("conversations", {"id": "c1", "image": 5, "conversations": [{"from": "human", "value": "q"},
+                                                                 {"from": "gpt", "value": "a"}]},
+     r"image must be a path or a list of paths"),
+]
+
+
+@pytest.mark.parametrize("reader,record,message", BAD_RECORDS)
+def test_bad_record_is_named(tmp_path, reader, record, message):
+    from tinyalign.data import DataError, read_conversations, read_pairs, read_scored
+
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    read = {"pairs": read_pairs, "scored": read_scored, "conversations": read_conversations}[reader]
+    with pytest.raises(DataError, match=rf"data.jsonl record 0 \(id {record['id']}\): " + message):
+        read(path)
+
+
+def test_a_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    from tinyalign.data import DataError, read_pairs
+
+    path = tmp_path / "latin1.jsonl"
+    second = json.dumps({**PAIR, "chosen": "rouge é"}, ensure_ascii=False)
+    path.write_bytes((json.dumps(PAIR) + "\n" + second + "\n").encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        read_pairs(path)
+
+
+def png_header_only(path, width, height):
+    """A PNG that claims width x height (header only, no pixels): what Pillow's size check sees."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture
+def bad_images(tmp_path):
+    """One record per kind of bad image, plus a good one."""
+    png_header_only(tmp_path / "bomb.png", 20000, 20000)
+    (tmp_path / "cut.jpg").write_bytes((IMAGES / "rocket.jpg").read_bytes()[:3000])  # a truncated JPEG
+    (tmp_path / "text.png").write_text("not an image")
+    shutil.copy(IMAGES / "chelsea.png", tmp_path / "ok.png")
+    names = ["bomb.png", "cut.jpg", "text.png", "missing.png", "ok.png"]
+    records = [{**PAIR, "id": f"r{i}", "image": name} for i, name in enumerate(names)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return tmp_path
+
+
+@pytest.mark.parametrize("image,message", [("bomb.png", "is too large to decode safely"),
+                                           ("cut.jpg", "is not readable"), ("text.png", "is not readable"),
+                                           ("missing.png", "not found")])
+def test_each_bad_image_is_caught_up_front_and_named(bad_images, image, message):
+    from tinyalign.data import DataError, pair_examples, read_pairs
+    from tinyalign.demo import demo_processor
+
+    pairs, _ = read_pairs(bad_images / "pairs.jsonl")
+    one = [p for p in pairs if p.images == [image]]
+    with pytest.raises(DataError, match=rf"record {one[0].id}: image .*{image} {message}.*--skip-bad"):
+        pair_examples(one, demo_processor(), image_folder=bad_images)
+
+
+def test_skip_bad_counts_every_bad_image_and_keeps_the_good_one(bad_images):
+    from tinyalign.data import pair_examples, read_pairs
+    from tinyalign.demo import demo_processor
+
+    pairs, _ = read_pairs(bad_images / "pairs.jsonl")
+    examples, report = pair_examples(pairs, demo_processor(), image_folder=bad_images, skip_bad=True)
+    assert [e.id for e in examples] == ["r4"]
+    assert report.dropped == {"missing or unreadable image": 4}
+
+
+def test_16_bit_grayscale_keeps_its_contrast(tmp_path):
+    """A 16-bit gradient: Pillow's convert("RGB") turns 99.6% of it white; ours scales 0-65535 to 0-255."""
+    import numpy as np
+    from PIL import Image
+
+    levels = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(levels).save(tmp_path / "gray16.png")
+    assert (np.asarray(Image.open(tmp_path / "gray16.png").convert("RGB")) == 255).mean() > 0.99  # the bug
+    rgb = np.asarray(tinyalign.images.load_image(tmp_path / "gray16.png"))
+    assert rgb.shape == (64, 64, 3) and (rgb == 255).mean() < 0.01
+    assert np.array_equal(rgb[..., 0], np.rint(levels / 257).astype(np.uint8))

@@ -14,6 +14,7 @@ from test_parity import make_batch
 import tinyalign
 import train_dpo
 import train_sft
+from tinyalign.checkpoint import latest_checkpoint, load_checkpoint
 from tinyalign.data import collate_pairs, pair_examples, read_pairs
 from tinyalign.demo import read_heldout, say, wrong_values
 from tinyalign.lora import LoRALinear, apply_lora, merge_lora
@@ -55,7 +56,13 @@ def metrics(out, split="train"):
 
 
 def trainable_state(out):
-    return torch.load(out / "checkpoint" / "training_state.pt", weights_only=False)["trainable"]
+    """The trainable weights of the run's newest checkpoint."""
+    tensors, _ = load_checkpoint(latest_checkpoint(out))
+    return {k: v for k, v in tensors.items() if k.startswith("param/")}
+
+
+def checkpoint_step(out):
+    return load_checkpoint(latest_checkpoint(out))[1]["step"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +128,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_world, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     train_sft.main(sft_args(tiny_world, whole, "--max-steps", "6"))
     train_sft.main(sft_args(tiny_world, parts, "--max-steps", "6", "--stop-after", "3"))
-    assert torch.load(parts / "checkpoint" / "training_state.pt", weights_only=False)["step"] == 3
+    assert checkpoint_step(parts) == 3
     train_sft.main(sft_args(tiny_world, parts, "--max-steps", "6", "--resume"))
     a, b = trainable_state(whole), trainable_state(parts)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -198,16 +205,22 @@ def test_dpo_learns_the_preferences(tiny_world, tmp_path):
     assert sum(r["loss"] for r in train[-3:]) / 3 < train[0]["loss"]
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_world, tmp_path):
+def test_nan_loss_stops_and_names_the_really_last_good_checkpoint(tiny_world, tmp_path):
+    """--lr 1e30: step 1 trains to weights near 1e30 (finite, so its checkpoint is written), and the loss
+    of step 2, computed with those weights, is not finite. That checkpoint is therefore not a good
+    one: it is set aside as diverged-..., `latest` no longer names it, and the message says there is
+    no good checkpoint (before this fix it named step 1, and --resume diverged again)."""
     out = tmp_path / "nan"
     args = sft_args(tiny_world, out, "--max-steps", "6", "--lr", "1e30", "--projector-lr", "1e30", "--save-every", "1",
                     "--lora-r", "0")
-    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step 2: stopping. Last good checkpoint: "
-                                                 r".*checkpoint \(step 1\)"):
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step 2: stopping. Last good checkpoint: none"):
         train_sft.main(args)
-    state = torch.load(out / "checkpoint" / "training_state.pt", weights_only=False)
-    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["trainable"].values())
+    assert latest_checkpoint(out) is None
+    diverged = list((out / "checkpoints").glob("diverged-step-00000001-*"))
+    assert len(diverged) == 1 and load_checkpoint(diverged[0])[1]["step"] == 1
     assert not (out / "model").exists()
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
+        train_sft.main(args + ["--resume"])
 
 
 def test_gradient_checkpointing_changes_memory_not_results(hf_checkpoint):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .checkpoint import FolderLock, complete_lines, write_text_atomic, writing
 from .data import DataError, build_pairs, read_records, read_scored
 from .judge import ChatClient, JudgeError, image_part
 from .steer import check_ratings
@@ -87,20 +88,42 @@ class RuleJudge:
 
 def read_done(out: Path) -> tuple[list[dict], set]:
     """Rated prompts already in the output (kept), and their ids. Lines with an error are dropped
-    here so that a rerun tries those prompts again."""
-    if not out.exists():
-        return [], set()
-    kept = [r for r in read_records(out) if "responses" in r and "error" not in r]
+    here so that a rerun tries those prompts again, and so is a last line torn by a crash (that
+    prompt is simply rated again)."""
+    lines, _ = complete_lines(out)
+    kept = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{out}:{n}: not valid JSON ({e}); only a torn last line is repaired by itself") from None
+        if isinstance(record, dict) and "responses" in record and "error" not in record:
+            kept.append(record)
     return kept, {r["id"] for r in kept}
 
 
 def annotate_prompts(prompts: list[dict], out, sample, judge, image_folder=None, max_prompts=None) -> dict:
-    """sample(records) -> list of answer lists; judge: OpenAIJudge or RuleJudge. Appends to `out`."""
+    """sample(records) -> list of answer lists; judge: OpenAIJudge or RuleJudge. Appends to `out`,
+    which one annotator at a time may write (a second is refused, naming the first)."""
     out = Path(out)
-    kept, done = read_done(out)
-    tmp = out.with_suffix(out.suffix + ".tmp")  # rewrite without the failed lines, atomically
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out.parent, f".{out.name}.lock", what=str(out)).acquire()
+    try:
+        kept, done = read_done(out)
+        # Rewritten without the failed lines and a torn tail (whole, then renamed), then appended to.
+        write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in kept))
+        rated, failed = rate_and_append(prompts, done, out, sample, judge, image_folder, max_prompts)
+    finally:
+        lock.release()
+    scored, _ = read_scored(out) if out.stat().st_size else ([], None)
+    pairs, _ = build_pairs(scored) if scored else ([], None)
+    return {"rated now": rated, "failed now": failed, "already rated": len(done), "pairs": len(pairs)}
+
+
+def rate_and_append(prompts, done, out, sample, judge, image_folder, max_prompts) -> tuple[int, int]:
+    """Sample and rate each prompt not yet done; one line per prompt, flushed to disk as it comes."""
     todo = [p for p in prompts if p["id"] not in done][:max_prompts]
     rated = failed = 0
     bar = tqdm(total=len(todo), desc="sample and rate", unit="prompt")
@@ -117,13 +140,12 @@ def annotate_prompts(prompts: list[dict], out, sample, judge, image_folder=None,
                 except JudgeError as e:
                     line["error"] = str(e)
                     failed += 1
-                f.write(json.dumps(line) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                with writing(out):
+                    f.write(json.dumps(line) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
                 bar.update(1)
-    scored, _ = read_scored(out) if out.stat().st_size else ([], None)
-    pairs, _ = build_pairs(scored) if scored else ([], None)
-    return {"rated now": rated, "failed now": failed, "already rated": len(done), "pairs": len(pairs)}
+    return rated, failed
 
 
 def _rate(judge, record, answer, image_folder):

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +93,13 @@ def read_records(path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: data file not found")
-    text = path.read_text()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save the "
+                        "file as UTF-8") from None
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -115,18 +123,27 @@ def _name(path, i: int, record: dict) -> str:
     return f"{Path(path).name} record {i}" + (f" (id {record['id']})" if "id" in record else "")
 
 
-def _images(record: dict) -> list[str]:
+def _images(record: dict, name: str) -> list[str]:
+    """The record's image path(s): a string, a list of strings, or nothing."""
     image = record.get("image")
     if image is None or image == "":
         return []
-    return [image] if isinstance(image, str) else list(image)
+    if isinstance(image, str):
+        return [image]
+    if isinstance(image, list) and all(isinstance(i, str) and i for i in image):
+        return list(image)
+    raise DataError(f"{name}: image must be a path or a list of paths, got {image!r}")
 
 
-def _text(value) -> str | None:
-    """A turn given as a string or as {"from", "value"}."""
+def _text(value, name: str, field_name: str) -> str | None:
+    """A turn given as a string or as {"from", "value"}; None when absent. Any other type is an error
+    naming the record and the field (a number where an answer should be is a broken file, not an
+    empty answer)."""
     if isinstance(value, dict):
         value = value.get("value")
-    return value if isinstance(value, str) else None
+    if value is None or isinstance(value, str):
+        return value
+    raise DataError(f"{name}: {field_name} must be text (or {{\"from\", \"value\"}}), got {value!r}")
 
 
 def _with_image_tag(prompt: str, n_images: int) -> str:
@@ -149,7 +166,7 @@ def read_conversations(path) -> tuple[list[Conversation], DataReport]:
         if any(t.get("from") == "gpt" and not t["value"].strip() for t in turns):
             report.drop("empty answer", name)
             continue
-        out.append(Conversation(str(r.get("id", i)), _images(r), turns))
+        out.append(Conversation(str(r.get("id", i)), _images(r, name), turns))
     report.kept = len(out)
     return out, report
 
@@ -160,14 +177,22 @@ REFERENCE_FIELDS = {False: [("ref_win_logp", "ref_rej_logp"), ("ref_chosen_logp"
                     True: [("ref_win_avg_logp", "ref_rej_avg_logp"), ("ref_chosen_avg_logp", "ref_rejected_avg_logp")]}
 
 
-def reference_logps(record: dict, average: bool) -> tuple[float | None, float | None]:
+def reference_logps(record: dict, average: bool, name: str = "record") -> tuple[float | None, float | None]:
     """The file's reference log-probs of the kind the loss uses: summed, or averaged (the authors'
     trainer swaps in `ref_*_avg_logp` when it averages, mllm-dpo llava/train/llava_trainer.py:393-395).
-    A file with only the other kind gives None: they are computed, never mixed with the wrong kind."""
+    A file with only the other kind gives None: they are computed, never mixed with the wrong kind.
+    Each must be a finite number <= 0 (a log-probability)."""
     for chosen, rejected in REFERENCE_FIELDS[average]:
         if record.get(chosen) is not None and record.get(rejected) is not None:
-            return float(record[chosen]), float(record[rejected])
+            return _log_prob(record, chosen, name), _log_prob(record, rejected, name)
     return None, None
+
+
+def _log_prob(record: dict, key: str, name: str) -> float:
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value > 0:
+        raise DataError(f"{name}: {key} must be a log-probability (a finite number <= 0), got {value!r}")
+    return float(value)
 
 
 def read_pairs(path, average: bool = False) -> tuple[list[Pair], DataReport]:
@@ -176,8 +201,8 @@ def read_pairs(path, average: bool = False) -> tuple[list[Pair], DataReport]:
     report, out = DataReport(str(path)), []
     for i, r in enumerate(read_records(path)):
         name = _name(path, i, r)
-        prompt = _text(r.get("question", r.get("prompt")))
-        chosen, rejected = _text(r.get("chosen")), _text(r.get("rejected"))
+        prompt = _text(r.get("question", r.get("prompt")), name, "question" if "question" in r else "prompt")
+        chosen, rejected = _text(r.get("chosen"), name, "chosen"), _text(r.get("rejected"), name, "rejected")
         if not prompt or not prompt.replace(IMAGE_TAG, "").strip():
             report.drop("no prompt", name)
         elif not chosen or not chosen.strip() or not rejected or not rejected.strip():
@@ -185,9 +210,9 @@ def read_pairs(path, average: bool = False) -> tuple[list[Pair], DataReport]:
         elif chosen.strip() == rejected.strip():
             report.drop("chosen == rejected", name)
         else:
-            images = _images(r)
+            images = _images(r, name)
             out.append(Pair(str(r.get("id", i)), images, _with_image_tag(prompt, len(images)), chosen, rejected,
-                            *reference_logps(r, average)))
+                            *reference_logps(r, average, name)))
     report.kept = len(out)
     return out, report
 
@@ -196,7 +221,7 @@ def read_scored(path) -> tuple[list[Scored], DataReport]:
     report, out = DataReport(str(path)), []
     for i, r in enumerate(read_records(path)):
         name = _name(path, i, r)
-        prompt = _text(r.get("prompt"))
+        prompt = _text(r.get("prompt"), name, "prompt")
         responses = r.get("responses")
         if not prompt or not prompt.replace(IMAGE_TAG, "").strip():
             report.drop("no prompt", name)
@@ -209,12 +234,14 @@ def read_scored(path) -> tuple[list[Scored], DataReport]:
             scores = resp.get("scores") if isinstance(resp, dict) else None
             if not isinstance(scores, dict):
                 raise DataError(f"{name}: response {j} has no 'scores' object")
-            for attribute in QUALITY:
+            for attribute in ATTRIBUTES:  # the quality three always; the other two wherever given
                 value = scores.get(attribute)
-                if not isinstance(value, (int, float)) or not 0 <= value <= 4:
+                if value is None and attribute not in QUALITY:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 4:
                     raise DataError(f"{name}: response {j}: {attribute} must be a number 0-4, got {value!r}")
-            parsed.append((resp.get("text") or "", scores))
-        images = _images(r)
+            parsed.append((_text(resp.get("text"), name, f"response {j} text") or "", scores))
+        images = _images(r, name)
         out.append(Scored(str(r.get("id", i)), images, _with_image_tag(prompt, len(images)), parsed))
     report.kept = len(out)
     return out, report
@@ -295,13 +322,19 @@ def resolve_images(images: list[str], image_folder, name: str) -> list[Path]:
 
 
 def check_image(path: Path, name: str):
-    """Open the header now, so a missing or corrupt image fails before training, not hours into it."""
+    """Decode the whole image now, so that a missing, truncated or absurdly large one fails before
+    training, not hours into it. Larger than Pillow's limit for a sane image (about 89 million pixels,
+    Image.MAX_IMAGE_PIXELS) counts as unreadable: a "decompression bomb" would take gigabytes."""
     try:
-        with Image.open(path) as im:
-            im.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()  # decodes every pixel: a truncated file fails here, not only its header
     except FileNotFoundError:
         raise DataError(f"{name}: image {path} not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise DataError(f"{name}: image {path} is too large to decode safely ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{name}: image {path} is not readable ({e})") from None
 
 

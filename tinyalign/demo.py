@@ -437,9 +437,15 @@ def dpo_start(args) -> None:
     start = sft_model(args.seed, args.device)
     samples = {"train": DEMO_SFT / "samples.jsonl", "held-out": DEMO_SFT / "samples_heldout.jsonl"}
     prompts = {"train": DEMO_DATA / "prompts.jsonl", "held-out": DEMO_DATA / "heldout_prompts.jsonl"}
+    # Samples belong to the model that made them: a sidecar file names its weights' digest, and
+    # samples made by another SFT model (an earlier demo run) are made anew.
+    from .data import file_digest
+
+    made_by = file_digest(start / "model.safetensors")
     model = None
     for i, split in enumerate(samples):
-        if not samples[split].exists():
+        sidecar = samples[split].with_name(samples[split].name + ".model")
+        if not samples[split].exists() or not sidecar.exists() or sidecar.read_text().strip() != made_by:
             print(f"Sampling 4 answers per {split} prompt from the SFT model and rating them (the rule-based "
                   "annotator)...")
             from .weights import load_model
@@ -447,6 +453,7 @@ def dpo_start(args) -> None:
             model = model or load_model(start, device=args.device)
             sample_and_rate(model, demo_processor(), read_heldout(prompts[split]), DEMO_DATA, samples[split],
                             seed=args.seed * 2 + i)  # a sampling stream of its own per split and seed
+            sidecar.write_text(made_by + "\n")
     args.model, args.image_folder = str(start), args.image_folder or str(DEMO_DATA)
     args.data, args.eval_data = args.data or str(samples["train"]), args.eval_data or str(samples["held-out"])
 

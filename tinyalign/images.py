@@ -37,6 +37,12 @@ def load_image(image) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     else:
         raise TypeError(f"expected an image path or a PIL image, got {type(image).__name__}")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale (a PNG or TIFF from a scanner, microscope or X-ray): Pillow's convert("RGB")
+        # clips every value above 255 to white. Scale 0-65535 to 0-255 instead, keeping the contrast.
+        # (LLaVA's own loader calls convert("RGB") and so sees such images as mostly white.)
+        levels = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), "L")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA"):

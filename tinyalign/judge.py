@@ -27,6 +27,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from .checkpoint import complete_lines, locked, writing
+
 PROMPTS = Path(__file__).parent / "judge_prompts"
 
 
@@ -159,40 +161,60 @@ class ChatClient:
 
 
 class JudgmentCache:
-    """Parsed judgments on disk, one JSON line each, appended (and fsynced) as they arrive."""
+    """Parsed judgments on disk, one JSON line each, appended (and fsynced) as they arrive.
+
+    Several processes may share one cache (two eval.py runs, say): the first verdict written for a
+    key stands, for all of them and for every rerun. Before asking the judge, a miss re-reads what
+    others appended meanwhile; a verdict arriving for a key that someone wrote first is dropped in
+    favour of that one (two processes asking at the very same moment may both pay for the call, but
+    they score with the same verdict); and a reader keeps the first line of a key, never a later one."""
 
     def __init__(self, path):
         self.path = Path(path)
         self.lock = threading.Lock()
         self.entries = {}
-        if self.path.exists():
-            for n, line in enumerate(self.path.read_text().splitlines(), 1):
-                try:
-                    entry = json.loads(line)
-                    self.entries[entry["key"]] = entry
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    pass  # a line cut short by a crash: that judgment is simply asked again
+        self.offset = 0  # bytes of the file read so far
         self.hits = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Take in the lines appended since the last read, by this process or another."""
+        lines, self.offset = complete_lines(self.path, self.offset)
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                self.entries.setdefault(entry["key"], entry)  # the first verdict stands
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line torn by a crash: that judgment is simply asked again
 
     @staticmethod
     def key(judge_model: str, prompt_version: str, prompt, answer: str) -> str:
         return hashlib.sha256(json.dumps([judge_model, prompt_version, prompt, answer]).encode()).hexdigest()
 
     def get(self, key: str):
-        entry = self.entries.get(key)
-        if entry is not None:
-            self.hits += 1
+        with self.lock:
+            if key not in self.entries:
+                self.refresh()  # judged by another process meanwhile?
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.hits += 1
         return entry
 
     def put(self, key: str, value, reply: str, judge_model: str, prompt_version: str) -> dict:
+        """Append a verdict, unless one for this key was written first (then that one is returned)."""
         entry = {"key": key, "value": value, "reply": reply, "judge": judge_model, "prompt_version": prompt_version}
-        with self.lock:
-            self.entries[key] = entry
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as f:
-                f.write(json.dumps(entry) + "\n")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.lock, locked(self.path.with_name(self.path.name + ".lock")):
+            self.refresh()
+            if key in self.entries:
+                return self.entries[key]
+            with writing(self.path), self.path.open("a+b") as f:
+                if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                    f.write(b"\n")  # end a line torn by a crash, so that ours is not glued to it
+                f.write((json.dumps(entry) + "\n").encode())
                 f.flush()
                 os.fsync(f.fileno())
+            self.entries[key] = entry
         return entry
 
 

@@ -180,9 +180,9 @@ def main(argv=None):
         if args.epochs_scale != 1.0:
             i = extra.index("--epochs")
             extra = extra[:i + 1] + [f"{float(extra[i + 1]) * args.epochs_scale:g}"] + extra[i + 2:]
-        if not (folder / "model" / "config.json").exists():
+        if not (folder / "model" / "config.json").exists():  # a folder without a model holds a run cut short
             run(["python", script, "--model", shown(start), "--data", shown(out / data), "--image-folder", shown(world),
-                 "--out", shown(folder), *COMMON, *extra, "--seed", str(args.seed)])
+                 "--out", shown(folder), "--overwrite", *COMMON, *extra, "--seed", str(args.seed)])
         models[name] = folder / "model"
 
     # 4. Side by side on the held-out questions.

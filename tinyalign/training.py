@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from .checkpoint import (FolderLock, crash_point, fsync_path, latest_checkpoint, load_checkpoint, published, remove_leftovers,
+                         save_checkpoint, set_latest, tensors_not_finite, writing)
 from .lora import apply_lora, merge_lora, save_adapter
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +66,11 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
                                       "(continue with --resume)")
     a("--eval-every", type=int, help="held-out evaluation every N steps (and always at the end)")
     a("--save-every", type=int, help="resumable checkpoint every N steps (and always at the end)")
-    a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    a("--resume", action="store_true", help="continue the run in --out from its newest checkpoint; only "
+      "--stop-after, --eval-every, --save-every, --device, --compile, --gradient-checkpointing and --cache-dir may "
+      "differ from the run's own arguments (anything else is refused, naming what differs)")
+    a("--overwrite", action="store_true", help="start over in an --out that holds a run, deleting its checkpoints, "
+      "metrics and model (a demo run always starts over)")
     a("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
     a("--packing", action=argparse.BooleanOptionalAction, help="packed batches: DPO pairs as [prompt | chosen | "
       "rejected] (the prompt and image computed once), no compute on padding (tinyalign/packing.py)")
@@ -94,6 +100,8 @@ def parse_recipe(parser: argparse.ArgumentParser, argv, paper: dict, demo: dict)
             action.default = argparse.SUPPRESS  # "not given" (and no "default: None" in --help)
     args = parser.parse_args(argv)
     args.demo = args.model is None
+    if args.demo and not args.resume:
+        args.overwrite = True  # the demos' folders are theirs: running a demo again starts it over
     if args.compile is None:  # compiled blocks pay off on a GPU; on a CPU the compile time dominates
         args.compile = torch.device(args.device).type == "cuda"
     for key, value in ({**paper, **demo} if args.demo else paper).items():
@@ -265,21 +273,41 @@ def finish_distributed(world: int):
 
 
 class Run:
-    """out/metrics.jsonl, out/checkpoint/ (resumable training state), out/model/ (the final checkpoint)."""
+    """The run folder: out/metrics.jsonl, out/checkpoints/ (resumable training state, see
+    tinyalign/checkpoint.py), out/model/ (the final checkpoint).
+
+    While a run is live its folder is locked; a fresh run refuses a folder that holds a run unless
+    --overwrite; --resume refuses changed arguments (all but SAFE_TO_CHANGE) and a changed --data,
+    then cuts metrics.jsonl back to what it held at the checkpoint, so each step appears once."""
 
     def __init__(self, out, args, total_steps: int, rank: int = 0):
         self.out = Path(out)
         self.writes = rank == 0  # with several processes, rank 0 alone logs and writes
-        if self.writes:
-            self.out.mkdir(parents=True, exist_ok=True)
         self.args = args
         self.total_steps = total_steps
         self.metrics_path = self.out / "metrics.jsonl"
-        self.last_good = None
+        self.last_good = None  # (step, folder) of the newest checkpoint published
         self._t0, self._tokens = time.time(), 0
-        if self.writes and not args.resume and self.metrics_path.exists():
-            self.metrics_path.unlink()  # a fresh run starts a fresh log
         self.bar = None
+        self.lock = None
+        if self.writes:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.lock = FolderLock(self.out).acquire()
+            for what in remove_leftovers(self.out):
+                print(f"{self.out}: cleaned up after an interrupted run: {what}")
+            if not args.resume:
+                self.start_fresh()
+
+    def start_fresh(self):
+        """A fresh run in a folder that holds a run: refused, unless --overwrite (then that run goes)."""
+        earlier = [p.name for p in (self.out / "checkpoints", self.metrics_path, self.out / "model") if p.exists()]
+        if earlier and not getattr(self.args, "overwrite", False):
+            raise SystemExit(f"{self.out} holds a run ({', '.join(earlier)}): continue it with --resume, start over "
+                             "with --overwrite (which deletes it), or choose another --out")
+        for name in ("checkpoints", "model", "adapter"):
+            shutil.rmtree(self.out / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "curves.png"):
+            (self.out / name).unlink(missing_ok=True)
 
     # -- logging -----------------------------------------------------------------------------
     def start_progress(self, first_step: int):
@@ -298,61 +326,58 @@ class Run:
             if self.bar is not None:
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "rewards/accuracy")})
         if self.writes:
-            with self.metrics_path.open("a") as f:
+            with writing(self.metrics_path), self.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         return record
 
     def check_finite(self, loss: torch.Tensor, step: int):
-        if not torch.isfinite(loss):
-            where = f"{self.out / 'checkpoint'} (step {self.last_good})" if self.last_good is not None else "none yet"
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}: stopping. Last good checkpoint: {where}")
+        """A non-finite loss stops the run. The loss of step N is computed with the weights after step
+        N - 1, so a checkpoint of step N - 1 is not a good one: it is set aside (diverged-...) and
+        `latest` goes back to the one before, if any."""
+        if torch.isfinite(loss):
+            return
+        if self.writes and self.last_good is not None and self.last_good[0] == step - 1:
+            bad = self.last_good[1]
+            older = [p for p in published(self.out) if p != bad]
+            set_latest(self.out, older[-1] if older else None)
+            os.replace(bad, bad.with_name("diverged-" + bad.name))
+            self.last_good = (state_step(older[-1]), older[-1]) if older else None
+        where = f"{self.last_good[1]} (step {self.last_good[0]})" if self.last_good else "none"
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}: stopping. Last good checkpoint: {where}")
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_state(self, step: int, model, optimizer, scheduler):
-        """Everything a resumed run needs to continue as if never stopped, written atomically."""
-        self.last_good = step
+        """Everything a resumed run needs to continue as if never stopped, published atomically
+        (tinyalign/checkpoint.py). Never a checkpoint with non-finite weights or optimizer state."""
         if not self.writes:
             return
-        state = {
-            "step": step,
-            "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "args": {k: v for k, v in vars(self.args).items() if k not in ("resume", "stop_after")},
-        }
-        folder = self.out / "checkpoint"
-        tmp = self.out / f".checkpoint.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        torch.save(state, tmp / "training_state.pt")
-        old = self.out / f".checkpoint.old-{os.getpid()}"
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        tensors, state = training_state(step, model, optimizer, scheduler)
+        bad = tensors_not_finite(tensors)
+        if bad:
+            where = f"{self.last_good[1]} (step {self.last_good[0]})" if self.last_good else "none"
+            raise FloatingPointError(f"step {step}: {', '.join(bad[:3])} hold non-finite values, so no checkpoint "
+                                     f"was written. Last good checkpoint: {where}")
+        if self.metrics_path.exists():
+            fsync_path(self.metrics_path)
+        state["metrics_bytes"] = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
+        state["args"] = {k: v for k, v in vars(self.args).items() if k not in ("resume", "overwrite")}
+        state["data_digests"] = data_digests(self.args)
+        self.last_good = (step, save_checkpoint(self.out, step, tensors, state))
 
     def load_state(self, model, optimizer, scheduler) -> int:
-        path = self.out / "checkpoint" / "training_state.pt"
-        if not path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, weights_only=False)
-        params = dict(model.named_parameters())
-        missing = set(n for n, p in params.items() if p.requires_grad) - set(state["trainable"])
-        if missing:
-            raise ValueError(f"--resume: {path} does not fit this model/arguments (lacks {sorted(missing)[:3]} ...)")
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.last_good = state["step"]
+        """--resume: the newest checkpoint's state, after checking that the arguments still describe
+        the same run; metrics.jsonl is cut back to the lines it held then."""
+        folder = latest_checkpoint(self.out)
+        if folder is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.out / 'checkpoints'}"
+                                    + (" (this folder holds the older training_state.pt layout: resume it with the "
+                                       "tinyalign that wrote it)" if (self.out / "checkpoint").exists() else ""))
+        tensors, state = load_checkpoint(folder)
+        refuse_changed_arguments(state, self.args, folder)
+        restore_training_state(tensors, state, model, optimizer, scheduler, folder)
+        if self.writes:
+            cut_metrics(self.metrics_path, state["metrics_bytes"])
+        self.last_good = (state["step"], folder)
         return state["step"]
 
     def save_final(self, model, processor):
@@ -372,6 +397,7 @@ class Run:
         resumable checkpoint every --save-every. Returns True when this session ends here (--stop-after)."""
         self.bar.update(1)
         self.log(step, metrics)
+        crash_point("run: step logged")
         last = step >= self.total_steps
         if evaluate is not None and self.writes and self.args.eval_every and step % self.args.eval_every == 0 and not last:
             self.log(step, evaluate(), split="eval")
@@ -392,6 +418,110 @@ class Run:
             self.bar.close()
         if self.writes:
             plot_metrics(self.metrics_path, self.out / "curves.png")
+        self.release()
+
+    def release(self):
+        """Unlock the folder (the process ending does too, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+
+
+# What --resume lets differ from the run's own arguments: how often to log and save, where to stop
+# this session, and how to compute (not what). Everything else would change the run: refused.
+SAFE_TO_CHANGE = ("stop_after", "eval_every", "save_every", "device", "compile", "gradient_checkpointing",
+                  "cache_dir", "resume", "overwrite")
+
+
+def data_digests(args) -> dict:
+    from .data import file_digest
+
+    return {key: file_digest(getattr(args, key)) for key in ("data", "eval_data")
+            if getattr(args, key, None) and Path(getattr(args, key)).is_file()}
+
+
+def refuse_changed_arguments(state: dict, args, folder: Path) -> None:
+    saved = state["args"]
+    now = json.loads(json.dumps({k: v for k, v in vars(args).items()}, default=str))
+    changed = [f"--{key.replace('_', '-')}: {saved.get(key)!r} in the run, {now.get(key)!r} now"
+               for key in sorted(set(saved) | set(now)) if key not in SAFE_TO_CHANGE and saved.get(key) != now.get(key)]
+    digests = data_digests(args)
+    changed += [f"--{key.replace('_', '-')} {getattr(args, key)}: the file changed since the checkpoint"
+                for key, digest in state["data_digests"].items() if digests.get(key) != digest]
+    if changed:
+        raise SystemExit(f"--resume: {folder} was written by a run with other arguments:\n  " + "\n  ".join(changed)
+                         + "\nOnly --" + ", --".join(k.replace("_", "-") for k in SAFE_TO_CHANGE[:-2])
+                         + " may change on resume; start over with --overwrite to change the rest.")
+
+
+def cut_metrics(path: Path, size: int) -> None:
+    """Keep the first `size` bytes of metrics.jsonl (what it held at the checkpoint): the steps logged
+    after it, and a line torn by a crash, go; the resumed run logs them again."""
+    if path.exists() and path.stat().st_size > size:
+        with path.open("rb") as f:
+            kept = f.read(size)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(kept)
+        os.replace(tmp, path)
+
+
+def training_state(step: int, model, optimizer, scheduler) -> tuple[dict, dict]:
+    """The trainable weights, the optimizer's moments and every random generator's state, as
+    (tensors, JSON-able state)."""
+    tensors = {f"param/{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    opt = optimizer.state_dict()
+    extra = {}
+    for index, values in opt["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer/{index}/{key}"] = value
+            else:
+                extra[f"{index}/{key}"] = value
+    tensors["rng/torch"] = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    tensors.update({f"rng/cuda/{i}": s for i, s in enumerate(cuda)})
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng/numpy"] = torch.from_numpy(keys.astype(np.int64))
+    state = {"step": step, "param_groups": opt["param_groups"], "optimizer_extra": extra,
+             "scheduler": scheduler.state_dict(), "n_cuda_rng": len(cuda),
+             "rng": {"python": random.getstate(), "numpy": [kind, pos, has_gauss, gauss]}}
+    return tensors, state
+
+
+def restore_training_state(tensors: dict, state: dict, model, optimizer, scheduler, folder: Path) -> None:
+    params = dict(model.named_parameters())
+    wanted = {n for n, p in params.items() if p.requires_grad}
+    saved = {k[len("param/"):] for k in tensors if k.startswith("param/")}
+    if wanted != saved:
+        raise SystemExit(f"--resume: {folder} does not fit this model: it lacks {sorted(wanted - saved)[:3]} and has "
+                         f"{sorted(saved - wanted)[:3]} extra")
+    with torch.no_grad():
+        for name in wanted:
+            if params[name].shape != tensors[f"param/{name}"].shape:
+                raise SystemExit(f"--resume: {folder}: {name} has shape {list(tensors[f'param/{name}'].shape)}, "
+                                 f"the model's is {list(params[name].shape)}")
+            params[name].copy_(tensors[f"param/{name}"])
+    opt_state = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer/"):
+            _, index, name = key.split("/", 2)
+            opt_state.setdefault(int(index), {})[name] = value
+    for key, value in state["optimizer_extra"].items():
+        index, name = key.split("/", 1)
+        opt_state.setdefault(int(index), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in state["param_groups"]]
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng/torch"])
+    version, internal, gauss = state["rng"]["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, pos, has_gauss, cached = state["rng"]["numpy"]
+    np.random.set_state((kind, tensors["rng/numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    if state["n_cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[f"rng/cuda/{i}"] for i in range(state["n_cuda_rng"])])
+
+
+def state_step(folder: Path) -> int:
+    return json.loads((folder / "state.json").read_text())["step"]
 
 
 def append_metrics(out, record: dict) -> None:

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from .config import (LlavaConfig, config_from_hf_dict, config_from_original_dict, is_original_llava, read_json,
                      to_hf_dict, vision_config_from_dict)
+from .checkpoint import crash_point, fsync_path, fsync_tree, pid_alive, usual_permissions, writing
 from .model import Llava
 
 # ---------------------------------------------------------------------------------------------
@@ -288,12 +289,19 @@ def save_model(model: Llava, out_dir, processor=None, max_shard_bytes: int = MAX
             processor = Processor.from_pretrained(model.source_dir, image_token_index=model.cfg.image_token_index)
         except FileNotFoundError as e:
             warnings.warn(f"saving {out_dir} without tokenizer files: {e}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    recover_folder(out_dir)  # what an interrupted earlier save left behind
+    # Written under a temporary name (with our pid, so that a later run knows whether it is still
+    # being written), flushed to disk, then renamed into place.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
-        (tmp / "config.json").write_text(json.dumps(to_hf_dict(cfg), indent=2) + "\n")
-        _write_shards(state, tmp, max_shard_bytes)
-        if processor is not None:
-            processor.save_pretrained(tmp, vocab_size=cfg.text.vocab_size)
+        with writing(tmp):
+            (tmp / "config.json").write_text(json.dumps(to_hf_dict(cfg), indent=2) + "\n")
+            _write_shards(state, tmp, max_shard_bytes)
+            if processor is not None:
+                processor.save_pretrained(tmp, vocab_size=cfg.text.vocab_size)
+        crash_point("model: files written, not yet renamed")
+        fsync_tree(tmp)
+        usual_permissions(tmp)
         _replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -326,11 +334,37 @@ def _write_shards(state: dict, folder: Path, max_shard_bytes: int):
 
 
 def _replace_folder(tmp: Path, out_dir: Path):
-    """Rename tmp -> out_dir; an existing out_dir is moved aside first and removed only after."""
+    """Rename tmp -> out_dir; an existing out_dir is moved aside first and removed only after. Between
+    the two renames there is no out_dir: `recover_folder` puts the set-aside one back if a crash
+    falls there."""
     old = None
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)
+        crash_point("model: previous folder set aside")
     os.replace(tmp, out_dir)
+    fsync_path(out_dir.parent)
+    crash_point("model: renamed into place")
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(out_dir) -> list[str]:
+    """Undo what an interrupted save_model left next to out_dir: if out_dir is missing but its
+    set-aside previous version (.NAME.old-PID) is there, put it back; remove the temporary folders
+    (.NAME.tmp-PID-*) of processes that no longer run. Returns what was done."""
+    out_dir = Path(out_dir)
+    done = []
+    if not out_dir.parent.exists():
+        return done
+    olds = sorted(out_dir.parent.glob(f".{out_dir.name}.old-*"))
+    if olds and not out_dir.exists():
+        os.replace(olds.pop(), out_dir)
+        done.append(f"restored {out_dir} (a save of it was interrupted)")
+    for path in olds + sorted(out_dir.parent.glob(f".{out_dir.name}.tmp-*")):
+        pid = path.name.rsplit(".tmp-", 1)[-1].split("-")[0] if ".tmp-" in path.name else ""
+        if pid.isdigit() and pid_alive(int(pid)) and int(pid) != os.getpid():
+            continue  # another live process is writing it
+        shutil.rmtree(path, ignore_errors=True)
+        done.append(f"removed {path}")
+    return done

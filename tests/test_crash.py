@@ -1,0 +1,284 @@
+"""Crash-proof runs: a training run killed at every named point of its writes resumes to the same
+result, with one metrics line per step and nothing left behind.
+
+The crash is injected, not timed: TINYALIGN_CRASH_AT names a `crash_point` (tinyalign/checkpoint.py,
+weights.py, training.py) and the process dies there with os._exit, as under kill -9: no `finally`,
+no cleanup. The run goes in a forked child (no second torch import; one thread, since OpenMP's
+thread pool does not survive a fork), the resume in this process.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_dpo
+import train_sft
+from tinyalign.checkpoint import CRASH_ENV, CRASH_EXIT_CODE, KEEP, RunInUse, latest_checkpoint
+from test_training import dpo_args, sft_args, write_pairs
+
+STEPS = ["--max-steps", "4", "--save-every", "1", "--eval-every", "2"]
+
+# Each point, and the time it is reached that the crash takes: the second checkpoint save, so that
+# a published checkpoint (step 1) exists; the final model's save; a step logged after the last checkpoint.
+CHECKPOINT_POINTS = [f"checkpoint: {p}#2" for p in ("folder made, nothing written", "tensors written", "state written",
+                                                     "folder renamed, pointer not yet moved", "pointer moved",
+                                                     "older ones removed")] + ["latest: written, not yet renamed#2"]
+FINAL_POINTS = ["model: files written, not yet renamed", "model: renamed into place", "run: step logged#3"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Forked children run on one thread; the runs they are compared with do too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_until_crash(main, argv, point: str) -> None:
+    """main(argv) in a forked child that dies at `point`; fails if it ends any other way."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 1
+        try:
+            os.environ[CRASH_ENV] = point
+            main(argv)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == CRASH_EXIT_CODE, f"the run did not reach the crash point {point!r}"
+
+
+def model_weights(out: Path) -> dict:
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+def lines(out: Path) -> list[dict]:
+    """metrics.jsonl without the timing column (tokens/s differs from run to run)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def assert_nothing_left_behind(out: Path) -> None:
+    stray = [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+    stray += [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert not stray, stray
+    assert len(list((out / "checkpoints").glob("step-*"))) <= KEEP
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_world, tmp_path_factory):
+    """The reference: the same runs, never stopped."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("whole")
+    train_sft.main(sft_args(tiny_world, root / "sft", *STEPS))
+    pairs = write_pairs(tiny_world, root / "pairs.jsonl")
+    train_dpo.main(dpo_args(tiny_world, pairs, root / "dpo", *STEPS))
+    return {"sft": root / "sft", "dpo": root / "dpo", "pairs": pairs}
+
+
+def same_as_uninterrupted(out: Path, whole: Path) -> None:
+    a, b = model_weights(out), model_weights(whole)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert lines(out) == lines(whole)  # one line per step, in order, the same numbers
+    assert_nothing_left_behind(out)
+
+
+@pytest.mark.parametrize("point", CHECKPOINT_POINTS + FINAL_POINTS)
+def test_sft_killed_at_each_point_resumes_to_the_same_run(tiny_world, uninterrupted, tmp_path, point):
+    out = tmp_path / "run"
+    argv = sft_args(tiny_world, out, *STEPS)
+    run_until_crash(train_sft.main, argv, point)
+    assert latest_checkpoint(out) is not None  # at every instant a complete checkpoint is findable
+    train_sft.main(argv + ["--resume"])
+    same_as_uninterrupted(out, uninterrupted["sft"])
+
+
+def test_dpo_killed_after_logging_a_step_resumes_with_one_line_per_step(tiny_world, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    argv = dpo_args(tiny_world, uninterrupted["pairs"], out, *STEPS)
+    run_until_crash(train_dpo.main, argv, "run: step logged#3")
+    train_dpo.main(argv + ["--resume"])
+    same_as_uninterrupted(out, uninterrupted["dpo"])
+
+
+def test_killed_while_replacing_the_final_model_puts_the_previous_one_back(tiny_world, uninterrupted, tmp_path):
+    """A finished run resumed again saves its model again; killed between setting the old model/
+    aside and renaming the new one in, the next start puts the old one back, then saves anew."""
+    out = tmp_path / "run"
+    argv = sft_args(tiny_world, out, *STEPS)
+    train_sft.main(argv)
+    run_until_crash(train_sft.main, argv + ["--resume"], "model: previous folder set aside")
+    assert not (out / "model").exists() and list(out.glob(".model.old-*"))
+    train_sft.main(argv + ["--resume"])
+    a, b = model_weights(out), model_weights(uninterrupted["sft"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_nothing_left_behind(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# One live run per folder; a fresh run never mixes with an old one
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_second_training_on_a_live_folder_is_refused_naming_the_live_one(tiny_world, uninterrupted, tmp_path):
+    """A real training, paused after its second step (in a forked child), holds its folder: a second
+    training there is refused and named; the first then finishes as if alone."""
+    import tinyalign.training
+
+    out = tmp_path / "run"
+    argv = sft_args(tiny_world, out, *STEPS)
+    go_on, ready = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the live run
+        code = 1
+        try:
+            def pause_after_step_two(name):
+                if name == "run: step logged" and lines(out)[-1]["step"] == 2:
+                    os.write(ready[1], b"1")
+                    os.read(go_on[0], 1)
+
+            tinyalign.training.crash_point = pause_after_step_two
+            train_sft.main(argv)
+            code = 0
+        finally:
+            os._exit(code)
+    os.read(ready[0], 1)
+    try:
+        with pytest.raises(RunInUse, match=rf"{out} is in use by another run \(.*\"pid\": {pid}"):
+            train_sft.main(argv + ["--overwrite"])  # not even --overwrite takes a live folder
+    finally:
+        os.write(go_on[1], b"1")
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    same_as_uninterrupted(out, uninterrupted["sft"])  # the live run was not disturbed
+
+
+def test_a_fresh_run_in_a_used_folder_needs_resume_or_overwrite(tiny_world, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    argv = sft_args(tiny_world, out, *STEPS)
+    train_sft.main(argv + ["--stop-after", "2"])
+    with pytest.raises(SystemExit, match=r"holds a run \(checkpoints, metrics.jsonl\): continue it with --resume"):
+        train_sft.main(argv)
+    train_sft.main(argv + ["--overwrite"])  # starts over: nothing of the first run is left
+    same_as_uninterrupted(out, uninterrupted["sft"])
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume checks the arguments
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change,named", [
+    (["--lr", "2e-3"], "--lr: 0.001 in the run, 0.002 now"),
+    (["--batch-size", "4"], "--batch-size: 8 in the run, 4 now"),
+    (["--seed", "1"], "--seed: 0 in the run, 1 now"),
+    (["--lora-r", "8"], "--lora-r: 4 in the run, 8 now"),
+    (["--max-steps", "5"], "--max-steps: 4 in the run, 5 now"),
+])
+def test_resume_refuses_changed_arguments_and_names_them(tiny_world, tmp_path, change, named):
+    out = tmp_path / "run"
+    argv = sft_args(tiny_world, out, *STEPS)
+    train_sft.main(argv + ["--stop-after", "2"])
+    with pytest.raises(SystemExit, match=re.escape(named)):
+        train_sft.main(argv + ["--resume"] + change)  # argparse keeps the last value given
+    train_sft.main(argv + ["--resume"])  # the refusal changed nothing: the run continues
+
+
+def test_resume_refuses_a_changed_data_file(tiny_world, tmp_path):
+    data = tmp_path / "sft.json"
+    data.write_text(Path(tiny_world["sft"]).read_text())
+    out = tmp_path / "run"
+    argv = sft_args(tiny_world, out, *STEPS)
+    argv[argv.index("--data") + 1] = str(data)
+    train_sft.main(argv + ["--stop-after", "2"])
+    records = json.loads(data.read_text())
+    data.write_text(json.dumps(records[:-1]))
+    with pytest.raises(SystemExit, match=rf"--data {re.escape(str(data))}: the file changed since the checkpoint"):
+        train_sft.main(argv + ["--resume"])
+
+
+def test_resume_applies_what_is_safe_to_change(tiny_world, uninterrupted, tmp_path):
+    """--eval-every may change on resume, and the new value is used from there on; the weights are
+    those of the uninterrupted run."""
+    out = tmp_path / "run"
+    argv = sft_args(tiny_world, out, *STEPS)
+    train_sft.main(argv + ["--stop-after", "1"])
+    train_sft.main(argv + ["--resume", "--eval-every", "1"])
+    evals = [r["step"] for r in lines(out) if r["split"] == "eval"]
+    assert evals == [2, 3, 4]  # every step after the resume (the first session's step 1 had no evaluation)
+    a, b = model_weights(out), model_weights(uninterrupted["sft"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk, permissions, and checkpoints that load without running code
+# ---------------------------------------------------------------------------------------------
+
+
+def disk_full(*args, **kwargs):
+    raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                       "\"No space left on device\" })")  # what safetensors raises
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_temporary_folders(tiny_world, tmp_path, monkeypatch):
+    import tinyalign.checkpoint
+    import tinyalign.weights
+
+    out = tmp_path / "run"
+    argv = sft_args(tiny_world, out, *STEPS)
+    with monkeypatch.context() as m:
+        m.setattr(tinyalign.checkpoint, "save_file", disk_full)
+        with pytest.raises(OSError, match=r"no space left on device while writing .*/checkpoints/\.tmp-step-0+1-\d+/"
+                                          r"tensors.safetensors"):
+            train_sft.main(argv)
+    assert not [p for p in (out / "checkpoints").iterdir()]  # nothing half-written, nothing published
+    with monkeypatch.context() as m:
+        m.setattr(tinyalign.weights, "save_file", disk_full)
+        with pytest.raises(OSError, match=rf"no space left on device while writing {re.escape(str(out))}/\.model\.tmp-"):
+            train_sft.main(argv + ["--overwrite"])
+    assert not list(out.glob(".model*")) and not (out / "model").exists()
+    train_sft.main(argv + ["--resume"])  # space again: the run finishes from its last checkpoint
+    assert (out / "model" / "model.safetensors").exists()
+
+
+def test_saved_model_has_usual_permissions_and_checkpoints_hold_no_pickle(tiny_world, tmp_path):
+    out = tmp_path / "run"
+    train_sft.main(sft_args(tiny_world, out, *STEPS))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model").stat().st_mode & 0o777 == 0o777 & ~umask
+    folder = latest_checkpoint(out)
+    assert sorted(p.name for p in folder.iterdir()) == ["state.json", "tensors.safetensors"]
+    json.loads((folder / "state.json").read_text())  # plain JSON: loading it runs no code
+
+
+def test_the_dpo_demo_never_reuses_samples_of_another_sft_model(tiny_world, tmp_path, monkeypatch):
+    """The demo's rated samples carry the digest of the SFT model that made them; a new SFT model
+    (another demo run) gets new samples, the same one reuses them."""
+    import shutil
+    from types import SimpleNamespace
+
+    import tinyalign
+    from tinyalign import demo
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_world["root"] / "data", demo.DEMO_DATA)
+    shutil.copytree(tiny_world["checkpoint"], demo.DEMO_SFT / "model")
+    args = SimpleNamespace(seed=0, device="cpu", data=None, eval_data=None, image_folder=None)
+    demo.dpo_start(args)
+    samples = demo.DEMO_SFT / "samples.jsonl"
+    first = samples.read_text()
+    modified = samples.stat().st_mtime_ns
+    demo.dpo_start(args)  # the same model: the samples are reused
+    assert samples.stat().st_mtime_ns == modified
+    tinyalign.save_model(tinyalign.random_model(demo.demo_config(), seed=5), demo.DEMO_SFT / "model",
+                         processor=demo.demo_processor())  # another SFT model in the same place
+    demo.dpo_start(args)
+    assert samples.read_text() != first  # sampled anew, from the new model
