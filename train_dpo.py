@@ -73,6 +73,9 @@ def parse(argv=None):
 def main(argv=None):
     args = parse(argv)
     rank, world = init_distributed(args)
+    if world > 1 and PREFERENCE_LOSSES[args.loss_type].image_conditional:
+        raise SystemExit(f"--loss-type {args.loss_type} runs in one process for now: its step has two forwards "
+                         "(the corrupted image's too), and DDP allows one per backward")
     if args.demo:
         demo.dpo_start(args)  # no --model: the SFT demo's model and its own rated samples (tinyalign/demo.py)
     # Seeded after the demo's setup, which may have made the SFT demo's model first: the run is the
@@ -145,8 +148,10 @@ def main(argv=None):
                 # One forward over both answers of every pair -> log p(answer | image, question) [2B].
                 logps = trainer(**model_inputs(batch, args.device), average_logps=args.average_logps)
                 policy_chosen, policy_rejected = logps.chunk(2)  # [B], [B]
-                ref_chosen, ref_rejected = reference_of(batch, ref_model, args)  # [B], [B]; None without a reference
-                loss, metrics = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, batch, args)
+                policy_corrupted = corrupted_logps(trainer, batch, args)  # mDPO only: chosen, image corrupted [B]
+                reference = reference_of(batch, ref_model, args)  # the same three under the start model
+                loss, metrics = preference_loss(policy_chosen, policy_rejected, policy_corrupted, *reference, batch,
+                                                args)
             run.check_finite(loss, step + 1)
             (loss / len(group)).backward()
             for k, v in metrics.items():
@@ -175,23 +180,35 @@ def main(argv=None):
     return final
 
 
+def corrupted_logps(model, batch, args):
+    """log p(chosen answer | corrupted image) [B], for a loss that compares images (mDPO); else None."""
+    if "corrupted" not in batch:
+        return None
+    return model(**model_inputs(batch["corrupted"], args.device), average_logps=args.average_logps)
+
+
 def reference_of(batch, ref_model, args):
-    """The reference log-probs of a micro-batch's chosen and rejected answers ([B] each): from the
-    frozen copy with --ref live, else the precomputed ones the batch carries; (None, None) when
-    the loss needs no reference (losses.PREFERENCE_LOSSES)."""
+    """The reference log-probs of a micro-batch: (chosen, rejected, chosen under a corrupted image or
+    None), [B] each. From the frozen copy with --ref live, else the precomputed ones the batch
+    carries; all None when the loss needs no reference (losses.PREFERENCE_LOSSES)."""
     if not PREFERENCE_LOSSES[args.loss_type].reference:
-        return None, None
+        return None, None, None
     if ref_model is not None:
         with torch.no_grad():
-            return pair_logps(ref_model, batch, args.device, args.average_logps)
-    return batch["ref_chosen"].to(args.device), batch["ref_rejected"].to(args.device)
+            return (*pair_logps(ref_model, batch, args.device, args.average_logps),
+                    corrupted_logps(ref_model, batch, args))
+    corrupted = batch["ref_corrupted"].to(args.device) if "corrupted" in batch else None
+    return batch["ref_chosen"].to(args.device), batch["ref_rejected"].to(args.device), corrupted
 
 
-def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, batch, args):
+def preference_loss(policy_chosen, policy_rejected, policy_corrupted, ref_chosen, ref_rejected, ref_corrupted, batch,
+                    args):
     """The loss of one micro-batch (--loss-type, an entry of losses.PREFERENCE_LOSSES; DPO is
     Rafailov et al. 2023, eq. 7) plus the optional NLL terms, and the numbers worth logging."""
-    losses, chosen_rewards, rejected_rewards = PREFERENCE_LOSSES[args.loss_type].compute(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, args)
+    preference = PREFERENCE_LOSSES[args.loss_type]
+    images = dict(policy_corrupted=policy_corrupted, ref_corrupted=ref_corrupted) if preference.image_conditional else {}
+    losses, chosen_rewards, rejected_rewards = preference.compute(policy_chosen, policy_rejected, ref_chosen,
+                                                                  ref_rejected, args, **images)
     loss = losses.mean()
     if args.sft_weight:  # the authors' term as written (mllm-dpo llava/train/llava_trainer.py:453-455)
         loss = loss - args.sft_weight * policy_chosen.mean()
@@ -205,6 +222,10 @@ def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, ba
                "rewards/margin": (chosen_rewards - rejected_rewards).mean().item(),
                "logps/chosen": policy_chosen.mean().item(), "logps/rejected": policy_rejected.mean().item(),
                "logps/accuracy": (policy_chosen > policy_rejected).float().mean().item()}
+    if images:  # how much likelier the chosen answer is with its own image than with the corrupted one
+        corrupted_rewards = args.beta * (policy_corrupted - ref_corrupted)
+        metrics["rewards/corrupted_image"] = corrupted_rewards.mean().item()
+        metrics["rewards/image_accuracy"] = (chosen_rewards > corrupted_rewards).float().mean().item()
     return loss, metrics
 
 
@@ -218,8 +239,8 @@ def evaluate(model, examples, processor, args, ref_model=None) -> dict:
         batch = batch_maker(args, processor, "pairs")(chunk)
         with autocast(args.device):
             policy_chosen, policy_rejected = pair_logps(model, batch, args.device, args.average_logps)
-            metrics = preference_loss(policy_chosen, policy_rejected, *reference_of(batch, ref_model, args), batch,
-                                      args)[1]
+            metrics = preference_loss(policy_chosen, policy_rejected, corrupted_logps(model, batch, args),
+                                      *reference_of(batch, ref_model, args), batch, args)[1]
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v * len(chunk)
         n += len(chunk)
@@ -234,16 +255,18 @@ def evaluate(model, examples, processor, args, ref_model=None) -> dict:
 
 def fill_reference(model, examples, processor, args, cache_path: Path):
     """Reference log-probs: from the data file, else the disk cache, else one pass now (then cached)."""
-    missing = [e for e in examples if e.ref_chosen is None or e.ref_rejected is None]
+    images = PREFERENCE_LOSSES[args.loss_type].image_conditional  # mDPO: the corrupted image's too
+    missing = [e for e in examples if e.ref_chosen is None or e.ref_rejected is None
+               or (images and e.ref_corrupted is None)]
     if not missing:
         return "from the data file"
     cached = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    if all(e.id in cached for e in missing):
+    if all(len(cached.get(e.id, [])) >= 2 + images for e in missing):  # [chosen, rejected(, corrupted)]
         for e in missing:
-            e.ref_chosen, e.ref_rejected = cached[e.id]
+            e.ref_chosen, e.ref_rejected, e.ref_corrupted = (cached[e.id] + [None])[:3]
         return f"from the cache {cache_path}"
     reference_logps(model, missing, processor, args)
-    cached.update({e.id: [e.ref_chosen, e.ref_rejected] for e in missing})
+    cached.update({e.id: [e.ref_chosen, e.ref_rejected] + ([e.ref_corrupted] if images else []) for e in missing})
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_path.with_suffix(f".tmp-{os.getpid()}")  # written whole, then renamed: never half a file
     tmp.write_text(json.dumps(cached))
@@ -253,15 +276,20 @@ def fill_reference(model, examples, processor, args, cache_path: Path):
 
 @torch.no_grad()
 def reference_logps(model, examples, processor, args) -> None:
-    """Fill ref_chosen / ref_rejected of every example with the starting model's log-probs."""
+    """Fill ref_chosen / ref_rejected (and, for mDPO, ref_corrupted) of every example with the starting
+    model's log-probs."""
     model.eval()
     for start in range(0, len(examples), args.batch_size):
         chunk = examples[start:start + args.batch_size]
+        batch = batch_maker(args, processor, "pairs")(chunk)
         with autocast(args.device):
-            chosen, rejected = pair_logps(model, batch_maker(args, processor, "pairs")(chunk), args.device,
-                                          args.average_logps)
-        for e, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
-            e.ref_chosen, e.ref_rejected = c, r
+            chosen, rejected = pair_logps(model, batch, args.device, args.average_logps)
+            corrupted = corrupted_logps(model, batch, args)
+        corrupted = corrupted.tolist() if corrupted is not None else [None] * len(chunk)
+        for e, c, r, cc in zip(chunk, chosen.tolist(), rejected.tolist(), corrupted):
+            if e.ref_chosen is None or e.ref_rejected is None:  # a data file's own values stay
+                e.ref_chosen, e.ref_rejected = c, r
+            e.ref_corrupted = cc
 
 
 def cache_key(args, model_fingerprint: str) -> str:

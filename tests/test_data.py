@@ -163,3 +163,19 @@ def test_too_long_sequences_are_dropped_and_counted(tmp_path):
     pairs, _ = read_pairs(write(tmp_path / "p.json", records))
     examples, report = pair_examples(pairs, proc, max_length=100)
     assert len(examples) == 1 and report.dropped == {"longer than --max-length 100": 1}
+
+
+def test_corrupt_image_is_a_small_crop_drawn_from_the_pair_id():
+    """mDPO's corrupted image: at most 20% of the picture, the same crop for the same pair every time
+    (the reference pass and every epoch see one image), another for another pair."""
+    from tinyalign.data import corrupt_image
+    from tinyalign.images import load_image
+
+    photo = IMAGES / "chelsea.png"
+    whole = load_image(photo)
+    for key in ("p1", "p2", "p3"):
+        crop = corrupt_image(photo, key)
+        assert crop.width * crop.height <= 0.2 * whole.width * whole.height
+        assert list(crop.getdata()) == list(corrupt_image(photo, key).getdata())
+    assert corrupt_image(photo, "p1").size != corrupt_image(photo, "p2").size or \
+        list(corrupt_image(photo, "p1").getdata()) != list(corrupt_image(photo, "p2").getdata())

@@ -1,6 +1,7 @@
 """The losses, against values worked out independently (plain Python floats, loops)."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -132,3 +133,20 @@ def test_the_loss_table_says_what_each_loss_needs():
     assert torch.equal(table, dpo_loss(pc, pr, rc, rr, beta=0.1)[0])  # the entry is DPO itself
     assert torch.equal(PREFERENCE_LOSSES["simpo"].compute(pc / 10, pr / 10, None, None, Options)[0],
                        simpo_loss(pc / 10, pr / 10, 0.1, 0.5)[0])  # no reference passed, none needed
+
+
+def test_mdpo_by_hand():
+    """Wang et al. 2024 (mDPO), eqs. 3-6, worked in floats: DPO's term, the chosen answer with its image
+    against the same answer with a corrupted image, and the chosen reward anchored at 0."""
+    beta = 0.1
+    cases = [(-10.0, -12.0, -11.0, -11.0, -14.0, -13.0), (-5.0, -4.0, -6.0, -3.0, -5.5, -7.0)]
+    pc, pr, rc, rr, pcc, rcc = (torch.tensor(col) for col in zip(*cases))
+    losses, chosen, rejected = PREFERENCE_LOSSES["mdpo"].compute(pc, pr, rc, rr, SimpleNamespace(beta=beta),
+                                                                 policy_corrupted=pcc, ref_corrupted=rcc)
+    assert PREFERENCE_LOSSES["mdpo"].image_conditional and PREFERENCE_LOSSES["mdpo"].reference
+    for i, (a, b, c, d, e, f) in enumerate(cases):
+        dpo = -log_sigmoid(beta * ((a - c) - (b - d)))
+        conditional = -log_sigmoid(beta * ((a - c) - (e - f)))
+        anchored = -log_sigmoid(beta * (a - c))
+        assert losses[i].item() == pytest.approx(dpo + conditional + anchored, rel=1e-6)
+        assert chosen[i].item() == pytest.approx(beta * (a - c)) and rejected[i].item() == pytest.approx(beta * (b - d))

@@ -284,7 +284,7 @@ def test_sft_weight_is_the_authors_term(tiny_world, tmp_path):
         for sft, nll in [(0, 0), (2, 0), (0, 2)]:
             args.sft_weight, args.chosen_nll_weight = sft, nll
             reference = train_dpo.reference_of(batch, None, args)
-            losses[(sft, nll)] = train_dpo.preference_loss(chosen, rejected, *reference, batch, args)[0].item()
+            losses[(sft, nll)] = train_dpo.preference_loss(chosen, rejected, None, *reference, batch, args)[0].item()
     assert losses[(2, 0)] - losses[(0, 0)] == pytest.approx(-2 * chosen.mean().item(), rel=1e-5)
     assert losses[(0, 2)] - losses[(0, 0)] == pytest.approx(-2 * (chosen / n_tokens).mean().item(), rel=1e-5)
     assert abs(chosen.mean().item()) > 5 * abs((chosen / n_tokens).mean().item())  # the two differ a lot
@@ -393,3 +393,34 @@ def test_a_dpo_step_reaches_the_token_logps_in_three_calls(tiny_world, tmp_path,
                                                              ("losses.py", scorer)]  # ... then token_logps
     order = [n.rsplit(".", 1)[-1] for n in readme_step_names()]
     assert order.index("main") < order.index("forward") < order.index(scorer) < order.index("token_logps")
+
+
+def test_mdpo_trains_with_the_chosen_answer_under_a_corrupted_image(tiny_world, tmp_path):
+    """--loss-type mdpo: a third forward (the chosen answer under a corrupted image) joins the step. At
+    learning rate 0, with the file's reference log-probs for the two answers and the corrupted image's
+    computed before training by the same (start) model, the first loss is mdpo_loss of independently
+    computed log-probs."""
+    from tinyalign.data import collate_corrupted
+    from tinyalign.losses import mdpo_loss
+
+    pairs_path = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
+    records = [json.loads(line) for line in pairs_path.read_text().splitlines()]
+    pairs_path.write_text("".join(json.dumps({**r, "ref_win_logp": -1.0, "ref_rej_logp": -30.0}) + "\n"
+                                  for r in records))
+    out = tmp_path / "mdpo"
+    train_dpo.main(dpo_args(tiny_world, pairs_path, out, "--loss-type", "mdpo", "--max-steps", "1", "--lr", "0",
+                            "--projector-lr", "0", "--batch-size", "16", "--grad-accum", "1", "--eval-fraction", "0",
+                            "--no-packing"))
+    processor = tinyalign.Processor.from_pretrained(tiny_world["checkpoint"])
+    examples, _ = pair_examples(read_pairs(pairs_path)[0], processor, tiny_world["images"])
+    first = [examples[i] for i in micro_batches(len(examples), 16, 1, seed=0)[0]]
+    model = tinyalign.load_model(tiny_world["checkpoint"])
+    with torch.no_grad():
+        chosen, rejected = pair_logps(model, collate_pairs(first, processor), "cpu")
+        batch = collate_corrupted(first, processor)
+        corrupted = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"])
+    n = len(first)
+    expected = mdpo_loss(chosen, rejected, torch.full((n,), -1.0), torch.full((n,), -30.0), corrupted, corrupted)[0]
+    logged = metrics(out)[0]
+    assert logged["loss"] == pytest.approx(expected.mean().item(), abs=1e-5)
+    assert "rewards/corrupted_image" in logged and "rewards/image_accuracy" in logged

@@ -20,6 +20,7 @@ import json
 import math
 import random
 import warnings
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,6 +353,7 @@ class PairExample:
     images: list[Path]
     ref_chosen: float | None = None
     ref_rejected: float | None = None
+    ref_corrupted: float | None = None  # the chosen answer under a corrupted image (mDPO only)
 
 
 def _prepare_images(images, image_folder, name, report, skip_bad):
@@ -445,7 +447,30 @@ def collate_pairs(examples: list[PairExample], processor: Processor, pixel_cache
     batch["pixel_values"] = load_pixels(processor, [p for e in examples for p in e.images], pixel_cache)
     batch["ref_chosen"] = _ref(examples, "ref_chosen")
     batch["ref_rejected"] = _ref(examples, "ref_rejected")
+    batch["ref_corrupted"] = _ref(examples, "ref_corrupted")
     batch["repeat_images"] = 2  # Llava.forward: run the tower once, use its features for both halves
+    return batch
+
+
+def corrupt_image(path, key: str, max_area: float = 0.2):
+    """The corrupted image of mDPO (Wang et al. 2024, arXiv 2406.11839, section 3: "crop 0-20%"): a
+    random square-ish crop keeping at most `max_area` of the picture, drawn from `key` (the pair's id),
+    so that every pass, and the reference pass before training, sees the same crop. -> a PIL image."""
+    from .images import load_image
+
+    image = load_image(path)
+    rng = random.Random(zlib.crc32(f"{key}|{path}".encode()))
+    side = math.sqrt(rng.uniform(0.02, max_area))  # the kept fraction of each side
+    w, h = max(1, int(image.width * side)), max(1, int(image.height * side))
+    left, top = rng.randint(0, image.width - w), rng.randint(0, image.height - h)
+    return image.crop((left, top, left + w, top + h))
+
+
+def collate_corrupted(examples: list[PairExample], processor: Processor) -> dict:
+    """B rows: each pair's chosen answer again, its image(s) replaced by a corrupted crop (mDPO)."""
+    batch = processor.collate([e.chosen for e in examples])
+    crops = [processor.images(corrupt_image(p, e.id)) for e in examples for p in e.images]
+    batch["pixel_values"] = torch.stack(crops) if crops else None
     return batch
 
 

@@ -132,10 +132,35 @@ def orpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, beta: 
 
 
 # ---------------------------------------------------------------------------------------------
+# A loss that also compares images: the chosen answer under the true image and under a corrupted one
+# ---------------------------------------------------------------------------------------------
+
+
+def mdpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+              ref_rejected: torch.Tensor, policy_corrupted: torch.Tensor, ref_corrupted: torch.Tensor,
+              beta: float = 0.1, anchor: float = 0.0):
+    """mDPO (Wang et al. 2024, arXiv 2406.11839, eqs. 3-6): DPO's term, plus two that make the
+    preference depend on the image. With r(y | m) = log pi(y | m, x) - log pi_ref(y | m, x), m the true
+    image and m' a corrupted one (a small random crop of it, `data.corrupt_image`):
+        conditional preference:  -log sigmoid(beta * (r(y_w | m) - r(y_w | m')))
+            the same chosen answer must be likelier with the real image than with the corrupted one;
+        anchored preference:     -log sigmoid(beta * r(y_w | m) - anchor)
+            the chosen reward stays above the anchor (0), so it cannot fall along with the rejected one.
+    loss = DPO + conditional + anchored. Inputs: summed log-probs [B]; *_corrupted: the chosen answer's
+    under the corrupted image. Returns (losses [B], chosen rewards [B], rejected rewards [B])."""
+    dpo, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    chosen_ratio = policy_chosen - ref_chosen
+    conditional = -F.logsigmoid(beta * (chosen_ratio - (policy_corrupted - ref_corrupted)))
+    anchored = -F.logsigmoid(beta * chosen_ratio - anchor)
+    return dpo + conditional + anchored, chosen_rewards, rejected_rewards
+
+
+# ---------------------------------------------------------------------------------------------
 # The table train_dpo.py reads: a loss is one function and one entry. `reference`: it compares with
 # the starting model's log-probs (computed once before training, or read from the data file);
 # `average`: it needs mean log-probs per answer token rather than sums (--average-logps asks for
-# means with any loss).
+# means with any loss); `image_conditional`: it also needs the chosen answer's log-probs under a
+# corrupted image (passed as policy_corrupted= and ref_corrupted=).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -145,6 +170,7 @@ class PreferenceLoss:
     reference: bool
     average: bool
     paper: str
+    image_conditional: bool = False
 
 
 PREFERENCE_LOSSES = {
@@ -158,4 +184,7 @@ PREFERENCE_LOSSES = {
                             reference=False, average=True, paper="SimPO, arXiv 2405.14734"),
     "orpo": PreferenceLoss(lambda pc, pr, rc, rr, o: orpo_loss(pc, pr, o.beta),
                            reference=False, average=True, paper="ORPO, arXiv 2403.07691"),
+    "mdpo": PreferenceLoss(lambda pc, pr, rc, rr, o, policy_corrupted, ref_corrupted:
+                           mdpo_loss(pc, pr, rc, rr, policy_corrupted, ref_corrupted, o.beta),
+                           reference=True, average=False, paper="mDPO, arXiv 2406.11839", image_conditional=True),
 }

@@ -138,6 +138,8 @@ def pack_pairs(examples: list[PairExample], processor, max_tokens: int | None = 
     batch["ref_chosen"] = torch.tensor([e.ref_chosen if e.ref_chosen is not None else float("nan") for e in examples])
     batch["ref_rejected"] = torch.tensor([e.ref_rejected if e.ref_rejected is not None else float("nan")
                                           for e in examples])
+    batch["ref_corrupted"] = torch.tensor([e.ref_corrupted if e.ref_corrupted is not None else float("nan")
+                                           for e in examples])
     return batch
 
 
@@ -192,11 +194,19 @@ def real_tokens(batch: dict) -> int:
 
 
 def batch_maker(args, processor, kind: str):
-    """-> make(examples, pixel_cache=None): plain batches, or packed ones with --packing."""
-    from .data import collate_pairs, collate_sft
+    """-> make(examples, pixel_cache=None): plain batches, or packed ones with --packing. For a loss that
+    compares images (mDPO), a pair batch also carries batch["corrupted"]: the chosen answers again,
+    under corrupted images (always plain rows)."""
+    from .data import collate_corrupted, collate_pairs, collate_sft
+    from .losses import PREFERENCE_LOSSES
 
-    if getattr(args, "packing", False):
-        pack = pack_pairs if kind == "pairs" else pack_sft
-        return lambda examples, pixel_cache=None: pack(examples, processor, args.pack_tokens, pixel_cache)
-    collate = collate_pairs if kind == "pairs" else collate_sft
-    return lambda examples, pixel_cache=None: collate(examples, processor, pixel_cache)
+    def make(examples, pixel_cache=None):
+        if getattr(args, "packing", False):
+            return (pack_pairs if kind == "pairs" else pack_sft)(examples, processor, args.pack_tokens, pixel_cache)
+        return (collate_pairs if kind == "pairs" else collate_sft)(examples, processor, pixel_cache)
+
+    def make_with_corrupted(examples, pixel_cache=None):
+        return {**make(examples, pixel_cache), "corrupted": collate_corrupted(examples, processor)}
+
+    loss = PREFERENCE_LOSSES.get(getattr(args, "loss_type", None))
+    return make_with_corrupted if kind == "pairs" and loss is not None and loss.image_conditional else make

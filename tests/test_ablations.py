@@ -1,0 +1,86 @@
+"""The ablations (`python -m tinyalign.ablations NAME`) end to end at toy scale: the tiny world stands
+in for the demo's, a two-step recipe for the demo's three epochs."""
+
+import json
+import shutil
+
+import pytest
+
+import train_dpo
+from tinyalign import ablations, demo
+from tinyalign.data import Pair, file_digest, load_pairs
+
+TINY_RECIPE = ["--max-steps", "2", "--batch-size", "8", "--grad-accum", "1", "--lr", "1e-3", "--projector-lr", "1e-3",
+               "--lora-r", "4", "--lora-alpha", "8", "--max-length", "256", "--no-packing", "--eval-every", "0",
+               "--save-every", "0"]
+
+
+@pytest.fixture
+def demo_folders(tiny_world, tmp_path, monkeypatch):
+    """The tiny world where the demo keeps its files: runs/demo-data and runs/demo-sft/model."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_world["root"] / "data", demo.DEMO_DATA)
+    shutil.copytree(tiny_world["checkpoint"], demo.DEMO_SFT / "model")
+    # Rated samples with a spread (a random model's own samples all rate alike: no pairs), marked as
+    # this model's, so the demo's setup takes them as they are.
+    prompts = demo.read_heldout(demo.DEMO_DATA / "prompts.jsonl")
+    rated = "".join(json.dumps(r) + "\n" for r in demo.rated_styles(prompts))
+    digest = file_digest(demo.DEMO_SFT / "model" / "model.safetensors")
+    for name in ("samples.jsonl", "samples_heldout.jsonl"):
+        (demo.DEMO_SFT / name).write_text(rated)
+        (demo.DEMO_SFT / f"{name}.model").write_text(digest + "\n")
+    other = tmp_path / "runs/ablations/transfer/other-samples.jsonl"  # the transfer ablation's other model's
+    other.parent.mkdir(parents=True)
+    other.write_text(rated)
+    monkeypatch.setattr(ablations, "RECIPE", TINY_RECIPE)
+    return tmp_path
+
+
+def test_transforms_flip_and_subset_exact_shares():
+    pairs = [Pair(f"p{i}", [], "q", f"good {i}", f"bad {i}") for i in range(20)]
+    flipped = ablations.transformed(pairs, ("flip", 0.25), seed=3)
+    swapped = [p for p in flipped if p.chosen.startswith("bad")]
+    assert len(swapped) == 5 and all(p.rejected.startswith("good") for p in swapped)
+    half, whole = ablations.transformed(pairs, ("subset", 0.5), 3), ablations.transformed(pairs, ("subset", 1.0), 3)
+    quarter = ablations.transformed(pairs, ("subset", 0.25), 3)
+    assert (len(quarter), len(half), len(whole)) == (5, 10, 20)
+    assert {p.id for p in quarter} <= {p.id for p in half}  # a larger share holds every pair of a smaller one
+
+
+@pytest.mark.parametrize("name", list(ablations.ABLATIONS))
+def test_each_ablation_runs_end_to_end(demo_folders, name):
+    text = ablations.main([name, "--out", "runs/ablations"])
+    results = json.loads((demo_folders / "runs/ablations" / name / "results.json").read_text())
+    arms = [label for label, _, _ in ablations.ABLATIONS[name][1]]
+    assert list(results) == arms and all(f"| {label} |" in text for label in arms)
+    total = len(load_pairs(demo.DEMO_SFT / "samples.jsonl")[0])
+    for label, runs in results.items():
+        assert 0 <= runs[0]["reward accuracy"] <= 1 and 0 <= runs[0]["exact answer"] <= 1
+        assert len(runs[0]["curve"]) == 2  # one point per training step
+        if name == "data-scaling":
+            assert runs[0]["pairs"] == round(int(label.split("%")[0]) / 100 * total)
+        else:
+            assert runs[0]["pairs"] == total
+    # The figure command draws from these files, and names what is missing instead of drawing it.
+    from tinyalign import figures
+
+    done = figures.draw_all(demo_folders / "runs", demo_folders / "figures")
+    assert done[name] == demo_folders / "figures" / f"ablation-{name}.png"
+    assert done[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert done["study"].startswith("skipped: no ") and "python -m tinyalign.study" in done["study"]
+
+
+def test_unconditional_preference_on_a_trained_policy(demo_folders):
+    samples, start = demo.DEMO_SFT / "samples.jsonl", demo.DEMO_SFT / "model"
+    # The start against itself: every margin is exactly 0, with any image.
+    same = ablations.unconditional(start, start, samples, demo.DEMO_DATA)
+    assert same["mean margin, true image"] == 0 and same["told apart without the image"] == 0
+    final = train_dpo.main(["--model", str(start), "--data", str(samples), "--eval-data", str(samples),
+                            "--image-folder", str(demo.DEMO_DATA), "--out", "runs/dpo", "--cache-dir", "cache",
+                            *TINY_RECIPE])
+    result = ablations.unconditional(demo_folders / "runs/dpo/model", start, samples, demo.DEMO_DATA)
+    # With the true image the measure is DPO's own held-out reward accuracy (the margin's sign does
+    # not depend on beta); batches padded differently may move a margin that sits at 0 by rounding.
+    assert result["reward accuracy, true image"] == pytest.approx(final["rewards/accuracy"], abs=2 / result["pairs"])
+    assert 0 <= result["told apart without the image"] <= 1
+
