@@ -19,7 +19,18 @@ IMAGES = ASSETS / "images"
 
 # Two threads by default (CI's two cores). TINYALIGN_TEST_THREADS=1 runs the suite single-threaded: a
 # different thread count changes float rounding the way another CPU does, and the suite must pass both.
+# Under pytest-xdist (`-n 2`, the README's command) each worker takes one thread, and so do the
+# processes the tests start (OMP_NUM_THREADS), so that two workers share two cores without fighting.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("TINYALIGN_TEST_THREADS", "1")
+    os.environ["OMP_NUM_THREADS"] = os.environ["TINYALIGN_TEST_THREADS"]
 torch.set_num_threads(int(os.environ.get("TINYALIGN_TEST_THREADS", min(2, os.cpu_count() or 1))))
+
+
+def pytest_collection_modifyitems(items):
+    """The end-to-end demo test (about 4 minutes) first: with two workers it then runs beside all the
+    others instead of after them."""
+    items.sort(key=lambda item: 0 if item.path.name == "test_demo.py" else 1)  # a stable sort keeps the rest
 
 # Tiny shapes with the real structure. Image 28 px / patch 14 -> 4 patches per image.
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,

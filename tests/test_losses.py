@@ -122,8 +122,9 @@ def test_orpo_by_hand():
 
 
 def test_the_loss_table_says_what_each_loss_needs():
-    assert {n for n, loss in PREFERENCE_LOSSES.items() if loss.reference} == {"sigmoid", "ipo", "hinge"}
+    assert {n for n, loss in PREFERENCE_LOSSES.items() if loss.reference} == {"sigmoid", "ipo", "hinge", "mdpo"}
     assert {n for n, loss in PREFERENCE_LOSSES.items() if loss.average} == {"simpo", "orpo"}
+    assert {n for n, loss in PREFERENCE_LOSSES.items() if loss.image_conditional} == {"mdpo"}
 
     class Options:
         beta, label_smoothing, simpo_gamma = 0.1, 0.0, 0.5

@@ -271,7 +271,7 @@ def plot(name: str, results: dict, path: Path) -> bool:
             highs = [max(r[key] for r in runs) - m for m, runs in zip(means, results.values())]
             ax.bar(list(results), means, yerr=[lows, highs], capsize=3, color="tab:blue")
             ax.set_title(key)
-            ax.tick_params(axis="x", labelrotation=20)
+            plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
