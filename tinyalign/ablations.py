@@ -269,9 +269,9 @@ def plot(name: str, results: dict, path: Path) -> bool:
             means = [statistics.fmean(r[key] for r in runs) for runs in results.values()]
             lows = [m - min(r[key] for r in runs) for m, runs in zip(means, results.values())]
             highs = [max(r[key] for r in runs) - m for m, runs in zip(means, results.values())]
-            ax.bar(list(results), means, yerr=[lows, highs], capsize=3, color="tab:blue")
+            ax.bar(range(len(results)), means, yerr=[lows, highs], capsize=3, color="tab:blue")
+            ax.set_xticks(range(len(results)), list(results), rotation=20, ha="right")
             ax.set_title(key)
-            plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -128,9 +128,9 @@ def plot(results: dict, path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     for ax, (key, title) in zip(axes, COLUMNS[:3]):
-        ax.bar(list(results), [r[key] for r in results.values()], color="tab:blue")
+        ax.bar(range(len(results)), [r[key] for r in results.values()], color="tab:blue")
+        ax.set_xticks(range(len(results)), list(results), rotation=30, ha="right")  # long names stay apart
         ax.set_title(title)
-        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")  # long method names stay apart
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
