@@ -282,3 +282,14 @@ def test_the_dpo_demo_never_reuses_samples_of_another_sft_model(tiny_world, tmp_
                          processor=demo.demo_processor())  # another SFT model in the same place
     demo.dpo_start(args)
     assert samples.read_text() != first  # sampled anew, from the new model
+
+
+def test_a_pointer_to_a_missing_checkpoint_deletes_nothing_and_resume_says_so(tiny_world, tmp_path):
+    out = tmp_path / "run"
+    argv = sft_args(tiny_world, out, *STEPS)
+    train_sft.main(argv + ["--stop-after", "2"])
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    (out / "checkpoints" / "latest").write_text("step-99999999-0")  # edited by hand
+    with pytest.raises(FileNotFoundError, match="names step-99999999-0, which is incomplete or missing"):
+        train_sft.main(argv + ["--resume"])
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == kept

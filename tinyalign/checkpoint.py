@@ -280,8 +280,11 @@ def remove_leftovers(out) -> list[str]:
     if root.exists():
         latest = (root / "latest").read_text().strip() if (root / "latest").exists() else None
         names = [p.name for p in published(out)]
-        newest = names.index(latest) if latest in names else -1
-        keep = set(names[max(0, newest - KEEP + 1):newest + 1])  # the pointer's and the one before it
+        if latest is not None and latest not in names:
+            keep = set(names)  # a pointer to nothing complete: changed by hand; delete nothing, resume says so
+        else:
+            newest = names.index(latest) if latest in names else -1  # no pointer: nothing was ever published
+            keep = set(names[max(0, newest - KEEP + 1):newest + 1])  # the pointer's and the one before it
         for path in root.iterdir():
             if path.name.startswith(".tmp-") or path.name.startswith(".latest.tmp-") or \
                     (path.name.startswith("step-") and path.name not in keep):
