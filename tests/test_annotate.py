@@ -47,7 +47,8 @@ def judge_url():
 
 
 def two_answers(records):
-    return [[f"{r['id']} answer A", f"{r['id']} answer B"] for r in records]
+    """A sampler as annotate_prompts takes one: (index in records, answers), in any order (here backwards)."""
+    return [(i, [f"{r['id']} answer A", f"{r['id']} answer B"]) for i, r in reversed(list(enumerate(records)))]
 
 
 PROMPTS = [{"id": q, "prompt": q} for q in ["q-good", "q-malformed", "q-500", "q-timeout", "q-bad"]]
@@ -90,11 +91,11 @@ def test_interrupted_run_is_completed_without_duplicates(judge_url, tmp_path):
     judge = OpenAIJudge(judge_url, "stub-judge", timeout=0.5, retries=1, backoff=0.01)
     good = [{"id": f"p{i}", "prompt": "q-good"} for i in range(5)]
     annotate_prompts(good, out, two_answers, judge, max_prompts=2)  # as if stopped after two prompts
-    assert [r["id"] for r in lines(out)] == ["p0", "p1"]
+    assert sorted(r["id"] for r in lines(out)) == ["p0", "p1"]
     calls = StubJudge.calls["q-good"]
     summary = annotate_prompts(good, out, two_answers, judge)
     assert summary["already rated"] == 2 and summary["rated now"] == 3
-    assert [r["id"] for r in lines(out)] == ["p0", "p1", "p2", "p3", "p4"]
+    assert sorted(r["id"] for r in lines(out)) == ["p0", "p1", "p2", "p3", "p4"]
     assert StubJudge.calls["q-good"] - calls == 3 * 2  # only the new prompts' answers were judged
 
 
@@ -107,6 +108,37 @@ def test_command_line_with_the_model_and_the_rule_judge(tiny_world, tmp_path):
     for r in lines(out):
         assert len(r["responses"]) == 3 and set(r["responses"][0]["scores"]) == {
             "helpfulness", "correctness", "coherence", "complexity", "verbosity"}
+
+
+def test_an_interrupted_model_run_resumes_to_what_one_run_writes(tiny_world, tmp_path, monkeypatch):
+    """The model's sampler (continuous batching over 6 rows, 3 samples per prompt prefilled once),
+    stopped by Ctrl-C while rating its 4th finished prompt, then rerun: every prompt rated once, and
+    the file holds exactly what one uninterrupted run writes (the same samples: each prompt's
+    randomness is keyed to its line in the prompts file, not to its place in the run)."""
+    args = ["--model", str(tiny_world["checkpoint"]), "--prompts", str(tiny_world["prompts"]), "--image-folder",
+            str(tiny_world["images"]), "--judge", "rules", "--n", "3", "--max-new-tokens", "6", "--max-prompts", "8",
+            "--slots", "6", "--device", "cpu"]
+    whole, part = tmp_path / "whole.jsonl", tmp_path / "part.jsonl"
+    annotate.main(args + ["--out", str(whole)])
+    ratings = []
+    real = annotate.RuleJudge.rate_record
+
+    def interrupted(self, record, answer):
+        ratings.append(1)
+        if len(ratings) == 3 * 3 + 1:
+            raise KeyboardInterrupt
+        return real(self, record, answer)
+
+    monkeypatch.setattr(annotate.RuleJudge, "rate_record", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        annotate.main(args + ["--out", str(part)])
+    assert len(lines(part)) == 3
+    monkeypatch.undo()
+    summary = annotate.main(args + ["--out", str(part), "--max-prompts", "5"])
+    assert summary["already rated"] == 3 and summary["rated now"] == 5
+    by_id = lambda path: sorted(lines(path), key=lambda r: r["id"])  # noqa: E731
+    assert by_id(part) == by_id(whole)
+    assert len({a["text"] for r in lines(whole) for a in r["responses"]}) > len(lines(whole))  # samples differ
 
 
 def test_prompts_file_without_a_prompt_is_named(tmp_path):
@@ -140,7 +172,7 @@ def test_a_torn_last_line_is_dropped_and_its_prompt_rated_again(tmp_path):
     out.write_text(whole + whole.replace("p0", "p1")[:40])  # a crash in the middle of p1's line
     summary = annotate_prompts(prompts, out, two_answers, FixedJudge())
     assert summary["already rated"] == 1 and summary["rated now"] == 2
-    assert [r["id"] for r in lines(out)] == ["p0", "p1", "p2"]  # every line parses, each prompt once
+    assert sorted(r["id"] for r in lines(out)) == ["p0", "p1", "p2"]  # every line parses, each prompt once
 
 
 def test_a_second_annotator_on_the_same_output_is_refused_and_nothing_is_lost(tmp_path):
@@ -152,10 +184,11 @@ def test_a_second_annotator_on_the_same_output_is_refused_and_nothing_is_lost(tm
     pid = os.fork()
     if pid == 0:  # the first annotator: rates 20 prompts, then waits inside its run, holding the output
         def sample(records):
-            if records[0]["id"] == "p16":
-                os.write(ready[1], b"1")
-                os.read(go_on[0], 1)
-            return two_answers(records)
+            for i, answers in two_answers(records):
+                if records[i]["id"] == "p3":  # 16 of its 20 prompts written (backwards: p19 .. p4)
+                    os.write(ready[1], b"1")
+                    os.read(go_on[0], 1)
+                yield i, answers
 
         try:
             annotate_prompts(prompts[:20], out, sample, FixedJudge())

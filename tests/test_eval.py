@@ -166,23 +166,22 @@ def test_interrupted_generation_resumes_where_it_stopped(tiny_world, bench_files
               "turns": [{"from": "human", "value": "<image>\n" + q["text"]}]} for q in questions]
     full = evaluation.generate_answers(model, processor, items, tmp_path / "full.jsonl", 4, batch_size=4)
 
-    real, calls = generate.generate, Counter()
+    real, calls = generate.prefill_into, Counter()  # one call per question given a row
 
-    def crashes_on_second_batch(*args, **kwargs):
+    def crashes_on_fifth_question(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the run
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the run: 4 rows, 4 answers finished
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generate, "generate", crashes_on_second_batch)
+    monkeypatch.setattr(generate, "prefill_into", crashes_on_fifth_question)
     with pytest.raises(KeyboardInterrupt):
         evaluation.generate_answers(model, processor, items, tmp_path / "part.jsonl", 4, batch_size=4)
-    assert len(evaluation.read_generations(tmp_path / "part.jsonl")) == 4  # the first batch was kept
-    monkeypatch.setattr(generate, "generate", real)
+    assert len(evaluation.read_generations(tmp_path / "part.jsonl")) == 4  # the finished answers were kept
     calls.clear()
-    monkeypatch.setattr(generate, "generate", lambda *a, **k: (calls.update(["n"]), real(*a, **k))[1])
+    monkeypatch.setattr(generate, "prefill_into", lambda *a, **k: (calls.update(["n"]), real(*a, **k))[1])
     resumed = evaluation.generate_answers(model, processor, items, tmp_path / "part.jsonl", 4, batch_size=4)
-    assert calls["n"] == 2  # only the 8 missing answers were generated
+    assert calls["n"] == 8  # only the 8 missing answers were generated
     assert resumed == full
     assert len((tmp_path / "part.jsonl").read_text().splitlines()) == len(items)  # nothing duplicated
 
@@ -363,8 +362,13 @@ def test_mtbench_samples_with_fastchats_temperatures(tiny_world, tmp_path, monke
     import sys
 
     generate = sys.modules["tinyalign.generate"]
-    real, seen = generate.generate, []
-    monkeypatch.setattr(generate, "generate", lambda *a, **k: (seen.append((k["temperature"], k["top_k"])), real(*a, **k))[1])
+    real, seen = generate.generate_stream, []
+
+    def stream(model, prompts, **k):
+        seen.extend([(k["temperature"], k["top_k"])] * len(prompts))  # one entry per question
+        return real(model, prompts, **k)
+
+    monkeypatch.setattr(generate, "generate_stream", stream)
     args = eval_cli.parse(["mtbench", "--model", str(tiny_world["checkpoint"]), "--questions",
                            str(mtbench_questions(tmp_path)), "--out", str(tmp_path / "run"), "--max-new-tokens", "3",
                            "--batch-size", "1"])
@@ -459,8 +463,8 @@ def test_a_question_that_writes_control_tokens_is_text_to_the_model(tiny_world, 
     from tinyalign import Processor, load_model
 
     generate = sys.modules["tinyalign.generate"]
-    real, prompts = generate.generate, []
-    monkeypatch.setattr(generate, "generate", lambda model, ids, *a, **k: (prompts.append(ids), real(model, ids, *a, **k))[1])
+    real, prompts = generate.prefill_into, []  # prefill_into(model, cache, rows, free_rows, input_ids, ...)
+    monkeypatch.setattr(generate, "prefill_into", lambda *a, **k: (prompts.append(a[4]), real(*a, **k))[1])
     model, processor = load_model(tiny_world["checkpoint"]), Processor.from_pretrained(tiny_world["checkpoint"])
     item = {"id": "q1", "images": [bench_files["image_folder"] / "images/bench-0000.png"],
             "turns": [{"from": "human", "value": "<image>\nWhat does <image> or </s> mean ?"}]}

@@ -128,3 +128,130 @@ def test_compiled_blocks_give_the_same_logits(hf_checkpoint):
         m.language_model.compile_blocks()
         after = m(ids, pixels, mask)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+# -- shared-prefix sampling, keyed sampling, continuous batching (issue 15) ------------------------
+
+
+def unpadded(ids, mask):
+    """The prompts of a left-padded batch as (input_ids [T], pixel_values) pairs, one image each or none."""
+    ids_, pixels, mask_ = ids, *prompts()[1:]
+    del ids_, mask_
+    images = iter(pixels)
+    return [(row[m == 1], next(images)[None] if (row == IMAGE_ID).any() else None) for row, m in zip(ids, mask)]
+
+
+def answers_of(out, eos=EOS):
+    """Rows of generate's output cut after their </s> (as generate_stream returns them)."""
+    rows = out.tolist()
+    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
+
+
+def test_num_samples_prefills_once_and_gives_the_repeated_prompts_answers(model):
+    """generate(num_samples=n) = generate on each prompt repeated n times: greedy, and sampled with
+    a seed (keyed noise: each row draws from its own key, so sharing the prefix changes nothing)."""
+    model.attn_backend = "eager"
+    ids, pixels, mask = prompts()
+    repeated = (ids.repeat_interleave(3, 0), pixels.repeat_interleave(3, 0), mask.repeat_interleave(3, 0))
+    calls = []
+    hook = model.language_model.register_forward_hook(lambda m, a, o: calls.append(a[0].shape))
+    try:
+        shared = generate(model, ids, pixels, mask, max_new_tokens=10, temperature=3.0, seed=7, num_samples=3)
+    finally:
+        hook.remove()
+    plain = generate(model, *repeated, max_new_tokens=10, temperature=3.0, seed=7)
+    assert answers_of(shared) == answers_of(plain)
+    assert calls[0] == (3, ids.shape[1], model.cfg.text.hidden_size)  # the prefill ran on 3 rows, not 9
+    assert all(shape[:2] == (9, 1) for shape in calls[1:])  # then 9 rows decode one token at a time
+    assert len({tuple(a) for a in answers_of(shared)[:3]}) > 1  # hot sampling: the 3 samples differ
+    greedy = generate(model, ids, pixels, mask, max_new_tokens=10, num_samples=2)
+    assert answers_of(greedy) == answers_of(generate(model, *[t.repeat_interleave(2, 0) for t in (ids, pixels, mask)],
+                                                     max_new_tokens=10))
+
+
+def test_a_keyed_sample_does_not_depend_on_the_rest_of_the_batch(model):
+    model.attn_backend = "eager"
+    ids, pixels, mask = prompts()
+    batch = generate(model, ids, pixels, mask, max_new_tokens=10, temperature=3.0, seed=11)
+    alone = generate(model, ids[1:2, mask[1] == 1], max_new_tokens=10, temperature=3.0, seed=11)
+    assert answers_of(batch)[1] != answers_of(alone)[0]  # alone it is row 0: another key, another draw
+    rows = torch.tensor([1])  # the same key as row 1 of the batch
+    from tinyalign.generate import row_keys, sample_next
+
+    logits = torch.randn(1, 50)
+    assert sample_next(logits, 1.0, 1.0, keys=row_keys(11, rows), steps=3) == \
+        sample_next(torch.cat([torch.randn(4, 50), logits]), 1.0, 1.0, keys=row_keys(11, torch.tensor([0, 2, 3, 4, 1])),
+                    steps=3)[-1]
+
+
+def test_keyed_sampling_draws_from_softmax_with_top_k_and_top_p():
+    """20,000 keyed draws (one per row key) against the exact probabilities after top-k and top-p:
+    every kept token within 1% (absolute) of its probability, every dropped token never drawn."""
+    from tinyalign.generate import row_keys, sample_next
+
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]]).expand(20000, -1)
+    keys = row_keys(5, torch.arange(20000))
+    for top_k, top_p in ((0, 1.0), (4, 1.0), (0, 0.8)):
+        draws = sample_next(logits, 0.7, top_p, top_k=top_k, keys=keys, steps=0)
+        probs = torch.softmax(logits[0] / 0.7, -1)
+        keep = torch.ones(6, dtype=torch.bool)
+        if top_k:
+            keep[top_k:] = False
+        if top_p < 1:
+            keep = (probs.cumsum(0) - probs) < top_p
+        expected = torch.where(keep, probs, 0.0) / probs[keep].sum()
+        freq = torch.bincount(draws, minlength=6).double() / len(draws)
+        assert (freq - expected).abs().max() < 0.01, (top_k, top_p, freq, expected)
+        assert freq[~keep].sum() == 0
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_continuous_batching_gives_the_plain_answers(model, backend):
+    """Three prompts, two samples each, through 4 rows with different budgets: rows are refilled as
+    answers finish, yet each answer is generate()'s (greedy) or generate(seed=...)'s row (sampled)."""
+    from tinyalign.generate import generate_stream
+
+    model.attn_backend = backend
+    ids, pixels, mask = prompts()
+    items = unpadded(ids, mask)
+    budgets = [12, 3, 7]
+    for temperature in (0.0, 3.0):
+        streamed = dict(generate_stream(model, items, num_samples=2, slots=4, max_new_tokens=budgets,
+                                        temperature=temperature, seed=5))
+        assert sorted(streamed) == [0, 1, 2]
+        plain = answers_of(generate(model, ids, pixels, mask, max_new_tokens=12, temperature=temperature, seed=5,
+                                    num_samples=2))
+        for p in range(3):
+            assert streamed[p] == [a[: budgets[p]] for a in plain[2 * p: 2 * p + 2]], (temperature, p)
+
+
+def test_continuous_batching_refills_rows_as_answers_finish(model, monkeypatch):
+    """One long answer (6 checks' worth of tokens) and five short ones (one check each) in 2 rows:
+    the long answer keeps its row while the other row serves the five short ones in turn, so the run
+    takes as many decode steps as the long answer alone. A static batch of 2 decodes 6C, then C, C."""
+    import importlib
+
+    from tinyalign.generate import CHECK_EVERY as C
+    from tinyalign.generate import generate_stream
+
+    module = importlib.import_module("tinyalign.generate")
+    model.attn_backend = "sdpa"
+    ids, _, mask = prompts()
+    text = unpadded(ids, mask)[1]
+    steps = []
+    real_step = module.decode_step
+    monkeypatch.setattr(module, "decode_step", lambda m, cache: (lambda *a: steps.append(1) or real_step(m, cache)(*a)))
+    finished = list(generate_stream(model, [text] * 6, slots=2, max_new_tokens=[6 * C] + [C] * 5, eos_token_id=-1))
+    assert [p for p, _ in finished] == [1, 2, 3, 4, 5, 0]  # the short ones leave early, the long one last
+    assert [len(a[0]) for _, a in finished] == [C] * 5 + [6 * C]
+    assert len(steps) == 6 * C  # static batches of 2: 6C + C + C
+
+
+def test_continuous_batching_with_the_compiled_step(model):
+    from tinyalign.generate import generate_stream
+
+    model.attn_backend = "flex"
+    ids, pixels, mask = prompts()
+    items = unpadded(ids, mask)
+    eager = dict(generate_stream(model, items, slots=2, max_new_tokens=9))
+    assert dict(generate_stream(model, items, slots=2, max_new_tokens=9, compile_step=True)) == eager

@@ -105,7 +105,7 @@ def read_done(out: Path) -> tuple[list[dict], set]:
 
 
 def annotate_prompts(prompts: list[dict], out, sample, judge, image_folder=None, max_prompts=None) -> dict:
-    """sample(records) -> list of answer lists; judge: OpenAIJudge or RuleJudge. Appends to `out`,
+    """sample(records) -> (index in records, answers) for each record, in any order; judge: OpenAIJudge or RuleJudge. Appends to `out`,
     which one annotator at a time may write (a second is refused, naming the first)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -123,28 +123,28 @@ def annotate_prompts(prompts: list[dict], out, sample, judge, image_folder=None,
 
 
 def rate_and_append(prompts, done, out, sample, judge, image_folder, max_prompts) -> tuple[int, int]:
-    """Sample and rate each prompt not yet done; one line per prompt, flushed to disk as it comes."""
+    """Sample and rate each prompt not yet done; one line per prompt, flushed to disk as it comes
+    (in the order the sampler finishes them: short answers first)."""
     todo = [p for p in prompts if p["id"] not in done][:max_prompts]
     rated = failed = 0
     bar = tqdm(total=len(todo), desc="sample and rate", unit="prompt")
     with out.open("a") as f, bar:
-        for start in range(0, len(todo), 16):
-            chunk = todo[start:start + 16]
-            for record, answers in zip(chunk, sample(chunk)):
-                line = {k: record[k] for k in ("id", "image", "prompt") if k in record}
-                try:
-                    line["responses"] = [{"text": a, "scores": _rate(judge, record, a, image_folder)} for a in answers]
-                    line["judge"] = getattr(judge, "model", "rules")
-                    line["prompt_version"] = PROMPT_VERSION
-                    rated += 1
-                except JudgeError as e:
-                    line["error"] = str(e)
-                    failed += 1
-                with writing(out):
-                    f.write(json.dumps(line) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                bar.update(1)
+        for i, answers in sample(todo):
+            record = todo[i]
+            line = {k: record[k] for k in ("id", "image", "prompt") if k in record}
+            try:
+                line["responses"] = [{"text": a, "scores": _rate(judge, record, a, image_folder)} for a in answers]
+                line["judge"] = getattr(judge, "model", "rules")
+                line["prompt_version"] = PROMPT_VERSION
+                rated += 1
+            except JudgeError as e:
+                line["error"] = str(e)
+                failed += 1
+            with writing(out):
+                f.write(json.dumps(line) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            bar.update(1)
     return rated, failed
 
 
@@ -162,25 +162,28 @@ def with_image_tag(record: dict) -> str:
     return prompt if not record.get("image") or "<image>" in prompt else "<image>\n" + prompt
 
 
-def model_sampler(model, processor, image_folder, n: int, temperature: float, max_new_tokens: int, seed: int):
-    """Batched KV-cache sampling: n answers for each prompt record."""
-    import torch
-
-    from .generate import generate
-
-    generator = torch.Generator(device=model.device).manual_seed(seed)
+def model_sampler(model, processor, image_folder, n: int, temperature: float, max_new_tokens: int, seed: int,
+                  slots: int = 32, numbering: dict | None = None):
+    """sample(records) -> (index in records, n answers) for each record, as they finish: continuous
+    batching over `slots` rows, each prompt prefilled once for its n samples (generate_stream).
+    numbering: prompt id -> its line in the prompts file; a sample's randomness is keyed by that
+    line, so a rerun that resumes draws exactly what one uninterrupted run would have."""
+    from .generate import generate_stream
 
     def sample(records):
-        encoded = [processor.encode([{"from": "human", "value": with_image_tag(r)}], where=f"prompt {r['id']}",
-                                    num_images=1 if r.get("image") else 0) for r in records]
-        batch = processor.collate(encoded * n, padding_side="left")
-        images = [Path(image_folder or ".") / r["image"] for r in records if r.get("image")] * n
-        pixels = processor.images.batch(images).to(model.device) if images else None
-        out = generate(model, batch["input_ids"].to(model.device), pixels, batch["attention_mask"].to(model.device),
-                       max_new_tokens=max_new_tokens, temperature=temperature, pad_token_id=processor.pad_token_id,
-                       generator=generator)
-        texts = [processor.decode(row) for row in out]
-        return [[texts[k * len(records) + j] for k in range(n)] for j in range(len(records))]
+        def prompt(r):
+            ids = processor.encode([{"from": "human", "value": with_image_tag(r)}], where=f"prompt {r['id']}",
+                                   num_images=1 if r.get("image") else 0).input_ids
+            # The image is decoded when its prompt gets a row, not all of them up front.
+            image = (lambda: processor.images.batch([Path(image_folder or ".") / r["image"]])) if r.get("image") else None
+            return ids, image
+
+        numbers = [numbering[r["id"]] if numbering else i for i, r in enumerate(records)]
+        for i, answers in generate_stream(model, [prompt(r) for r in records], num_samples=n, slots=max(slots, n),
+                                          temperature=temperature, max_new_tokens=max_new_tokens,
+                                          eos_token_id=processor.eos_token_id, seed=seed, prompt_numbers=numbers,
+                                          compile_step=model.device.type == "cuda"):
+            yield i, [processor.decode(a) for a in answers]
 
     return sample
 
@@ -204,6 +207,8 @@ def main(argv=None):
     p.add_argument("--retries", type=int, default=3)
     p.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry (then doubled)")
     p.add_argument("--max-prompts", type=int, help="rate at most this many new prompts in this run")
+    p.add_argument("--slots", type=int, default=32, help="rows decoding at once (continuous batching; "
+                                                         "a prompt's n samples take n rows)")
     p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -215,7 +220,9 @@ def main(argv=None):
     processor = Processor.from_pretrained(args.model)
     judge = RuleJudge() if args.judge == "rules" else OpenAIJudge(
         args.judge_url, args.judge_model, os.environ.get(args.api_key_env), args.timeout, args.retries, args.backoff)
-    sample = model_sampler(model, processor, args.image_folder, args.n, args.temperature, args.max_new_tokens, args.seed)
+    numbering = {r["id"]: i for i, r in enumerate(prompts)}  # keys each prompt's randomness to its line
+    sample = model_sampler(model, processor, args.image_folder, args.n, args.temperature, args.max_new_tokens, args.seed,
+                           args.slots, numbering)
     summary = annotate_prompts(prompts, args.out, sample, judge, args.image_folder, args.max_prompts)
     print(", ".join(f"{k}: {v}" for k, v in summary.items()))
     return summary

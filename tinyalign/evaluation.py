@@ -55,19 +55,22 @@ def generate_answers(model, processor, items: list[dict], path, max_new_tokens: 
     """Answers for items {"id", "turns": [{"from", "value"}...] ending with a human turn, "images":
     [path or PIL image, one per <image> tag], "temperature"?}; -> {id: text} for all items. Greedy,
     unless an item asks for a temperature (then sampled as transformers' `generate` samples by
-    default: top_k 50, from a generator seeded with `seed`).
+    default: top_k 50; each item's randomness keyed to `seed` and its place in `items`).
 
-    Items already in `path` are not generated again. With `steer` (SteerLM checkpoints) the
-    ratings are written into the last question, the same way train_steerlm.py wrote them."""
-    from .generate import generate
+    Continuous batching (`generate_stream`): `batch_size` rows decode at once and a finished answer
+    frees its row for the next question, so a batch never waits for its longest answer. Each answer
+    is appended to `path` as it finishes; items already there are not generated again. With `steer`
+    (SteerLM checkpoints) the ratings are written into the last question, the same way
+    train_steerlm.py wrote them."""
+    from .generate import generate_stream
 
     done = read_generations(path)
+    number = {item["id"]: i for i, item in enumerate(items)}
     todo = [item for item in items if item["id"] not in done]
     if not todo:
         return done
     model.eval()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    # Similar lengths together: less padding in each batch (the order does not change any answer).
     encoded = {}
     for item in todo:
         turns = [dict(t) for t in item["turns"]]
@@ -75,31 +78,30 @@ def generate_answers(model, processor, items: list[dict], path, max_new_tokens: 
             turns[-1]["value"] = steer_prompt(turns[-1]["value"], steer, steer_template)
         # Only the item's own images are images: an "<image>" inside a benchmark's question is text.
         encoded[item["id"]] = processor.encode(turns, where=f"question {item['id']}",
-                                               num_images=len(item.get("images", [])))
+                                               num_images=len(item.get("images", []))).input_ids
+
+    def prompt(item):
+        images = item.get("images", [])
+        return encoded[item["id"]], (lambda: processor.images.batch(images)) if images else None
+
     temperature = {item["id"]: item.get("temperature", 0.0) for item in todo}
-    todo.sort(key=lambda item: (temperature[item["id"]], len(encoded[item["id"]].input_ids)))
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    batches = [[item for item in chunk if temperature[item["id"]] == t]  # one temperature per batch
-               for chunk in batches for t in sorted({temperature[item["id"]] for item in chunk})]
-    generator = torch.Generator(device=model.device).manual_seed(seed)
     with open(path, "a") as f, tqdm(total=len(todo), desc=desc, unit="answer") as bar:
-        for chunk in batches:
-            batch = processor.collate([encoded[item["id"]] for item in chunk], padding_side="left")
-            images = [image for item in chunk for image in item.get("images", [])]
-            pixels = processor.images.batch(images).to(model.device) if images else None
-            t = temperature[chunk[0]["id"]]
-            out = generate(model, batch["input_ids"].to(model.device), pixels, batch["attention_mask"].to(model.device),
-                           max_new_tokens=max_new_tokens, pad_token_id=processor.pad_token_id,
-                           temperature=t if t >= 1e-4 else 0.0, top_k=50, generator=generator)
-            for item, row in zip(chunk, out.tolist()):
-                if processor.eos_token_id in row:
-                    row = row[: row.index(processor.eos_token_id)]
-                text = processor.decode(row).strip()
-                done[item["id"]] = text
-                f.write(json.dumps({"id": item["id"], "text": text}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(chunk))
+        for t in sorted(set(temperature.values())):  # one temperature per stream
+            group = [item for item in todo if temperature[item["id"]] == t]
+            stream = generate_stream(model, [prompt(item) for item in group], slots=batch_size,
+                                     max_new_tokens=max_new_tokens, temperature=t if t >= 1e-4 else 0.0, top_k=50,
+                                     eos_token_id=processor.eos_token_id, seed=seed,
+                                     prompt_numbers=[number[item["id"]] for item in group],
+                                     compile_step=model.device.type == "cuda")
+            for i, (answer,) in stream:
+                if answer and answer[-1] == processor.eos_token_id:
+                    answer = answer[:-1]
+                text = processor.decode(answer).strip()
+                done[group[i]["id"]] = text
+                f.write(json.dumps({"id": group[i]["id"], "text": text}, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                bar.update(1)
     return done
 
 

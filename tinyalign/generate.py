@@ -15,9 +15,16 @@ from .llama import KVCache
 CHECK_EVERY = 8  # decoding steps between checks whether every row has finished
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None, top_k: int = 0) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None, top_k: int = 0,
+                keys: torch.Tensor | None = None, steps=None) -> torch.Tensor:
     """logits [B, V] -> next ids [B]. temperature 0 is greedy (argmax); top_k > 0 keeps the k most
-    likely tokens (transformers samples with top_k=50 unless told otherwise), then top_p."""
+    likely tokens (transformers samples with top_k=50 unless told otherwise), then top_p.
+
+    Two sources of randomness. `generator`: torch.multinomial draws for the whole batch from one
+    stream, so a row's sample depends on which rows share its batch. `keys` [B] and `steps` ([B] or
+    one int): each row draws from noise that is a function of (its key, its step) alone
+    (`keyed_uniform`), so a row gets the same answer whatever batch it runs in, alone, in a static
+    batch, sharing a prefix or in a continuous batch. The sampled distribution is the same."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -26,12 +33,48 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose mass reaches top_p (Holtzman et al. 2019).
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        sorted_probs[mass_before >= top_p] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs.masked_fill(~nucleus(probs, top_p), 0.0)
+    if keys is not None:
+        # Gumbel-max (Gumbel 1954; Maddison et al. 2014, arXiv 1411.0030): with G_i = -log(-log U_i)
+        # for independent uniforms U_i, argmax_i (log p_i + G_i) is a draw from p.
+        gumbel = -torch.log(-torch.log(keyed_uniform(keys, steps, probs.shape[-1])))  # [B, V] float64
+        return (probs.double().log() + gumbel).argmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The smallest set of most likely tokens whose mass reaches top_p (Holtzman et al. 2019): [B, V] bool."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, mass_before < top_p)
+
+
+_LOW32 = 0xFFFFFFFF
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (the xorshift-multiply one credited to Thomas Mueller), on int64 tensors
+    holding values below 2**32. It is a bijection, so distinct inputs give distinct outputs. The
+    multiplier is below 2**27, so no product leaves int64 and every device computes the same bits."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _LOW32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _LOW32
+    return (x >> 16) ^ x
+
+
+def row_keys(seed: int, rows: torch.Tensor) -> torch.Tensor:
+    """The sampling key of each output row [B] under `seed`: row r of a call is answer r, whichever
+    path generates it."""
+    return mix32(mix32(rows.long() & _LOW32) ^ (seed & _LOW32))
+
+
+def keyed_uniform(keys: torch.Tensor, steps, vocab: int) -> torch.Tensor:
+    """Uniform numbers in (0, 1), one per (row, vocabulary entry) [B, V] float64, each a hash of
+    (the row's key, its step, the entry): counter-based randomness, no state carried between calls."""
+    steps = torch.as_tensor(steps, device=keys.device).long().expand(keys.shape[0])  # [B]
+    per_step = mix32(keys ^ mix32(steps & _LOW32))  # [B]
+    entries = mix32(torch.arange(vocab, device=keys.device))  # [V]
+    bits = mix32(per_step[:, None] ^ entries)  # [B, V], 32 random bits each
+    return (bits.double() + 0.5) / 2.0 ** 32
 
 
 def decode_step(model, cache: KVCache):
@@ -76,39 +119,64 @@ def compiled_decoder(model, batch: int, max_len: int):
     return store[key]
 
 
+def cache_length(longest_prompt: int, max_new_tokens: int) -> int:
+    """Cache slots for these lengths, rounded up so the shape (and so the compiled step) repeats
+    across calls."""
+    return -(-(longest_prompt + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
+
+
+def decoder_for(model, rows: int, max_len: int, compile_step: bool):
+    """(cache, step) for `rows` rows: compiled ones are kept with the model for the next call."""
+    if compile_step:  # a compiled step is tied to its cache's buffers: keep both for the next call
+        return compiled_decoder(model, rows, max_len)
+    cache = KVCache(model.cfg.text, rows, max_len, model.dtype, model.device)
+    return cache, decode_step(model, cache)
+
+
 @torch.no_grad()
 def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_token_id: int = 2,
-             pad_token_id: int = 0, generator: torch.Generator | None = None,
-             compile_step: bool = False) -> torch.Tensor:
-    """input_ids [B, T] (left-padded) -> new tokens [B, <= max_new_tokens]. A row stops at its first
-    </s> (kept in the output) and is padded with pad_token_id after it. compile_step: decode through
-    `compiled_decode_step` (worth it for long answers on a GPU; the first call compiles)."""
+             pad_token_id: int = 0, generator: torch.Generator | None = None, seed: int | None = None,
+             num_samples: int = 1, compile_step: bool = False) -> torch.Tensor:
+    """input_ids [B, T] (left-padded) -> new tokens [B * num_samples, <= max_new_tokens]. A row stops
+    at its first </s> (kept in the output) and is padded with pad_token_id after it.
+
+    num_samples: n answers per prompt, output rows b*n .. b*n+n-1 for prompt b. Shared-prefix
+    sampling: each prompt (its image through the tower, its 600 tokens through the decoder) is
+    prefilled once, into the cache row of its first sample, and that row's slots are copied to the
+    other n-1 rows; then all B*n rows decode together.
+    seed: sample with per-row keyed noise (`sample_next`): output row r is the same answer as row r
+    of a call that repeats each prompt n times (`input_ids.repeat_interleave(n, 0)`), or of
+    `generate_stream`. generator: torch's sampler instead (a row then depends on its batch).
+    compile_step: decode through `compiled_decode_step` (worth it for long answers on a GPU; the
+    first call compiles)."""
     B, T = input_ids.shape
+    n = num_samples
     device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate needs left padding: the last prompt position of every row must be a real token")
-    # Round the cache up so its shape (and so the compiled attention) repeats across calls.
-    max_len = -(-(T + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
-    if compile_step:  # a compiled step is tied to its cache's buffers: keep both for the next call
-        cache, step_fn = compiled_decoder(model, B, max_len)
-    else:
-        cache = KVCache(model.cfg.text, B, max_len, model.dtype, device)
-        step_fn = decode_step(model, cache)
+    cache, step_fn = decoder_for(model, B * n, cache_length(T, max_new_tokens), compile_step)
     cache.key_valid.fill_(True)
-    cache.key_valid[:, :T] = attention_mask.bool()
+    first_samples = cache.rows(slice(0, None, n))  # row b*n of each prompt b: a view into the cache
+    first_samples.key_valid[:, :T] = attention_mask.bool()
 
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
-    logits = model(input_ids, pixel_values, position_ids=positions, cache=cache, cache_offset=0, logits_to_keep=1)
-    next_pos = positions[:, -1:] + 1  # [B, 1]
-    out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = model(input_ids, pixel_values, position_ids=positions, cache=first_samples, cache_offset=0,
+                   logits_to_keep=1)  # [B, 1, V]
+    if n > 1:
+        others = torch.arange(B * n, device=device).view(B, n)[:, 1:].reshape(-1)  # every row but each b*n
+        cache.copy_prefix(others - others % n, others, T)
+        logits, positions = logits.repeat_interleave(n, 0), positions.repeat_interleave(n, 0)
+    keys = row_keys(seed, torch.arange(B * n, device=device)) if seed is not None else None
+    next_pos = positions[:, -1:] + 1  # [B*n, 1]
+    out = torch.full((B * n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    done = torch.zeros(B * n, dtype=torch.bool, device=device)
     length = torch.full((), max_new_tokens, dtype=torch.long, device=device)  # tokens until every row is done
     slot = torch.tensor([T], device=device)  # the cache slot of the token being fed
     for step in range(max_new_tokens):
-        token = sample_next(logits[:, -1], temperature, top_p, generator, top_k)
+        token = sample_next(logits[:, -1], temperature, top_p, generator, top_k, keys, step)
         token = token.masked_fill(done, pad_token_id)
         out[:, step] = token
         done |= token == eos_token_id
@@ -120,6 +188,136 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
         logits = step_fn(token[:, None], next_pos, slot)[:, None]
         next_pos, slot = next_pos + 1, slot + 1
     return out[:, : int(length)]
+
+
+@torch.no_grad()
+def generate_stream(model, prompts, *, num_samples: int = 1, slots: int = 32, max_new_tokens=128,
+                    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_token_id: int = 2,
+                    seed: int = 0, prompt_numbers: list[int] | None = None, compile_step: bool = False):
+    """Continuous batching. prompts: [(input_ids [T] (list or tensor), pixel_values [N, C, H, W], or
+    a function returning them when the prompt gets a row, or None)]; max_new_tokens: one int, or one per prompt. Yields (prompt index, [num_samples answers])
+    as each prompt's answers are complete, in the order they complete; an answer is a list of ids
+    up to and including its </s>.
+
+    `slots` rows decode together over one static cache, each row at its own point of its own answer
+    (its own cache slot and position: `KVCache.update` with [B, 1] slots). Every CHECK_EVERY steps
+    the finished rows are collected and their rows refilled with the next prompts: a prompt is
+    prefilled once into a free row and copied into the rows of its other samples (shared prefix). So
+    the batch never waits for its longest answer, and a short answer frees its row for the next one.
+    Greedy answers are generate()'s; sampled answers (keyed noise, `seed`) are generate(seed=...)'s
+    rows: answer k of prompt p is output row p * num_samples + k, or prompt_numbers[p] * num_samples + k
+    when given (annotate passes each prompt's line in its file, so a resumed run draws what an
+    uninterrupted one would have)."""
+    n = num_samples
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts):
+        raise ValueError(f"max_new_tokens: {len(budgets)} budgets for {len(prompts)} prompts")
+    if not prompts:
+        return
+    if slots < n:
+        raise ValueError(f"slots ({slots}) must hold the {n} samples of one prompt")
+    device = model.device
+    ids = [torch.as_tensor(p[0], dtype=torch.long, device=device).view(1, -1) for p in prompts]  # [1, T] each
+    cache, step_fn = decoder_for(model, slots, cache_length(max(x.shape[1] for x in ids), max(budgets)), compile_step)
+    cache.key_valid.fill_(True)  # every row starts at slot 0: no padding anywhere
+    rows = Rows(slots, model.cfg.text.vocab_size, max(budgets), device)
+    numbers = list(range(len(prompts))) if prompt_numbers is None else list(prompt_numbers)
+    waiting = [(p, k) for p in range(len(prompts)) for k in range(n)]  # answers not started, in order
+    answers = {}  # prompt -> {sample: ids}
+    while waiting or rows.busy():
+        while waiting and rows.free():  # refill: one prompt's samples at a time, prefilled once
+            p = waiting[0][0]
+            samples = [k for q, k in waiting[:len(rows.free())] if q == p]
+            del waiting[:len(samples)]
+            pixels = prompts[p][1]() if callable(prompts[p][1]) else prompts[p][1]
+            prefill_into(model, cache, rows, rows.free()[:len(samples)], ids[p], pixels,
+                         [(p, k) for k in samples], budgets[p], row_keys(seed, torch.tensor(
+                             [numbers[p] * n + k for k in samples], device=device)))
+        for _ in range(CHECK_EVERY):
+            token = sample_next(rows.logits, temperature, top_p, None, top_k, rows.keys, rows.steps)
+            rows.record(token, eos_token_id)
+            # .clone(): a CUDA graph's output is overwritten by its next replay, and rows refilled write into it
+            rows.logits = step_fn(token[:, None], rows.position, rows.slot).clone()  # finished rows idle in place
+            rows.advance()
+        for (p, k), answer in rows.collect_finished():
+            answers.setdefault(p, {})[k] = answer
+            if len(answers[p]) == n:
+                complete = answers.pop(p)
+                yield p, [complete[j] for j in range(n)]
+
+
+class Rows:
+    """The per-row state of a continuous batch, on the device: what each row feeds next, where."""
+
+    def __init__(self, slots: int, vocab: int, longest: int, device):
+        self.owner = [None] * slots  # (prompt, sample) of each row; None: free
+        self.logits = torch.zeros(slots, vocab, device=device)  # [S, V] the next token's logits
+        self.position = torch.zeros(slots, 1, dtype=torch.long, device=device)  # RoPE position to feed
+        self.slot = torch.zeros(slots, 1, dtype=torch.long, device=device)  # cache slot to feed into
+        self.steps = torch.zeros(slots, dtype=torch.long, device=device)  # tokens written so far
+        self.budget = torch.ones(slots, dtype=torch.long, device=device)
+        self.keys = torch.zeros(slots, dtype=torch.long, device=device)
+        self.done = torch.ones(slots, dtype=torch.bool, device=device)
+        self.out = torch.zeros(slots, longest + 1, dtype=torch.long, device=device)  # +1: finished rows write past
+
+    def free(self) -> list[int]:
+        return [r for r, o in enumerate(self.owner) if o is None]
+
+    def busy(self) -> bool:
+        return any(o is not None for o in self.owner)
+
+    def start(self, rows: list[int], owners, logits, length: int, budget: int, keys):
+        index = torch.tensor(rows, device=self.logits.device)
+        self.logits[index] = logits.to(self.logits.dtype)
+        self.position[index] = length
+        self.slot[index] = length
+        self.steps[index] = 0
+        self.budget[index] = budget
+        self.keys[index] = keys
+        self.done[index] = False
+        for r, o in zip(rows, owners):
+            self.owner[r] = o
+
+    def record(self, token, eos_token_id: int):
+        """Write each live row's new token; a row is done at </s> or at its budget."""
+        rows = torch.arange(len(self.owner), device=token.device)
+        self.out[rows, self.steps] = token
+        ended = (token == eos_token_id) | (self.steps + 1 >= self.budget)
+        self.steps += ~self.done
+        self.done |= ended
+
+    def advance(self):
+        """The fed token now sits in the cache: live rows move one slot on, finished rows stay put
+        (they keep overwriting their last slot until collected, which no live row ever reads)."""
+        live = (~self.done).long()[:, None]
+        self.position += live
+        self.slot += live
+
+    def collect_finished(self):
+        """[((prompt, sample), answer ids)] of the rows finished since the last call; frees their rows."""
+        done, steps = self.done.tolist(), self.steps.tolist()  # one wait for the device per CHECK_EVERY steps
+        finished = []
+        for r, owner in enumerate(self.owner):
+            if owner is not None and done[r]:
+                finished.append((owner, self.out[r, :steps[r]].tolist()))
+                self.owner[r] = None
+        return finished
+
+
+def prefill_into(model, cache: KVCache, rows: Rows, free: list[int], input_ids, pixel_values, owners, budget, keys):
+    """Prefill one prompt [1, T] into row free[0], copy its slots to the other free rows (its other
+    samples), and start those rows."""
+    T = input_ids.shape[1]
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device=input_ids.device, dtype=model.dtype)
+    first = cache.rows(slice(free[0], free[0] + 1))
+    positions = torch.arange(T, device=input_ids.device)[None]  # [1, T]: no padding, slot = position
+    logits = model(input_ids, pixel_values, position_ids=positions, cache=first, cache_offset=0,
+                   logits_to_keep=1)[:, -1]  # [1, V]
+    if len(free) > 1:
+        cache.copy_prefix(torch.tensor(free[:1] * (len(free) - 1), device=input_ids.device),
+                          torch.tensor(free[1:], device=input_ids.device), T)
+    rows.start(free, owners, logits.expand(len(free), -1), T, budget, keys)
 
 
 def main(argv=None):

@@ -63,10 +63,38 @@ class KVCache:
         self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
 
     def update(self, layer: int, positions: torch.Tensor, k, v):
-        """Write k, v [B, H_kv, T, D] at cache slots `positions` [T]; return the whole cache."""
-        self.keys[layer].index_copy_(2, positions, k)
-        self.values[layer].index_copy_(2, positions, v)
+        """Write k, v [B, H_kv, T, D] at cache slots `positions` and return the whole cache.
+
+        positions [T]: the same slots in every row (prefill, and `generate`'s decoding, where the
+        rows are left-padded to end together). positions [B, T]: each row its own slots (continuous
+        batching, where each row is at its own point of its own answer)."""
+        if positions.ndim == 1:
+            self.keys[layer].index_copy_(2, positions, k)
+            self.values[layer].index_copy_(2, positions, v)
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1], broadcast against [B, T]
+            # Indexing [rows, :, positions] addresses [B, T, H_kv, D]: the two indexed dims come first.
+            self.keys[layer][rows, :, positions] = k.transpose(1, 2)
+            self.values[layer][rows, :, positions] = v.transpose(1, 2)
         return self.keys[layer], self.values[layer]
+
+    def rows(self, index: slice) -> "KVCache":
+        """A cache over some rows of this one (`slice(3, 4)`: row 3; `slice(0, None, 4)`: every 4th),
+        sharing its memory: what a forward pass writes through the view lands in these rows. Used to
+        prefill one prompt into the row it will decode in."""
+        view = object.__new__(KVCache)
+        view.keys = [t[index] for t in self.keys]
+        view.values = [t[index] for t in self.values]
+        view.max_len = self.max_len
+        view.key_valid = self.key_valid[index]
+        return view
+
+    def copy_prefix(self, sources: torch.Tensor, targets: torch.Tensor, length: int):
+        """Copy the first `length` slots of rows `sources` [N] into rows `targets` [N], every layer:
+        the n samples of one prompt share its prefill instead of each computing it again."""
+        for t in self.keys + self.values:
+            t[targets, :, :length] = t[sources, :, :length]
+        self.key_valid[targets, :length] = self.key_valid[sources, :length]
 
 
 class Attention(nn.Module):
