@@ -7,7 +7,9 @@ the same process as ours by tinyalign.bench.
 
 Rows added (each next to ours): hf_lora (peft LoRA, the TRL way: chosen and rejected rows padded and
 concatenated, pixels repeated, full logits), hf_full (every weight, bf16 AdamW over all of them),
-hf_decode_dynamic and hf_decode_static_compiled (`generate`, dynamic cache; static cache + compile).
+hf_decode_dynamic and hf_decode_static_compiled (`generate`, dynamic cache; static cache + compile),
+hf_gen_annotate and hf_gen_eval (`generate` with num_return_sequences, dynamic cache, over the same
+prompts and answer lengths as ours).
 """
 
 from __future__ import annotations
@@ -107,6 +109,26 @@ def hf_decode(model, cfg, device, prompt_len, static, max_new_tokens):
                                     **extra)
 
 
+def hf_generation(model, ids, pixels, budgets, n, rows, temperature):
+    """transformers' generate over the same work: batches of rows // n prompts, n samples each by
+    num_return_sequences, each batch decoding until its longest answer (min = max new tokens)."""
+    per_batch = max(1, rows // n)
+    pixels = pixels.to(next(model.parameters()).dtype)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
+
+    def run(warm_up=False):
+        for start in range(0, len(ids), per_batch):
+            part, longest = slice(start, start + per_batch), max(budgets[start:start + per_batch])
+            longest = 2 if warm_up else longest
+            model.generate(input_ids=ids[part], pixel_values=pixels[part], attention_mask=torch.ones_like(ids[part]),
+                           num_return_sequences=n, max_new_tokens=longest, min_new_tokens=longest, pad_token_id=0,
+                           **sampling)
+            if warm_up:
+                return
+
+    return run
+
+
 def reference_rows(ctx):
     """The transformers rows, each placed after the row of ours it is compared with."""
     def lora():
@@ -130,9 +152,20 @@ def reference_rows(ctx):
         return ctx.decode_row(lambda: hf_decode(decoder(), ctx.cfg, ctx.device, ctx.prompt_len, static, ctx.n),
                               new_tokens, repeat)
 
+    def generation(kind):
+        ids, pixels, budgets, samples, width, temperature = ctx.work[kind]
+        floor = bench.generation_floor(ctx.cfg, ctx.dtype, ctx.gen_len, budgets, samples, width, ctx.bandwidth, ctx.peak)
+        run = hf_generation(decoder(), ids, pixels, budgets, samples, width, temperature)
+        run(warm_up=True)  # a short call instead of a whole warm-up run: this path is slow
+        return bench.generation_row(run, ctx.device, len(budgets) * samples, sum(budgets) * samples, floor, 1,
+                                    warmup=0)
+
     return [
-        ("ours_lora", "hf_lora", lora, {"hf"}),
-        ("ours_decode_eager", "hf_decode_dynamic", lambda: decode(False, max(8, ctx.n // 4), 2),  # slow: fewer tokens
+        ("ours_lora", "hf_lora", lora, {"hf", "train"}),
+        # After all of ours, so that each model is made (and its decode steps compiled) once.
+        ("gen_decode_step", "hf_gen_annotate", lambda: generation("annotate"), {"generation", "hf"}),
+        ("hf_gen_annotate", "hf_gen_eval", lambda: generation("eval"), {"generation", "hf"}),
+        ("hf_gen_eval", "hf_decode_dynamic", lambda: decode(False, max(8, ctx.n // 4), 2),  # slow: fewer tokens
          {"decode", "hf"}),
         ("ours_full", "hf_decode_static_compiled", lambda: decode(True, ctx.n, 2), {"decode", "hf", "cuda"}),
         ("hf_decode_static_compiled", "hf_full", full, {"full", "hf"}),

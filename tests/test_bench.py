@@ -14,10 +14,18 @@ from tinyalign.config import preset
 def test_bench_tiny_runs_every_row(tmp_path):
     out = tmp_path / "bench.json"
     results = reference_bench.main(["--preset", "tiny", "--steps", "1", "--decode-tokens", "8", "--skip", "compile",
-                                    "--prompt-tokens", "16", "--answer-tokens", "24", "--out", str(out)])
+                                    "--prompt-tokens", "16", "--answer-tokens", "24", "--gen-prompts", "3",
+                                    "--gen-rows", "8", "--eval-prompts", "5", "--eval-rows", "2", "--answers", "2,9",
+                                    "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
-    for row in ("ours_lora", "ours_full", "hf_full", "ours_decode_eager", "ours_decode_compiled", "hf_decode_dynamic"):
+    for row in ("ours_lora", "ours_full", "hf_full", "ours_decode_eager", "ours_decode_compiled", "hf_decode_dynamic",
+                "gen_annotate_continuous", "gen_annotate_shared", "gen_annotate_static", "hf_gen_annotate",
+                "gen_eval_continuous", "gen_eval_static", "hf_gen_eval", "gen_decode_step"):
         assert "error" not in results[row], (row, results[row])
+    # Every generation row does the same work: the useful tokens are the answers' lengths (x 4 samples).
+    assert results["gen_annotate_static"]["tokens"] == results["hf_gen_annotate"]["tokens"] == \
+        4 * sum(results["annotate_budgets"]) and len(results["annotate_budgets"]) == 3
+    assert results["gen_eval_continuous"]["samples"] == results["hf_gen_eval"]["samples"] == 5
     assert "hf_lora" in results  # measured where peft is installed, else recorded as failed with the reason
     # Packed pairs compute each pair's image and question once: exactly prompt + chosen + rejected.
     pairs = bench.synthetic_pairs(preset("tiny"), 4, prompt_tokens=16, answer_tokens=24)

@@ -166,7 +166,7 @@ def test_interrupted_generation_resumes_where_it_stopped(tiny_world, bench_files
               "turns": [{"from": "human", "value": "<image>\n" + q["text"]}]} for q in questions]
     full = evaluation.generate_answers(model, processor, items, tmp_path / "full.jsonl", 4, batch_size=4)
 
-    real, calls = generate.prefill_into, Counter()  # one call per question given a row
+    real, calls = generate.ContinuousBatch.start, Counter()  # one call per question given a row
 
     def crashes_on_fifth_question(*args, **kwargs):
         calls["n"] += 1
@@ -174,12 +174,12 @@ def test_interrupted_generation_resumes_where_it_stopped(tiny_world, bench_files
             raise KeyboardInterrupt  # Ctrl-C in the middle of the run: 4 rows, 4 answers finished
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generate, "prefill_into", crashes_on_fifth_question)
+    monkeypatch.setattr(generate.ContinuousBatch, "start", crashes_on_fifth_question)
     with pytest.raises(KeyboardInterrupt):
         evaluation.generate_answers(model, processor, items, tmp_path / "part.jsonl", 4, batch_size=4)
     assert len(evaluation.read_generations(tmp_path / "part.jsonl")) == 4  # the finished answers were kept
     calls.clear()
-    monkeypatch.setattr(generate, "prefill_into", lambda *a, **k: (calls.update(["n"]), real(*a, **k))[1])
+    monkeypatch.setattr(generate.ContinuousBatch, "start", lambda *a, **k: (calls.update(["n"]), real(*a, **k))[1])
     resumed = evaluation.generate_answers(model, processor, items, tmp_path / "part.jsonl", 4, batch_size=4)
     assert calls["n"] == 8  # only the 8 missing answers were generated
     assert resumed == full
@@ -463,8 +463,8 @@ def test_a_question_that_writes_control_tokens_is_text_to_the_model(tiny_world, 
     from tinyalign import Processor, load_model
 
     generate = sys.modules["tinyalign.generate"]
-    real, prompts = generate.prefill_into, []  # prefill_into(model, cache, rows, free_rows, input_ids, ...)
-    monkeypatch.setattr(generate, "prefill_into", lambda *a, **k: (prompts.append(a[4]), real(*a, **k))[1])
+    real, prompts = generate.ContinuousBatch.start, []  # start(self, input_ids, pixel_values, ...)
+    monkeypatch.setattr(generate.ContinuousBatch, "start", lambda *a, **k: (prompts.append(a[1]), real(*a, **k))[1])
     model, processor = load_model(tiny_world["checkpoint"]), Processor.from_pretrained(tiny_world["checkpoint"])
     item = {"id": "q1", "images": [bench_files["image_folder"] / "images/bench-0000.png"],
             "turns": [{"from": "human", "value": "<image>\nWhat does <image> or </s> mean ?"}]}

@@ -255,3 +255,42 @@ def test_continuous_batching_with_the_compiled_step(model):
     items = unpadded(ids, mask)
     eager = dict(generate_stream(model, items, slots=2, max_new_tokens=9))
     assert dict(generate_stream(model, items, slots=2, max_new_tokens=9, compile_step=True)) == eager
+
+
+def test_fused_projections_compute_the_same_and_keep_the_weights_in_place(hf_checkpoint, tmp_path):
+    """Inside fused_projections, q/k/v (and gate/up) are one product over one weight whose row blocks
+    are the layers' own weights (views: no second copy). Same logits; the checkpoint's names and a
+    saved model are unchanged; after .to(dtype) the weights are fused again; LoRA layers stay apart."""
+    from tinyalign.lora import apply_lora
+    from tinyalign.weights import save_model
+
+    model = tinyalign.load_model(hf_checkpoint[0])
+    model.attn_backend = "eager"
+    ids, pixels, mask = prompts()
+    names = sorted(model.state_dict())
+    with torch.no_grad():
+        separate = model(ids, pixels, mask)
+        with model.language_model.fused_projections():
+            fused = model(ids, pixels, mask)
+            attn, mlp = model.language_model.layers[1].self_attn, model.language_model.layers[1].mlp
+            assert attn.fused_qkv.shape == (attn.q_proj.out_features + 2 * attn.k_proj.out_features, 64)
+            assert attn.q_proj.weight.data_ptr() == attn.fused_qkv.data_ptr()
+            assert attn.v_proj.weight.data_ptr() == attn.fused_qkv[attn.q_proj.out_features + attn.k_proj.out_features].data_ptr()
+            assert mlp.up_proj.weight.data_ptr() == mlp.fused_gate_up[mlp.gate_proj.out_features].data_ptr()
+            assert attn.fused_qkv.untyped_storage().nbytes() == attn.fused_qkv.numel() * 4  # views, no copy
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
+    assert attn.fused_qkv is None and mlp.fused_gate_up is None  # only inside the block
+    assert sorted(model.state_dict()) == names
+    save_model(model, tmp_path / "m")
+    again = tinyalign.load_model(tmp_path / "m")
+    for name, t in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], t), name
+    model.to(torch.float64)
+    with torch.no_grad(), model.language_model.fused_projections():
+        assert attn.fused_qkv.dtype == torch.float64 and attn.q_proj.weight.data_ptr() == attn.fused_qkv.data_ptr()
+    with pytest.raises(RuntimeError, match="no gradient"):
+        with model.language_model.fused_projections():
+            pass
+    apply_lora(model.language_model, r=2, alpha=4, dropout=0.0)
+    with torch.no_grad(), model.language_model.fused_projections():
+        assert attn.fused_qkv is None and mlp.fused_gate_up is None

@@ -37,6 +37,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -229,13 +230,19 @@ def our_dpo_step(model, pairs, processor, device, optimizer, beta=0.1):
     return step, int((batch["document_ids"] >= 0).sum())
 
 
-def paper_lora(model):
-    """The paper's DPO recipe on a model: tower frozen, projector trained, LoRA r128/alpha256 on the decoder."""
+def paper_lora(model, adapter_dtype=None):
+    """The paper's DPO recipe on a model: tower frozen, projector trained, LoRA r128/alpha256 on the
+    decoder. adapter_dtype: keep the adapters in this dtype instead of train_decoder's float32 (bf16:
+    no casts of A and B at every use, at the price of bf16 updates; a benchmark variant only)."""
     from .training import train_decoder, train_projector
 
     model.requires_grad_(False)
     train_projector(model)
     train_decoder(model, lora_r=128, lora_alpha=256, lora_dropout=0.05)
+    if adapter_dtype is not None:
+        for name, p in model.language_model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.to(adapter_dtype)
     return model
 
 
@@ -263,6 +270,83 @@ def our_decode(model, cfg, device, prompt_len, compile_step):
     ids[0, 1:1 + cfg.image_seq_length] = cfg.image_token_index
     pixels = pixel_batch(cfg, 1, device, model.dtype)
     return lambda n: generate(model, ids, pixels, max_new_tokens=n, eos_token_id=-1, compile_step=compile_step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: annotate-style sampling and eval-style greedy batches
+# ---------------------------------------------------------------------------------------------
+
+
+def generation_prompts(cfg: LlavaConfig, count: int, device, seed: int = 1):
+    """count multimodal prompts [count, T] (bos, the image's tokens, 24 text tokens) and their pixels."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = min(cfg.text.vocab_size, cfg.image_token_index) - 1
+    ids = torch.randint(3, vocab, (count, cfg.image_seq_length + 25), generator=g)
+    ids[:, 0], ids[:, 1:1 + cfg.image_seq_length] = 1, cfg.image_token_index
+    return ids.to(device), pixel_batch(cfg, count, device, torch.float32)
+
+
+def answer_budgets(count: int, shortest: int, longest: int, seed: int = 2) -> list[int]:
+    """Answer lengths drawn uniformly from [shortest, longest]: random weights never say </s>, so
+    each answer is cut at its length instead (end-of-text is off, -1, in every path)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(shortest, longest + 1, (count,), generator=g).tolist()
+
+
+def static_generation(model, ids, pixels, budgets, n: int, rows: int, temperature: float, compiled: bool,
+                      shared: bool = False):
+    """Today's path: batches of rows // n prompts, each decoding until its longest answer is done.
+    shared: generate(num_samples=n) (each prompt prefilled once); else each prompt repeated n times."""
+    from .generate import cache_length, compiled_decoder, generate
+
+    per_batch = max(1, rows // n)
+    pixels = pixels.to(model.dtype)
+    if compiled:  # one cache (and one compiled step) sized for the longest answer serves every batch
+        compiled_decoder(model, per_batch * n, cache_length(ids.shape[1], max(budgets)))
+
+    def run():
+        for start in range(0, len(ids), per_batch):
+            part, longest = slice(start, start + per_batch), max(budgets[start:start + per_batch])
+            prompt, image, copies = (ids[part], pixels[part], n) if shared else \
+                (ids[part].repeat_interleave(n, 0), pixels[part].repeat_interleave(n, 0), 1)
+            generate(model, prompt, image, max_new_tokens=longest, temperature=temperature, eos_token_id=-1, seed=0,
+                     num_samples=copies, compile_step=compiled)
+
+    return run
+
+
+def continuous_generation(model, ids, pixels, budgets, n: int, rows: int, temperature: float, compiled: bool):
+    """generate_stream: rows refilled as answers finish, each prompt prefilled once for its n samples."""
+    from .generate import generate_stream
+
+    prompts = [(ids[i], pixels[i:i + 1].to(model.dtype)) for i in range(len(ids))]
+    return lambda: list(generate_stream(model, prompts, num_samples=n, slots=rows, max_new_tokens=budgets,
+                                        temperature=temperature, eos_token_id=-1, seed=0, compile_step=compiled))
+
+
+def generation_floor(cfg: LlavaConfig, dtype, prompt_len: int, budgets, n: int, rows: int, bandwidth, peak_tflops):
+    """The least time any implementation with `rows` rows decoding at once could take for this work
+    (seconds; None without the card's rates): every answer token needs a decode step, a step of `rows`
+    rows reads every weight once and each row's filled cache (at the mean answer's midpoint), or does
+    its FLOPs, whichever takes longer; each prompt is prefilled once at the peak rate."""
+    if not bandwidth or not peak_tflops:
+        return None
+    t, size = cfg.text, torch.empty(0, dtype=dtype).element_size()
+    params = decoder_linear_params(cfg) + t.hidden_size * t.vocab_size
+    mean_len = prompt_len + statistics.mean(budgets) / 2
+    kv_per_token = 2 * t.num_layers * t.num_kv_heads * t.head_dim * size
+    step_bytes = decode_weight_bytes(cfg, dtype) + rows * mean_len * kv_per_token
+    step_flops = rows * (2 * params + 4 * t.num_layers * t.hidden_size * mean_len)
+    step = max(step_bytes / bandwidth, step_flops / (peak_tflops * 1e12))
+    steps = math.ceil(sum(budgets) * n / rows)
+    prefill = len(budgets) * (2 * params + 4 * t.num_layers * t.hidden_size * prompt_len / 2) * prompt_len
+    return steps * step + prefill / (peak_tflops * 1e12)
+
+
+def generation_row(run, device, samples: int, tokens: int, floor, repeat: int, warmup: int = 1) -> dict:
+    t = statistics.median(timed(run, device, warmup, repeat))
+    return {"s": t, "samples_per_s": samples / t, "tokens_per_s": tokens / t, "samples": samples, "tokens": tokens,
+            "fraction_of_floor": floor / t if floor else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +382,16 @@ def main(argv=None, extra_rows=None, command: str = "python -m tinyalign.bench")
     p.add_argument("--answer-tokens", type=int, default=200)
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--skip", default="", help="comma-separated rows to skip: train, hf, full, decode, compile")
+    p.add_argument("--samples", type=int, default=4, help="annotate-style: answers sampled per prompt")
+    p.add_argument("--gen-prompts", type=int, default=16, help="annotate-style: prompts (each sampled --samples times)")
+    p.add_argument("--gen-rows", type=int, default=32, help="annotate-style: rows decoding at once")
+    p.add_argument("--eval-prompts", type=int, default=32, help="eval-style: greedy answers")
+    p.add_argument("--eval-rows", type=int, default=16, help="eval-style: rows decoding at once")
+    p.add_argument("--answers", default="50,400", help="answer lengths: shortest,longest (uniform)")
+    p.add_argument("--skip", default="", help="comma-separated rows to skip: train, hf, full, decode, compile, "
+                                              "generation, variants")
+    p.add_argument("--rows", default="", help="comma-separated row names: run only these (default: every row not skipped)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="LoRA rows: recompute each block in backward")
     p.add_argument("--deadline", type=float, default=0, help="seconds: start no new row after this (0: none)")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
@@ -311,6 +404,7 @@ def main(argv=None, extra_rows=None, command: str = "python -m tinyalign.bench")
     one = pairs[:1]
     flops_lora, flops_full = dpo_step_flops(cfg, pairs, False, 128), dpo_step_flops(cfg, one, True, 0)
     results = {"preset": args.preset, "card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "gradient_checkpointing": args.gradient_checkpointing,
                "peak_bf16_tflops": peak, "pairs_per_step": args.pairs, "flops_per_step_lora": flops_lora,
                "flops_per_step_full": flops_full,
                "command": command + " " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -324,8 +418,9 @@ def main(argv=None, extra_rows=None, command: str = "python -m tinyalign.bench")
                 "tflops": tflops, "mfu": tflops / peak if peak else None, "peak_gib": peak_gib(device)}
 
     # ---- the rows, most important first (a --deadline cuts the tail, never the head) ---------
-    def ours_lora(compiled=False):
-        model = paper_lora(our_model(cfg, device, dtype))
+    def ours_lora(compiled=False, adapter_dtype=None):
+        model = paper_lora(our_model(cfg, device, dtype), adapter_dtype)
+        model.language_model.gradient_checkpointing = args.gradient_checkpointing
         if compiled:
             model.language_model.compile_blocks()
         model.train()
@@ -361,6 +456,36 @@ def main(argv=None, extra_rows=None, command: str = "python -m tinyalign.bench")
         rate = decode_rate(make_run(), new_tokens, device, repeat)
         return {"tokens_per_s": rate, "fraction_of_limit": rate / limit if limit else None, "new_tokens": new_tokens}
 
+    shortest, longest = map(int, args.answers.split(","))
+    gen_ids, gen_pixels = generation_prompts(cfg, max(args.gen_prompts, args.eval_prompts), device)
+    gen_len, compiled = gen_ids.shape[1], torch.device(device).type == "cuda"
+    annotate_budgets = answer_budgets(args.gen_prompts, shortest, longest)
+    eval_budgets = answer_budgets(args.eval_prompts, shortest, longest, seed=3)
+    work = {"annotate": (gen_ids[:args.gen_prompts], gen_pixels[:args.gen_prompts], annotate_budgets, args.samples,
+                         args.gen_rows, 0.7),
+            "eval": (gen_ids[:args.eval_prompts], gen_pixels[:args.eval_prompts], eval_budgets, 1, args.eval_rows, 0.0)}
+    results.update(generation_prompt_tokens=gen_len, annotate_budgets=annotate_budgets, eval_budgets=eval_budgets)
+
+    def generation(kind, make_run, repeat=2):
+        """One row of the generation table: make_run(model, ids, pixels, budgets, n, rows, temperature)."""
+        ids, pixels, budgets, samples, width, _ = work[kind]
+        floor = generation_floor(cfg, dtype, gen_len, budgets, samples, width, bandwidth, peak)
+        run = make_run(decoder("ours"), *work[kind], compiled)
+        return generation_row(run, device, len(budgets) * samples, sum(budgets) * samples, floor, repeat)
+
+    def batched_decode_step():
+        """The decode step of a batch of --eval-rows rows against its own floor (bytes or FLOPs)."""
+        from .generate import generate
+
+        rows_, new = args.eval_rows, args.decode_tokens
+        ids, pixels = gen_ids[:rows_], gen_pixels[:rows_].to(dtype)
+        rate = decode_rate(lambda k: generate(decoder("ours"), ids, pixels, max_new_tokens=k, eos_token_id=-1,
+                                              compile_step=compiled), new, device)
+        floor = generation_floor(cfg, dtype, gen_len, [new], 1, rows_, bandwidth, peak)
+        step = 1 / rate
+        return {"rows": rows_, "s_per_step": step, "tokens_per_s": rows_ * rate,
+                "fraction_of_floor": floor / new / step if floor else None}
+
     n = args.decode_tokens
     rows = [
         ("ours_lora", ours_lora, {"train"}),
@@ -368,25 +493,37 @@ def main(argv=None, extra_rows=None, command: str = "python -m tinyalign.bench")
             lambda: our_decode(decoder("ours"), cfg, device, prompt_len, True), n), {"decode"}),
         ("ours_decode_eager", lambda: decode_row(
             lambda: our_decode(decoder("ours"), cfg, device, prompt_len, False), n), {"decode"}),
+        ("gen_annotate_continuous", lambda: generation("annotate", continuous_generation), {"generation"}),
+        ("gen_annotate_shared", lambda: generation("annotate", partial(static_generation, shared=True)),
+         {"generation"}),
+        ("gen_annotate_static", lambda: generation("annotate", partial(static_generation, shared=False)),
+         {"generation"}),
+        ("gen_eval_continuous", lambda: generation("eval", continuous_generation), {"generation"}),
+        ("gen_eval_static", lambda: generation("eval", partial(static_generation, shared=False)), {"generation"}),
+        ("gen_decode_step", batched_decode_step, {"generation"}),
         ("ours_lora_compiled", lambda: ours_lora(compiled=True), {"compile", "train"}),
         ("ours_full", ours_full, {"full"}),
+        ("ours_lora_compiled_bf16_adapters", lambda: ours_lora(compiled=True, adapter_dtype=dtype),
+         {"compile", "train", "variants"}),
     ]
     if extra_rows is not None:
         ctx = SimpleNamespace(cfg=cfg, device=device, dtype=dtype, pairs=pairs, one=one, args=args, n=n,
                               prompt_len=prompt_len, flops_lora=flops_lora, flops_full=flops_full, dpo_row=dpo_row,
-                              decode_row=decode_row, decoder=decoder)
+                              decode_row=decode_row, decoder=decoder, work=work, gen_len=gen_len, bandwidth=bandwidth,
+                              peak=peak)
         for after, name, fn, needs in extra_rows(ctx):
             position = next(i for i, row in enumerate(rows) if row[0] == after) + 1
             rows.insert(position, (name, fn, needs))
     if torch.device(device).type != "cuda":
         skip.add("cuda")  # rows that only make sense on a GPU (transformers' static-cache compile)
+    only = set(filter(None, args.rows.split(",")))
     for name, fn, needs in rows:
-        if needs & skip:
+        if needs & skip or (only and name not in only):
             continue
         if args.deadline and time.time() - started > args.deadline:
             results[name] = {"error": f"not run: the --deadline of {args.deadline:.0f} s had passed"}
             continue
-        if not name.startswith(("ours_decode", "hf_decode")):
+        if not name.startswith(("ours_decode", "hf_decode", "gen_", "hf_gen_")):
             held.clear()
         reset_memory(device)
         measure(results, name, fn)
@@ -418,7 +555,8 @@ def table(r: dict) -> str:
     lines = [f"{r['preset']} on {r['card']}, torch {r['torch']}, {r['date']}; {r['pairs_per_step']} pairs per step "
              f"(paper setting); step FLOPs counted {r['flops_per_step_lora']:.3g}",
              f"{'row':<28}{'pairs/s':>9}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}"]
-    for name in ("ours_lora", "ours_lora_compiled", "hf_lora", "ours_full", "hf_full"):
+    for name in ("ours_lora", "ours_lora_compiled", "ours_lora_compiled_bf16_adapters", "hf_lora", "ours_full",
+                 "hf_full"):
         row = r.get(name)
         if row is None:
             continue
@@ -439,6 +577,25 @@ def table(r: dict) -> str:
         else:
             lines.append(f"{name:<28}{row['tokens_per_s']:>9.1f} tokens/s  {fmt(row['fraction_of_limit'], '.0%')} of the "
                          "bandwidth limit")
+    gen_rows = [k for k in r if k.startswith(("gen_", "hf_gen_")) and k != "gen_decode_step"]
+    if gen_rows:
+        lines.append(f"generation: {r['generation_prompt_tokens']}-token multimodal prompts, answers of "
+                     f"{min(r['annotate_budgets'])}-{max(r['annotate_budgets'])} tokens")
+    for name in sorted(gen_rows, key=lambda k: ("eval" in k, k)):
+        row = r[name]
+        if "error" in row:
+            lines.append(f"{name:<28}failed: {row['error'][:80]}")
+        else:
+            lines.append(f"{name:<28}{row['samples_per_s']:>9.2f} samples/s {row['tokens_per_s']:>9.0f} tokens/s  "
+                         f"{fmt(row['fraction_of_floor'], '.0%')} of its floor")
+    for ours, theirs in (("gen_annotate_continuous", "hf_gen_annotate"), ("gen_eval_continuous", "hf_gen_eval"),
+                         ("gen_annotate_continuous", "gen_annotate_static"), ("gen_eval_continuous", "gen_eval_static")):
+        if r.get(ours, {}).get("samples_per_s") and r.get(theirs, {}).get("samples_per_s"):
+            lines.append(f"{ours} / {theirs}: {r[ours]['samples_per_s'] / r[theirs]['samples_per_s']:.2f}x")
+    row = r.get("gen_decode_step")
+    if row and "error" not in row:
+        lines.append(f"decode step, {row['rows']} rows: {row['s_per_step'] * 1e3:.2f} ms, "
+                     f"{fmt(row['fraction_of_floor'], '.0%')} of its floor")
     if r.get("decode_limit_tokens_per_s"):
         lines.append(f"bandwidth limit: {r['copy_bandwidth'] / 1e12:.2f} TB/s / {r['decode_weight_bytes'] / 1e9:.1f} GB "
                      f"per token = {r['decode_limit_tokens_per_s']:.0f} tokens/s")

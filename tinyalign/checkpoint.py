@@ -226,6 +226,13 @@ def published(out) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "state.json").exists()) if root.exists() else []
 
 
+def standalone(t: torch.Tensor) -> torch.Tensor:
+    """t on the CPU in memory of its own. A weight that is a view into a fused one (llama.fuse_weights)
+    shares its storage with its neighbours; some safetensors versions refuse to write such tensors."""
+    t = t.detach().contiguous().cpu()
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+
 def save_checkpoint(out, step: int, tensors: dict, state: dict) -> Path:
     """Write a checkpoint (tensors -> safetensors, state -> JSON) and make it the latest one."""
     root = checkpoints_folder(out)
@@ -236,7 +243,7 @@ def save_checkpoint(out, step: int, tensors: dict, state: dict) -> Path:
     try:
         crash_point("checkpoint: folder made, nothing written")
         with writing(tmp / "tensors.safetensors"):
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+            save_file({k: standalone(v) for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
         crash_point("checkpoint: tensors written")
         with writing(tmp / "state.json"):
             (tmp / "state.json").write_text(json.dumps(state, default=str))

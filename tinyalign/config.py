@@ -102,6 +102,13 @@ PRESETS = {
         text=TextConfig(vocab_size=32064, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                         num_kv_heads=2, max_position_embeddings=2048),
     ),
+    # A CPU benchmark size (~110M decoder weights): big enough that the matrix products, not Python,
+    # set the pace, so the CPU ratios of the generation paths mean something.
+    "small": LlavaConfig(
+        vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, image_size=112),
+        text=TextConfig(vocab_size=32064, hidden_size=768, intermediate_size=2048, num_layers=8, num_heads=12,
+                        num_kv_heads=12, max_position_embeddings=2048),
+    ),
 }
 
 

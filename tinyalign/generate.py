@@ -110,13 +110,16 @@ def compiled_decode_step(model, cache: KVCache):
 
 
 def compiled_decoder(model, batch: int, max_len: int):
-    """(KVCache, compiled step) for this batch size and cache length, made once per model."""
+    """(KVCache, compiled step) for this batch size and at least this cache length, made once per
+    model. A longer cache already made serves a shorter call (its extra slots stay masked), so calls
+    of varying lengths compile once, at their longest."""
     store = model.__dict__.setdefault("_compiled_decoders", {})
-    key = (batch, max_len, model.dtype, str(model.device))
-    if key not in store:
-        cache = KVCache(model.cfg.text, batch, max_len, model.dtype, model.device)
-        store[key] = (cache, compiled_decode_step(model, cache))
-    return store[key]
+    for (rows, length, dtype, device), made in sorted(store.items(), key=lambda kv: kv[0][1]):
+        if (rows, dtype, device) == (batch, model.dtype, str(model.device)) and length >= max_len:
+            return made
+    cache = KVCache(model.cfg.text, batch, max_len, model.dtype, model.device)
+    store[(batch, max_len, model.dtype, str(model.device))] = (cache, compiled_decode_step(model, cache))
+    return store[(batch, max_len, model.dtype, str(model.device))]
 
 
 def cache_length(longest_prompt: int, max_new_tokens: int) -> int:
@@ -150,13 +153,20 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
     `generate_stream`. generator: torch's sampler instead (a row then depends on its batch).
     compile_step: decode through `compiled_decode_step` (worth it for long answers on a GPU; the
     first call compiles)."""
-    B, T = input_ids.shape
     n = num_samples
-    device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate needs left padding: the last prompt position of every row must be a real token")
+    with model.language_model.fused_projections():  # q/k/v and gate/up: one product each
+        return _generate(model, input_ids, pixel_values, attention_mask, max_new_tokens, temperature, top_p, top_k,
+                         eos_token_id, pad_token_id, generator, seed, n, compile_step)
+
+
+def _generate(model, input_ids, pixel_values, attention_mask, max_new_tokens, temperature, top_p, top_k, eos_token_id,
+              pad_token_id, generator, seed, n, compile_step):
+    B, T = input_ids.shape
+    device = input_ids.device
     cache, step_fn = decoder_for(model, B * n, cache_length(T, max_new_tokens), compile_step)
     cache.key_valid.fill_(True)
     first_samples = cache.rows(slice(0, None, n))  # row b*n of each prompt b: a view into the cache
@@ -218,45 +228,45 @@ def generate_stream(model, prompts, *, num_samples: int = 1, slots: int = 32, ma
         raise ValueError(f"slots ({slots}) must hold the {n} samples of one prompt")
     device = model.device
     ids = [torch.as_tensor(p[0], dtype=torch.long, device=device).view(1, -1) for p in prompts]  # [1, T] each
-    cache, step_fn = decoder_for(model, slots, cache_length(max(x.shape[1] for x in ids), max(budgets)), compile_step)
-    cache.key_valid.fill_(True)  # every row starts at slot 0: no padding anywhere
-    rows = Rows(slots, model.cfg.text.vocab_size, max(budgets), device)
+    batch = ContinuousBatch(model, slots, cache_length(max(x.shape[1] for x in ids), max(budgets)), max(budgets),
+                            compile_step)
     numbers = list(range(len(prompts))) if prompt_numbers is None else list(prompt_numbers)
     waiting = [(p, k) for p in range(len(prompts)) for k in range(n)]  # answers not started, in order
     answers = {}  # prompt -> {sample: ids}
-    while waiting or rows.busy():
-        while waiting and rows.free():  # refill: one prompt's samples at a time, prefilled once
-            p = waiting[0][0]
-            samples = [k for q, k in waiting[:len(rows.free())] if q == p]
-            del waiting[:len(samples)]
-            pixels = prompts[p][1]() if callable(prompts[p][1]) else prompts[p][1]
-            prefill_into(model, cache, rows, rows.free()[:len(samples)], ids[p], pixels,
-                         [(p, k) for k in samples], budgets[p], row_keys(seed, torch.tensor(
-                             [numbers[p] * n + k for k in samples], device=device)))
-        for _ in range(CHECK_EVERY):
-            token = sample_next(rows.logits, temperature, top_p, None, top_k, rows.keys, rows.steps)
-            rows.record(token, eos_token_id)
-            # .clone(): a CUDA graph's output is overwritten by its next replay, and rows refilled write into it
-            rows.logits = step_fn(token[:, None], rows.position, rows.slot).clone()  # finished rows idle in place
-            rows.advance()
-        for (p, k), answer in rows.collect_finished():
+    while waiting or batch.busy():
+        with model.language_model.fused_projections():  # entered per stretch, never held across a yield
+            while waiting and batch.free():  # refill: one prompt's waiting samples at a time, prefilled once
+                p = waiting[0][0]
+                samples = [k for q, k in waiting[:len(batch.free())] if q == p]
+                del waiting[:len(samples)]
+                pixels = prompts[p][1]() if callable(prompts[p][1]) else prompts[p][1]
+                keys = row_keys(seed, torch.tensor([numbers[p] * n + k for k in samples], device=device))
+                batch.start(ids[p], pixels, [(p, k) for k in samples], budgets[p], keys)
+            batch.decode(CHECK_EVERY, temperature, top_p, top_k, eos_token_id)
+        for (p, k), answer in batch.collect_finished():  # waits for the device, once per stretch
             answers.setdefault(p, {})[k] = answer
             if len(answers[p]) == n:
                 complete = answers.pop(p)
                 yield p, [complete[j] for j in range(n)]
 
 
-class Rows:
-    """The per-row state of a continuous batch, on the device: what each row feeds next, where."""
+class ContinuousBatch:
+    """`slots` rows decoding together over one static KV cache, each row writing one answer at its
+    own cache slot and position. All per-row state lives on the device, so a stretch of steps runs
+    without waiting for it; only `collect_finished` reads it back."""
 
-    def __init__(self, slots: int, vocab: int, longest: int, device):
+    def __init__(self, model, slots: int, max_len: int, longest: int, compile_step: bool):
+        device, vocab = model.device, model.cfg.text.vocab_size
+        self.model = model
+        self.cache, self.step_fn = decoder_for(model, slots, max_len, compile_step)
+        self.cache.key_valid.fill_(True)  # every row starts at slot 0: no padding anywhere
         self.owner = [None] * slots  # (prompt, sample) of each row; None: free
         self.logits = torch.zeros(slots, vocab, device=device)  # [S, V] the next token's logits
         self.position = torch.zeros(slots, 1, dtype=torch.long, device=device)  # RoPE position to feed
         self.slot = torch.zeros(slots, 1, dtype=torch.long, device=device)  # cache slot to feed into
         self.steps = torch.zeros(slots, dtype=torch.long, device=device)  # tokens written so far
         self.budget = torch.ones(slots, dtype=torch.long, device=device)
-        self.keys = torch.zeros(slots, dtype=torch.long, device=device)
+        self.keys = torch.zeros(slots, dtype=torch.long, device=device)  # each row's sampling key
         self.done = torch.ones(slots, dtype=torch.bool, device=device)
         self.out = torch.zeros(slots, longest + 1, dtype=torch.long, device=device)  # +1: finished rows write past
 
@@ -266,58 +276,50 @@ class Rows:
     def busy(self) -> bool:
         return any(o is not None for o in self.owner)
 
-    def start(self, rows: list[int], owners, logits, length: int, budget: int, keys):
-        index = torch.tensor(rows, device=self.logits.device)
+    def start(self, input_ids, pixel_values, owners: list, budget: int, keys):
+        """Prefill one prompt [1, T] into the first free row, copy its cache slots to as many more
+        free rows as it has other samples (shared prefix), and start all of them."""
+        T, device = input_ids.shape[1], input_ids.device
+        rows = self.free()[:len(owners)]
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(device=device, dtype=self.model.dtype)
+        positions = torch.arange(T, device=device)[None]  # [1, T]: no padding, slot = position
+        logits = self.model(input_ids, pixel_values, position_ids=positions, cache=self.cache.rows(slice(rows[0], rows[0] + 1)),
+                            cache_offset=0, logits_to_keep=1)[:, -1]  # [1, V]
+        if len(rows) > 1:
+            self.cache.copy_prefix(torch.tensor(rows[:1] * (len(rows) - 1), device=device),
+                                   torch.tensor(rows[1:], device=device), T)
+        index = torch.tensor(rows, device=device)
         self.logits[index] = logits.to(self.logits.dtype)
-        self.position[index] = length
-        self.slot[index] = length
-        self.steps[index] = 0
-        self.budget[index] = budget
-        self.keys[index] = keys
-        self.done[index] = False
+        self.position[index], self.slot[index], self.steps[index] = T, T, 0
+        self.budget[index], self.keys[index], self.done[index] = budget, keys, False
         for r, o in zip(rows, owners):
             self.owner[r] = o
 
-    def record(self, token, eos_token_id: int):
-        """Write each live row's new token; a row is done at </s> or at its budget."""
-        rows = torch.arange(len(self.owner), device=token.device)
-        self.out[rows, self.steps] = token
-        ended = (token == eos_token_id) | (self.steps + 1 >= self.budget)
-        self.steps += ~self.done
-        self.done |= ended
-
-    def advance(self):
-        """The fed token now sits in the cache: live rows move one slot on, finished rows stay put
-        (they keep overwriting their last slot until collected, which no live row ever reads)."""
-        live = (~self.done).long()[:, None]
-        self.position += live
-        self.slot += live
+    def decode(self, steps: int, temperature: float, top_p: float, top_k: int, eos_token_id: int):
+        for _ in range(steps):
+            token = sample_next(self.logits, temperature, top_p, None, top_k, self.keys, self.steps)  # [S]
+            self.out[torch.arange(len(self.owner), device=token.device), self.steps] = token
+            ended = (token == eos_token_id) | (self.steps + 1 >= self.budget)  # at </s> or at its budget
+            self.steps += ~self.done
+            self.done |= ended
+            # .clone(): a CUDA graph's output is overwritten by its next replay, and `start` writes into it
+            self.logits = self.step_fn(token[:, None], self.position, self.slot).clone()
+            # The fed token now sits in the cache: live rows move one slot on; finished rows stay put
+            # (overwriting their last slot until collected, which no live row ever reads).
+            live = (~self.done).long()[:, None]
+            self.position += live
+            self.slot += live
 
     def collect_finished(self):
         """[((prompt, sample), answer ids)] of the rows finished since the last call; frees their rows."""
-        done, steps = self.done.tolist(), self.steps.tolist()  # one wait for the device per CHECK_EVERY steps
+        done, steps = self.done.tolist(), self.steps.tolist()
         finished = []
         for r, owner in enumerate(self.owner):
             if owner is not None and done[r]:
                 finished.append((owner, self.out[r, :steps[r]].tolist()))
                 self.owner[r] = None
         return finished
-
-
-def prefill_into(model, cache: KVCache, rows: Rows, free: list[int], input_ids, pixel_values, owners, budget, keys):
-    """Prefill one prompt [1, T] into row free[0], copy its slots to the other free rows (its other
-    samples), and start those rows."""
-    T = input_ids.shape[1]
-    if pixel_values is not None:
-        pixel_values = pixel_values.to(device=input_ids.device, dtype=model.dtype)
-    first = cache.rows(slice(free[0], free[0] + 1))
-    positions = torch.arange(T, device=input_ids.device)[None]  # [1, T]: no padding, slot = position
-    logits = model(input_ids, pixel_values, position_ids=positions, cache=first, cache_offset=0,
-                   logits_to_keep=1)[:, -1]  # [1, V]
-    if len(free) > 1:
-        cache.copy_prefix(torch.tensor(free[:1] * (len(free) - 1), device=input_ids.device),
-                          torch.tensor(free[1:], device=input_ids.device), T)
-    rows.start(free, owners, logits.expand(len(free), -1), T, budget, keys)
 
 
 def main(argv=None):

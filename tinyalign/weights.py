@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from .config import (LlavaConfig, config_from_hf_dict, config_from_original_dict, is_original_llava, read_json,
                      to_hf_dict, vision_config_from_dict)
-from .checkpoint import crash_point, fsync_path, fsync_tree, pid_alive, usual_permissions, writing
+from .checkpoint import crash_point, fsync_path, fsync_tree, pid_alive, standalone, usual_permissions, writing
 from .model import Llava
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def _write_shards(state: dict, folder: Path, max_shard_bytes: int):
         if current and size + nbytes > max_shard_bytes:
             shards.append(current)
             current, size = {}, 0
-        current[name] = t.contiguous().cpu()
+        current[name] = standalone(t)
         size += nbytes
     shards.append(current)
     if len(shards) == 1:
