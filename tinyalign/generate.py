@@ -22,7 +22,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
     Two sources of randomness. `generator`: torch.multinomial draws for the whole batch from one
     stream, so a row's sample depends on which rows share its batch. `keys` [B] and `steps` ([B] or
-    one int): each row draws from noise that is a function of (its key, its step) alone
+    one int): each row draws with a uniform number that is a function of (its key, its step) alone
     (`keyed_uniform`), so a row gets the same answer whatever batch it runs in, alone, in a static
     batch, sharing a prefix or in a continuous batch. The sampled distribution is the same."""
     if temperature <= 0:
@@ -35,10 +35,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     if top_p < 1.0:
         probs = probs.masked_fill(~nucleus(probs, top_p), 0.0)
     if keys is not None:
-        # Gumbel-max (Gumbel 1954; Maddison et al. 2014, arXiv 1411.0030): with G_i = -log(-log U_i)
-        # for independent uniforms U_i, argmax_i (log p_i + G_i) is a draw from p.
-        gumbel = -torch.log(-torch.log(keyed_uniform(keys, steps, probs.shape[-1])))  # [B, V] float64
-        return (probs.double().log() + gumbel).argmax(dim=-1)
+        # Inverse transform sampling: the first token whose cumulative probability reaches u, for one
+        # uniform u per row. Tokens top-k/top-p removed have width zero and are never reached.
+        cumulative = probs.double().cumsum(dim=-1)  # [B, V]
+        u = keyed_uniform(keys, steps)[:, None] * cumulative[:, -1:]  # [B, 1]
+        return torch.searchsorted(cumulative, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -67,13 +68,11 @@ def row_keys(seed: int, rows: torch.Tensor) -> torch.Tensor:
     return mix32(mix32(rows.long() & _LOW32) ^ (seed & _LOW32))
 
 
-def keyed_uniform(keys: torch.Tensor, steps, vocab: int) -> torch.Tensor:
-    """Uniform numbers in (0, 1), one per (row, vocabulary entry) [B, V] float64, each a hash of
-    (the row's key, its step, the entry): counter-based randomness, no state carried between calls."""
+def keyed_uniform(keys: torch.Tensor, steps) -> torch.Tensor:
+    """One uniform number in (0, 1) per row [B] float64, a hash of (the row's key, its step):
+    counter-based randomness, no state carried between steps or calls."""
     steps = torch.as_tensor(steps, device=keys.device).long().expand(keys.shape[0])  # [B]
-    per_step = mix32(keys ^ mix32(steps & _LOW32))  # [B]
-    entries = mix32(torch.arange(vocab, device=keys.device))  # [V]
-    bits = mix32(per_step[:, None] ^ entries)  # [B, V], 32 random bits each
+    bits = mix32(keys ^ mix32(steps & _LOW32))  # [B], 32 random bits each
     return (bits.double() + 0.5) / 2.0 ** 32
 
 
