@@ -29,7 +29,7 @@ from tinyalign.packing import batch_maker, model_inputs, pair_logps, real_tokens
 from tinyalign.training import (Run, autocast, common_arguments, cosine_schedule, describe_trainable,
                                 finish_distributed, init_distributed, mean_over_ranks, micro_batches, my_share,
                                 optimizer_step, optimizer_steps, parse_recipe, seed_everything, split_held_out,
-                                train_decoder, train_projector, wrap_ddp)
+                                shard_fsdp, train_decoder, train_projector, trainable, wrap_ddp)
 
 PAPER = dict(epochs=3, batch_size=8, grad_accum=4, lr=5e-5, projector_lr=2e-5, lora_r=128, lora_alpha=256,
              max_length=3000, eval_every=100, save_every=200, eval_fraction=0.02, sft_weight=0.0,
@@ -73,6 +73,9 @@ def parse(argv=None):
 def main(argv=None):
     args = parse(argv)
     rank, world = init_distributed(args)
+    if world > 1 and args.fsdp and (args.demo or args.ref == "live"):
+        raise SystemExit("--fsdp: the demo's report and --ref live run the model on rank 0 alone, which a sharded "
+                         "model cannot do; use --ref precomputed and a --model")
     if world > 1 and PREFERENCE_LOSSES[args.loss_type].image_conditional:
         raise SystemExit(f"--loss-type {args.loss_type} runs in one process for now: its step has two forwards "
                          "(the corrupted image's too), and DDP allows one per backward")
@@ -114,15 +117,19 @@ def main(argv=None):
 
     # ---- the recipe (paper section 3.3): what trains, at which rate, on which schedule ---------------
     model.requires_grad_(False)  # everything frozen to begin with; the CLIP tower stays so
-    projector = train_projector(model)  # the projector trains fully...
-    decoder = train_decoder(model, args.lora_r, args.lora_alpha, args.lora_dropout)  # ...the decoder via LoRA
+    train_projector(model)  # the projector trains fully...
+    train_decoder(model, args.lora_r, args.lora_alpha, args.lora_dropout)  # ...the decoder via LoRA
     print(describe_trainable(model))
     model.language_model.gradient_checkpointing = args.gradient_checkpointing
     if args.compile:
         model.language_model.compile_blocks()  # after LoRA is in place: the adapters compile with each block
-    optimizer = torch.optim.AdamW([{"params": decoder, "lr": args.lr, "name": "decoder"},
-                                   {"params": projector, "lr": args.projector_lr, "name": "projector"}],
-                                  weight_decay=args.weight_decay)
+    # The model itself; with several processes its DDP wrapper, or (--fsdp) the model sharded in place,
+    # its parameters replaced by sharded ones: so the optimizer is made after this, from what trains now.
+    trainer = shard_fsdp(model, world, args.device) if args.fsdp else wrap_ddp(model, world, args.device)
+    optimizer = torch.optim.AdamW([{"params": trainable(model.language_model, model.lm_head), "lr": args.lr,
+                                    "name": "decoder"},
+                                   {"params": trainable(model.multi_modal_projector), "lr": args.projector_lr,
+                                    "name": "projector"}], weight_decay=args.weight_decay)
     # --batch-size is per process: a micro-batch of the whole run holds batch_size x world pairs.
     batches = micro_batches(len(train), args.batch_size * world, args.epochs, args.seed, drop_last=world > 1)
     total_steps = optimizer_steps(len(batches), args.grad_accum, args.max_steps)
@@ -131,7 +138,6 @@ def main(argv=None):
     step = run.load_state(model, optimizer, scheduler) if args.resume else 0
     if held and not args.resume:
         run.log(0, start_metrics, split="eval")
-    trainer = wrap_ddp(model, world, args.device)  # the model itself, or its DDP wrapper with several processes
     make_batch = batch_maker(args, processor, "pairs")  # plain rows, or packed ones with --packing
     run.start_progress(step)
     model.train()
@@ -168,13 +174,14 @@ def main(argv=None):
 
     run.save_state(step, model, optimizer, scheduler)
     final = {}
-    if rank == 0:
+    if rank == 0 or run.sharded:  # --fsdp: every process holds a share of the weights, so all take part
         final = evaluate(model, held, processor, args, ref_model) if held else {}
         if args.demo:
             final.update(demo.dpo_report(model, processor, args, start_metrics, final, len(held)))
         run.log(step, final, split="eval")
         saved = run.save_final(model, processor)
-        print(f"model saved to {saved}; metrics in {run.metrics_path}")
+        if rank == 0:
+            print(f"model saved to {saved}; metrics in {run.metrics_path}")
     run.finish()
     finish_distributed(world)
     return final

@@ -21,7 +21,7 @@ from tinyalign.packing import batch_maker, model_inputs, real_tokens, supervised
 from tinyalign.training import (Run, autocast, common_arguments, cosine_schedule, describe_trainable,
                                 finish_distributed, init_distributed, mean_over_ranks, micro_batches, my_share,
                                 optimizer_step, optimizer_steps, parse_recipe, seed_everything, split_held_out,
-                                sum_over_ranks, train_decoder, train_projector, wrap_ddp)
+                                sum_over_ranks, shard_fsdp, train_decoder, train_projector, trainable, wrap_ddp)
 
 PAPER = dict(epochs=3, batch_size=16, grad_accum=2, lr=4e-4, projector_lr=2e-5, lora_r=128, lora_alpha=256,
              max_length=2048, eval_every=200, save_every=500, eval_fraction=0.02, packing=True)
@@ -51,6 +51,9 @@ def load_records(args):
 def main(argv=None):
     args = parse(argv)
     rank, world = init_distributed(args)
+    if world > 1 and args.fsdp and args.demo:
+        raise SystemExit("--fsdp: the demo's report runs the model on rank 0 alone, which a sharded model cannot "
+                         "do; give a --model")
     seed_everything(args.seed)
     if args.demo:  # no --model: the shapes world and a tiny LLaVA with random weights (tinyalign/demo.py)
         model, processor = demo.sft_start(args)
@@ -85,22 +88,25 @@ def train(args, model, processor, train_records, held_records, rank=0, world=1) 
 
     # ---- the recipe (paper section 3.3): what trains, at which rate, on which schedule ---------------
     model.requires_grad_(False)  # everything frozen to begin with; the CLIP tower stays so
-    projector = train_projector(model)  # the projector trains fully...
-    decoder = train_decoder(model, args.lora_r, args.lora_alpha, args.lora_dropout)  # ...the decoder via LoRA
+    train_projector(model)  # the projector trains fully...
+    train_decoder(model, args.lora_r, args.lora_alpha, args.lora_dropout)  # ...the decoder via LoRA
     print(describe_trainable(model))
     model.language_model.gradient_checkpointing = args.gradient_checkpointing
     if args.compile:
         model.language_model.compile_blocks()  # after LoRA is in place: the adapters compile with each block
-    optimizer = torch.optim.AdamW([{"params": decoder, "lr": args.lr, "name": "decoder"},
-                                   {"params": projector, "lr": args.projector_lr, "name": "projector"}],
-                                  weight_decay=args.weight_decay)
+    # The model itself; with several processes its DDP wrapper, or (--fsdp) the model sharded in place,
+    # its parameters replaced by sharded ones: so the optimizer is made after this, from what trains now.
+    trainer = shard_fsdp(model, world, args.device) if args.fsdp else wrap_ddp(model, world, args.device)
+    optimizer = torch.optim.AdamW([{"params": trainable(model.language_model, model.lm_head), "lr": args.lr,
+                                    "name": "decoder"},
+                                   {"params": trainable(model.multi_modal_projector), "lr": args.projector_lr,
+                                    "name": "projector"}], weight_decay=args.weight_decay)
     # --batch-size is per process: a micro-batch of the whole run holds batch_size x world examples.
     batches = micro_batches(len(examples), args.batch_size * world, args.epochs, args.seed, drop_last=world > 1)
     total_steps = optimizer_steps(len(batches), args.grad_accum, args.max_steps)
     scheduler = cosine_schedule(optimizer, total_steps, args.warmup_ratio)  # linear warmup, then cosine to 0
     run = Run(args.out, args, total_steps, rank)  # metrics.jsonl, resumable checkpoints, the progress bar
     step = run.load_state(model, optimizer, scheduler) if args.resume else 0
-    trainer = wrap_ddp(model, world, args.device)  # the model itself, or its DDP wrapper with several processes
     pixel_cache = {}  # the demo's images are tiny: decode each once
     make_batch = batch_maker(args, processor, "sft")  # plain rows, or packed ones with --packing
     run.start_progress(step)
@@ -131,12 +137,13 @@ def train(args, model, processor, train_records, held_records, rank=0, world=1) 
 
     run.save_state(step, model, optimizer, scheduler)
     final = {}
-    if rank == 0:
+    if rank == 0 or run.sharded:  # --fsdp: every process holds a share of the weights, so all take part
         final = evaluate(model, held, processor, args) if held else {}
         run.log(step, final, split="eval")
         saved = run.save_final(model, processor)
-        print(f"\nheld-out: {', '.join(f'{k} {v:.4f}' for k, v in final.items())}")
-        print(f"model saved to {saved}; metrics in {run.metrics_path}")
+        if rank == 0:
+            print(f"\nheld-out: {', '.join(f'{k} {v:.4f}' for k, v in final.items())}")
+            print(f"model saved to {saved}; metrics in {run.metrics_path}")
     run.finish()
     return final
 

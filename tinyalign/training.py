@@ -67,11 +67,15 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     a("--eval-every", type=int, help="held-out evaluation every N steps (and always at the end)")
     a("--save-every", type=int, help="resumable checkpoint every N steps (and always at the end)")
     a("--resume", action="store_true", help="continue the run in --out from its newest checkpoint; only "
-      "--stop-after, --eval-every, --save-every, --device, --compile, --gradient-checkpointing and --cache-dir may "
+      "--stop-after, --eval-every, --save-every, --device, --compile, --gradient-checkpointing, --fsdp and --cache-dir "
+      "may "
       "differ from the run's own arguments (anything else is refused, naming what differs)")
     a("--overwrite", action="store_true", help="start over in an --out that holds a run, deleting its checkpoints, "
       "metrics and model (a demo run always starts over)")
     a("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
+    a("--fsdp", action="store_true", help="with torchrun: shard the weights, gradients and optimizer state over the "
+      "processes (FSDP2, one shard group per decoder block) instead of a whole copy in each (DDP); for a model whose "
+      "training does not fit one GPU. Checkpoints are written whole, as one process writes them")
     a("--packing", action=argparse.BooleanOptionalAction, help="packed batches: DPO pairs as [prompt | chosen | "
       "rejected] (the prompt and image computed once), no compute on padding (tinyalign/packing.py)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each decoder block (default: on for "
@@ -134,6 +138,11 @@ def train_decoder(model, lora_r: int, lora_alpha: float, lora_dropout: float) ->
         model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
     return [p for m in (model.language_model, model.lm_head) for p in m.parameters() if p.requires_grad]
+
+
+def trainable(*modules: nn.Module) -> list[nn.Parameter]:
+    """The parameters of these modules that train, in module order (what the optimizer steps)."""
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
 
 
 def describe_trainable(model) -> str:
@@ -235,6 +244,48 @@ def wrap_ddp(model, world: int, device: str):
     return DistributedDataParallel(model, device_ids=ids)
 
 
+def shard_fsdp(model, world: int, device: str):
+    """FSDP2 (`fully_shard`, Zhao et al. 2023, arXiv 2304.11277): each process keeps 1/world of every
+    weight, gradient and AdamW moment. A decoder block's weights are gathered whole just before its
+    forward (and again for its backward) and freed after; its gradients are reduce-scattered (summed
+    and averaged over processes, as DDP averages them, then each process keeps its share). One shard
+    group per block, so one block's weights at a time are whole; the rest of the model (tower,
+    projector, embeddings, LM head) is the root group. The model is changed in place and returned:
+    its parameters are now DTensors (`p.full_tensor()` gathers one whole)."""
+    if world == 1:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # One all-gather per group needs one dtype: bf16 weights with float32 LoRA adapters are gathered
+    # and computed in bf16 (as autocast computes them anyway); gradients are reduced in float32.
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if torch.device(device).type == "cuda" else MixedPrecisionPolicy()
+    for block in model.language_model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def is_sharded(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def whole(t):
+    """A DTensor gathered whole (a collective: every process must call it), else t itself."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def like(param, full: torch.Tensor):
+    """full, placed as `param` is: this process's shard of it when param is a DTensor."""
+    if not is_sharded(param):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh, param.placements)
+
+
 def my_share(micro: list[int], rank: int, world: int) -> list[int]:
     per = len(micro) // world
     return micro[rank * per:(rank + 1) * per]
@@ -283,6 +334,9 @@ class Run:
     def __init__(self, out, args, total_steps: int, rank: int = 0):
         self.out = Path(out)
         self.writes = rank == 0  # with several processes, rank 0 alone logs and writes
+        # --fsdp: every process holds a share of the weights, so every process takes part in each
+        # evaluation and save (their forward passes and gathers are collectives); rank 0 still writes.
+        self.sharded = bool(getattr(args, "fsdp", False)) and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.args = args
         self.total_steps = total_steps
         self.metrics_path = self.out / "metrics.jsonl"
@@ -349,9 +403,11 @@ class Run:
     def save_state(self, step: int, model, optimizer, scheduler):
         """Everything a resumed run needs to continue as if never stopped, published atomically
         (tinyalign/checkpoint.py). Never a checkpoint with non-finite weights or optimizer state."""
+        if not (self.writes or self.sharded):
+            return
+        tensors, state = training_state(step, model, optimizer, scheduler)  # with --fsdp: gathered whole
         if not self.writes:
             return
-        tensors, state = training_state(step, model, optimizer, scheduler)
         bad = tensors_not_finite(tensors)
         if bad:
             where = f"{self.last_good[1]} (step {self.last_good[0]})" if self.last_good else "none"
@@ -381,9 +437,12 @@ class Run:
         return state["step"]
 
     def save_final(self, model, processor):
-        """Merge LoRA into the weights and write a plain llava-hf checkpoint to out/model."""
+        """Merge LoRA into the weights and write a plain llava-hf checkpoint to out/model. With --fsdp,
+        every process calls this: the weights are gathered whole into a plain model on rank 0."""
         from .weights import save_model
 
+        if self.sharded:
+            model = gathered_model(model, self.args, keep=self.writes)
         if not self.writes:
             return None
         if self.args.save_adapter and self.args.lora_r > 0:
@@ -399,8 +458,9 @@ class Run:
         self.log(step, metrics)
         crash_point("run: step logged")
         last = step >= self.total_steps
-        if evaluate is not None and self.writes and self.args.eval_every and step % self.args.eval_every == 0 and not last:
-            self.log(step, evaluate(), split="eval")
+        if (evaluate is not None and (self.writes or self.sharded) and self.args.eval_every
+                and step % self.args.eval_every == 0 and not last):
+            self.log(step, evaluate(), split="eval")  # logs on rank 0 only
         stop = self.should_stop(step)
         if stop or (self.args.save_every and step % self.args.save_every == 0 and not last):
             self.save_state(step, model, optimizer, scheduler)
@@ -428,7 +488,7 @@ class Run:
 
 # What --resume lets differ from the run's own arguments: how often to log and save, where to stop
 # this session, and how to compute (not what). Everything else would change the run: refused.
-SAFE_TO_CHANGE = ("stop_after", "eval_every", "save_every", "device", "compile", "gradient_checkpointing",
+SAFE_TO_CHANGE = ("stop_after", "eval_every", "save_every", "device", "compile", "gradient_checkpointing", "fsdp",
                   "cache_dir", "resume", "overwrite")
 
 
@@ -437,6 +497,23 @@ def data_digests(args) -> dict:
 
     return {key: file_digest(getattr(args, key)) for key in ("data", "eval_data")
             if getattr(args, key, None) and Path(getattr(args, key)).is_file()}
+
+
+def gathered_model(model, args, keep: bool):
+    """With --fsdp: every weight gathered whole (each process takes part), into a plain model of the
+    same structure (LoRA adapters included) on rank 0's CPU; None on the other processes."""
+    from .lora import apply_lora
+    from .weights import build_empty
+
+    state = {name: whole(t).detach().cpu() for name, t in model.state_dict().items()}
+    if not keep:
+        return None
+    plain = build_empty(model.cfg)
+    if args.lora_r:
+        apply_lora(plain.language_model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    plain.load_state_dict(state, assign=True)
+    plain.attn_backend = model.attn_backend
+    return plain
 
 
 def refuse_changed_arguments(state: dict, args, folder: Path) -> None:
@@ -467,13 +544,13 @@ def cut_metrics(path: Path, size: int) -> None:
 def training_state(step: int, model, optimizer, scheduler) -> tuple[dict, dict]:
     """The trainable weights, the optimizer's moments and every random generator's state, as
     (tensors, JSON-able state)."""
-    tensors = {f"param/{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {f"param/{n}": whole(p) for n, p in model.named_parameters() if p.requires_grad}
     opt = optimizer.state_dict()
     extra = {}
     for index, values in opt["state"].items():
         for key, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer/{index}/{key}"] = value
+                tensors[f"optimizer/{index}/{key}"] = whole(value)
             else:
                 extra[f"{index}/{key}"] = value
     tensors["rng/torch"] = torch.get_rng_state()
@@ -495,16 +572,18 @@ def restore_training_state(tensors: dict, state: dict, model, optimizer, schedul
         raise SystemExit(f"--resume: {folder} does not fit this model: it lacks {sorted(wanted - saved)[:3]} and has "
                          f"{sorted(saved - wanted)[:3]} extra")
     with torch.no_grad():
-        for name in wanted:
+        for name in [n for n in params if n in wanted]:  # model order: with --fsdp each copy is a collective
             if params[name].shape != tensors[f"param/{name}"].shape:
                 raise SystemExit(f"--resume: {folder}: {name} has shape {list(tensors[f'param/{name}'].shape)}, "
                                  f"the model's is {list(params[name].shape)}")
-            params[name].copy_(tensors[f"param/{name}"])
+            params[name].copy_(like(params[name], tensors[f"param/{name}"]))
+    in_order = [p for group in optimizer.param_groups for p in group["params"]]  # the state's indices
     opt_state = {}
     for key, value in tensors.items():
         if key.startswith("optimizer/"):
             _, index, name = key.split("/", 2)
-            opt_state.setdefault(int(index), {})[name] = value
+            param = in_order[int(index)]
+            opt_state.setdefault(int(index), {})[name] = like(param, value) if value.shape == param.shape else value
     for key, value in state["optimizer_extra"].items():
         index, name = key.split("/", 1)
         opt_state.setdefault(int(index), {})[name] = value
