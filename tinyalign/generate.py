@@ -1,8 +1,17 @@
-"""Batched generation with a static KV cache: greedy, temperature and top-p (nucleus) sampling.
+"""Generation with a static KV cache: greedy, temperature, top-k and top-p (nucleus) sampling.
 
-Prompts are left-padded, so every row's last prompt token sits at the same index and each step
-appends one column. RoPE positions count real tokens only (padding does not shift them), the same
-rule transformers' `generate` uses, so a padded prompt yields the same tokens as an unpadded one.
+Two ways to run a batch:
+
+* `generate`: a static batch. Prompts are left-padded, so every row's last prompt token sits at the
+  same index and each step appends one column. RoPE positions count real tokens only (padding does
+  not shift them), the same rule transformers' `generate` uses, so a padded prompt yields the same
+  tokens as an unpadded one. `num_samples=n` prefills each prompt once and copies its cache rows to
+  its n samples (shared-prefix sampling).
+* `generate_stream`: continuous batching. Each row sits at its own cache slot, and a row whose answer
+  is done takes the next prompt at once, so the batch never waits for its longest answer.
+
+With `seed=`, a row's sample is a function of (seed, its row number, its step) alone (keyed
+sampling), so every path gives the same answers for the same seed.
 """
 
 from __future__ import annotations
@@ -203,17 +212,17 @@ def _generate(model, input_ids, pixel_values, attention_mask, max_new_tokens, te
 def generate_stream(model, prompts, *, num_samples: int = 1, slots: int = 32, max_new_tokens=128,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_token_id: int = 2,
                     seed: int = 0, prompt_numbers: list[int] | None = None, compile_step: bool = False):
-    """Continuous batching. prompts: [(input_ids [T] (list or tensor), pixel_values [N, C, H, W], or
-    a function returning them when the prompt gets a row, or None)]; max_new_tokens: one int, or one per prompt. Yields (prompt index, [num_samples answers])
-    as each prompt's answers are complete, in the order they complete; an answer is a list of ids
-    up to and including its </s>.
+    """Continuous batching. prompts: [(input_ids [T] (list or tensor), pixel_values [N, C, H, W] or a
+    function returning them when the prompt gets a row, or None)]; max_new_tokens: one int, or one
+    per prompt. Yields (prompt index, [num_samples answers]) as each prompt's answers are complete,
+    in the order they complete; an answer is a list of ids up to and including its </s>.
 
     `slots` rows decode together over one static cache, each row at its own point of its own answer
     (its own cache slot and position: `KVCache.update` with [B, 1] slots). Every CHECK_EVERY steps
     the finished rows are collected and their rows refilled with the next prompts: a prompt is
     prefilled once into a free row and copied into the rows of its other samples (shared prefix). So
     the batch never waits for its longest answer, and a short answer frees its row for the next one.
-    Greedy answers are generate()'s; sampled answers (keyed noise, `seed`) are generate(seed=...)'s
+    Greedy answers are generate()'s; sampled answers (keyed sampling, `seed`) are generate(seed=...)'s
     rows: answer k of prompt p is output row p * num_samples + k, or prompt_numbers[p] * num_samples + k
     when given (annotate passes each prompt's line in its file, so a resumed run draws what an
     uninterrupted one would have)."""
