@@ -294,3 +294,15 @@ def test_fused_projections_compute_the_same_and_keep_the_weights_in_place(hf_che
     apply_lora(model.language_model, r=2, alpha=4, dropout=0.0)
     with torch.no_grad(), model.language_model.fused_projections():
         assert attn.fused_qkv is None and mlp.fused_gate_up is None
+
+
+def test_continuous_batching_refuses_what_it_cannot_do(model):
+    from tinyalign.generate import generate_stream
+
+    ids, _, mask = prompts()
+    items = unpadded(ids, mask)
+    with pytest.raises(ValueError, match=r"max_new_tokens: 2 budgets for 3 prompts"):
+        list(generate_stream(model, items, max_new_tokens=[4, 4]))
+    with pytest.raises(ValueError, match=r"slots \(2\) must hold the 4 samples of one prompt"):
+        list(generate_stream(model, items, num_samples=4, slots=2))
+    assert list(generate_stream(model, [])) == []

@@ -166,46 +166,40 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
         attention_mask = torch.ones_like(input_ids)
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate needs left padding: the last prompt position of every row must be a real token")
-    with model.language_model.fused_projections():  # q/k/v and gate/up: one product each
-        return _generate(model, input_ids, pixel_values, attention_mask, max_new_tokens, temperature, top_p, top_k,
-                         eos_token_id, pad_token_id, generator, seed, n, compile_step)
-
-
-def _generate(model, input_ids, pixel_values, attention_mask, max_new_tokens, temperature, top_p, top_k, eos_token_id,
-              pad_token_id, generator, seed, n, compile_step):
     B, T = input_ids.shape
     device = input_ids.device
-    cache, step_fn = decoder_for(model, B * n, cache_length(T, max_new_tokens), compile_step)
-    cache.key_valid.fill_(True)
-    first_samples = cache.rows(slice(0, None, n))  # row b*n of each prompt b: a view into the cache
-    first_samples.key_valid[:, :T] = attention_mask.bool()
+    with model.language_model.fused_projections():  # q/k/v and gate/up: one product each
+        cache, step_fn = decoder_for(model, B * n, cache_length(T, max_new_tokens), compile_step)
+        cache.key_valid.fill_(True)
+        first_samples = cache.rows(slice(0, None, n))  # row b*n of each prompt b: a view into the cache
+        first_samples.key_valid[:, :T] = attention_mask.bool()
 
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
-    logits = model(input_ids, pixel_values, position_ids=positions, cache=first_samples, cache_offset=0,
-                   logits_to_keep=1)  # [B, 1, V]
-    if n > 1:
-        others = torch.arange(B * n, device=device).view(B, n)[:, 1:].reshape(-1)  # every row but each b*n
-        cache.copy_prefix(others - others % n, others, T)
-        logits, positions = logits.repeat_interleave(n, 0), positions.repeat_interleave(n, 0)
-    keys = row_keys(seed, torch.arange(B * n, device=device)) if seed is not None else None
-    next_pos = positions[:, -1:] + 1  # [B*n, 1]
-    out = torch.full((B * n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    done = torch.zeros(B * n, dtype=torch.bool, device=device)
-    length = torch.full((), max_new_tokens, dtype=torch.long, device=device)  # tokens until every row is done
-    slot = torch.tensor([T], device=device)  # the cache slot of the token being fed
-    for step in range(max_new_tokens):
-        token = sample_next(logits[:, -1], temperature, top_p, generator, top_k, keys, step)
-        token = token.masked_fill(done, pad_token_id)
-        out[:, step] = token
-        done |= token == eos_token_id
-        length = torch.where(done.all() & (length == max_new_tokens), step + 1, length)
-        # Asking the GPU "all done?" waits for it; asking every CHECK_EVERY steps lets the CPU queue
-        # the next steps while the GPU works (the answer is the same: finished rows only add padding).
-        if step == max_new_tokens - 1 or ((step + 1) % CHECK_EVERY == 0 and bool(done.all())):
-            break
-        logits = step_fn(token[:, None], next_pos, slot)[:, None]
-        next_pos, slot = next_pos + 1, slot + 1
-    return out[:, : int(length)]
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
+        logits = model(input_ids, pixel_values, position_ids=positions, cache=first_samples, cache_offset=0,
+                       logits_to_keep=1)  # [B, 1, V]
+        if n > 1:
+            others = torch.arange(B * n, device=device).view(B, n)[:, 1:].reshape(-1)  # every row but each b*n
+            cache.copy_prefix(others - others % n, others, T)
+            logits, positions = logits.repeat_interleave(n, 0), positions.repeat_interleave(n, 0)
+        keys = row_keys(seed, torch.arange(B * n, device=device)) if seed is not None else None
+        next_pos = positions[:, -1:] + 1  # [B*n, 1]
+        out = torch.full((B * n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        done = torch.zeros(B * n, dtype=torch.bool, device=device)
+        length = torch.full((), max_new_tokens, dtype=torch.long, device=device)  # tokens until every row is done
+        slot = torch.tensor([T], device=device)  # the cache slot of the token being fed
+        for step in range(max_new_tokens):
+            token = sample_next(logits[:, -1], temperature, top_p, generator, top_k, keys, step)
+            token = token.masked_fill(done, pad_token_id)
+            out[:, step] = token
+            done |= token == eos_token_id
+            length = torch.where(done.all() & (length == max_new_tokens), step + 1, length)
+            # Asking the GPU "all done?" waits for it; asking every CHECK_EVERY steps lets the CPU queue
+            # the next steps while the GPU works (the answer is the same: finished rows only add padding).
+            if step == max_new_tokens - 1 or ((step + 1) % CHECK_EVERY == 0 and bool(done.all())):
+                break
+            logits = step_fn(token[:, None], next_pos, slot)[:, None]
+            next_pos, slot = next_pos + 1, slot + 1
+        return out[:, : int(length)]
 
 
 @torch.no_grad()
