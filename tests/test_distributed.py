@@ -100,3 +100,17 @@ def test_fsdp_full_fine_tuning_matches_one_process(tiny_world, tmp_path):
     # in its last digits: up to 2e-6 measured. 1e-5 is 1% of one step's largest move.
     for name, t in model_one.items():
         torch.testing.assert_close(model_two[name], t, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_what_several_processes_cannot_do_is_refused_by_name(tiny_world, tmp_path):
+    """mDPO's step has two forwards (DDP allows one per backward), and a sharded model cannot be run by
+    rank 0 alone (--ref live): each is refused with its reason, before any work."""
+    pairs = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for extra, reason in ((["--loss-type", "mdpo"], "--loss-type mdpo runs in one process"),
+                          (["--fsdp", "--ref", "live"], "--fsdp: the demo's report and --ref live")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "train_dpo.py"), *dpo_args(tiny_world, pairs, tmp_path / "out", *extra)]
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0 and reason in done.stdout + done.stderr, done.stderr[-2000:]
+        assert not (tmp_path / "out" / "metrics.jsonl").exists()
