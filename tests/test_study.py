@@ -2,17 +2,22 @@
 same start, and the side-by-side table written."""
 
 import json
+import re
 import subprocess
 import sys
 
+import pytest
+
+from browser import rendered_dom
 from conftest import ROOT
 from tinyalign.demo import rated_styles, read_heldout
 
 
-def test_study_runs_every_method_and_writes_the_table(tiny_world, tmp_path):
+@pytest.fixture(scope="module")
+def study(tiny_world, tmp_path_factory):
+    """The study run once at toy scale: (its output folder, what it printed)."""
     world = tiny_world["root"] / "data"
-    out = tmp_path / "study"
-    out.mkdir()
+    out = tmp_path_factory.mktemp("study")
     # The annotate step resumes from what is on disk: a random start model would give answers that
     # all rate alike (no pairs), so the ratings are provided, every answer style for every prompt.
     prompts = read_heldout(world / "prompts.jsonl")
@@ -21,10 +26,15 @@ def test_study_runs_every_method_and_writes_the_table(tiny_world, tmp_path):
                            "--world", str(world), "--out", str(out), "--epochs-scale", "0.2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "already rated: 48" in done.stdout  # nothing sampled again
+    return out, done.stdout
+
+
+def test_study_runs_every_method_and_writes_the_table(study):
+    out, printed = study
+    assert "already rated: 48" in printed  # nothing sampled again
     for method in ("sft", "steerlm", "rejection-sampling", "dpo"):
         assert (out / method / "model" / "config.json").exists(), method
-        assert f"--out {out / method}" in done.stdout  # the command a user would type was printed
+        assert f"--out {out / method}" in printed  # the command a user would type was printed
     results = json.loads((out / "results.json").read_text())
     assert list(results) == ["start", "SFT", "SteerLM", "Rejection sampling", "DPO"]
     for r in results.values():
@@ -32,3 +42,38 @@ def test_study_runs_every_method_and_writes_the_table(tiny_world, tmp_path):
     table = (out / "results.md").read_text().splitlines()
     assert table[0].startswith("| model | exact answer |") and len([t for t in table if t.startswith("| ")]) == 6
     assert f"| DPO | {results['DPO']['exact']:.3f} |" in (out / "results.md").read_text()
+
+
+def test_the_study_page_shows_answers_and_pairs_and_every_picture_loads_in_a_browser(study):
+    out, printed = study
+    page = out / "index.html"
+    assert f"{page} (open it in a browser)" in printed
+    answers = json.loads((out / "answers.json").read_text())
+    dom = rendered_dom(page)
+    images = re.findall(r"<img [^>]*>", dom)
+    # 16 questions and 8 pairs shown (the toy world has 16 held-out questions and one pair per prompt)
+    assert len(re.findall(r'<img class="shape"', dom)) == 16 + 8
+    assert images and all('data-loaded="yes"' in tag for tag in images), [t for t in images if "yes" not in t]
+    assert '<p id="image-check"></p>' in dom  # no warning shown
+    # every method's answer to a shown question is on the page, as the study scored it
+    for method, rows in answers.items():
+        assert f"<th>{method}</th>" in dom
+        assert sum(row["answer"].replace("<", "&lt;") in dom for row in rows) >= 1, method
+
+    # The check can fail: one picture gone, the browser marks it and the page says so.
+    missing = sorted((out / "page-images").iterdir())[0]
+    missing.rename(out / "elsewhere.png")
+    try:
+        dom = rendered_dom(page)
+    finally:
+        (out / "elsewhere.png").rename(missing)
+    assert re.search(rf'<img [^>]*src="page-images/{missing.name}"[^>]*data-loaded="no"', dom)
+    assert f"1 of {len(images)} pictures did not load" in dom
+
+    # and the README's picture of it (python -m tinyalign.figures) is the browser's drawing of the page
+    from PIL import Image
+
+    from tinyalign.page import screenshot
+
+    with Image.open(screenshot(page, out / "page.png", width=800, height=600)) as shot:
+        assert shot.size == (800, 600) and len(set(shot.getdata())) > 10  # drawn, not blank

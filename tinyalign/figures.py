@@ -5,7 +5,8 @@
     python -m tinyalign.figures --runs other/runs    # from another folder of runs
 
 Each figure is drawn only from what a run wrote (metrics.jsonl, results.json), by the same function
-that the run itself uses; a run that is missing is named and skipped, never faked.
+that the run itself uses; a run that is missing is named and skipped, never faked. The study's page
+(runs/study/index.html) is drawn by headless Chromium when one is installed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def draw_all(runs: Path, out: Path) -> dict:
     """-> {figure: path written, or why it was skipped}."""
-    from . import ablations, study
+    from . import ablations, page, study
     from .training import plot_metrics
 
     out.mkdir(parents=True, exist_ok=True)
@@ -35,6 +36,13 @@ def draw_all(runs: Path, out: Path) -> dict:
         done["study"] = out / "study.png" if study.plot(json.loads(results.read_text()), out / "study.png") else None
     else:
         done["study"] = f"skipped: no {results} (run python -m tinyalign.study)"
+    index = runs / "study" / "index.html"
+    if not index.exists():
+        done["study-page"] = f"skipped: no {index} (run python -m tinyalign.study)"
+    elif page.find_browser() is None:
+        done["study-page"] = "skipped: no headless browser (apt-get install chromium)"
+    else:
+        done["study-page"] = page.screenshot(index, out / "study-page.png")
     for name in ablations.ABLATIONS:
         results = runs / "ablations" / name / "results.json"
         if results.exists():

@@ -13,7 +13,9 @@ example of the whole pipeline:
 3. four methods from the same start, each with its script:
    SFT on the dataset's own answers, rejection sampling (`--select best`), SteerLM and DPO;
 4. all five models greedy-decoded on the same held-out questions; a side-by-side table in
-   runs/study/results.md (and results.png when matplotlib is installed).
+   runs/study/results.md (and results.png when matplotlib is installed), every answer in answers.json,
+   and a page to look at, runs/study/index.html: a sample of questions with each model's answer and
+   rating side by side, and some of the pairs DPO trained on (tinyalign/page.py).
 
 Steps whose output is already there are skipped (delete runs/study, or pass --fresh, to redo them).
 """
@@ -32,6 +34,7 @@ from pathlib import Path
 from .demo import (CONFUSIONS, DEMO_DATA, DEMO_SFT, SFT_ANSWER_NOISE, annotate, greedy_answers, read_heldout, say,
                    sft_answer_value, value_of)
 from .evaluation import write_atomic, write_json
+from .page import write_page
 from .steer import steer_prompt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,8 +82,9 @@ def write_sft_data(prompts: list[dict], path: Path, seed: int = 0) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate(model_dir: Path, heldout: list[dict], image_folder: Path, steer: dict | None = None) -> dict:
-    """Greedy answers to the held-out questions, scored against the truth and by the annotator."""
+def evaluate(model_dir: Path, heldout: list[dict], image_folder: Path, steer: dict | None = None) -> tuple[dict, list]:
+    """Greedy answers to the held-out questions, scored against the truth and by the annotator.
+    -> (the scores, [{answer, exact, ratings} per question])."""
     from . import Processor, load_model
 
     model = load_model(model_dir)
@@ -91,14 +95,20 @@ def evaluate(model_dir: Path, heldout: list[dict], image_folder: Path, steer: di
     truths = [value_of(r["kind"], r["answer"]) for r in heldout]
     ratings = [annotate(r["kind"], t, a) for r, t, a in zip(heldout, truths, answers)]
     exact = [a == r["answer"] for a, r in zip(answers, heldout)]
-    hard = [e for e, r, t in zip(exact, heldout, truths) if (r["kind"], t) in CONFUSIONS]
-    return {
+    hard = [e for e, r in zip(exact, heldout) if is_hard(r)]
+    scores = {
         "exact": sum(exact) / len(exact),
         "hard": sum(hard) / max(len(hard), 1),  # questions the SFT data systematically got wrong
         "helpfulness": sum(x["helpfulness"] for x in ratings) / len(ratings),
         "words": sum(len(a.split()) for a in answers) / len(answers),
         "n": len(exact), "n_hard": len(hard),
     }
+    return scores, [{"answer": a, "exact": e, "ratings": r} for a, e, r in zip(answers, exact, ratings)]
+
+
+def is_hard(record: dict) -> bool:
+    """A question whose truth the SFT data systematically mislabels (yellow, triangles, three)."""
+    return (record["kind"], value_of(record["kind"], record["answer"])) in CONFUSIONS
 
 
 COLUMNS = [("exact", "exact answer"), ("hard", "SFT data's mistakes"), ("helpfulness", "helpfulness 0-4"),
@@ -187,17 +197,20 @@ def main(argv=None):
 
     # 4. Side by side on the held-out questions.
     heldout = read_heldout(world / "heldout.jsonl")
-    results = {}
+    results, answers = {}, {}
     for name, folder in models.items():
         print(f"evaluating {name} ...", flush=True)
-        results[name] = evaluate(folder, heldout, world, STEER_ASK if name == "SteerLM" else None)
+        results[name], answers[name] = evaluate(folder, heldout, world, STEER_ASK if name == "SteerLM" else None)
     table = markdown_table(results)
     write_json(out / "results.json", results)
+    write_json(out / "answers.json", answers)
     write_atomic(out / "results.md", table)
     drew = plot(results, out / "results.png")
+    page = write_page(out, results, COLUMNS, answers, heldout, [is_hard(r) for r in heldout], world,
+                      out / "samples.jsonl", seed=args.seed)
     print("\n" + table)
     print(f"written: {out / 'results.md'}" + (f", {out / 'results.png'}" if drew else "") +
-          f"; the study took {(time.time() - started) / 60:.1f} min")
+          f", {page} (open it in a browser); the study took {(time.time() - started) / 60:.1f} min")
     return results
 
 
