@@ -29,9 +29,9 @@ def demo_folders(tiny_world, tmp_path, monkeypatch):
     for name in ("samples.jsonl", "samples_heldout.jsonl"):
         (demo.DEMO_SFT / name).write_text(rated)
         (demo.DEMO_SFT / f"{name}.model").write_text(digest + "\n")
-    other = tmp_path / "runs/ablations/transfer/other-samples.jsonl"  # the transfer ablation's other model's
-    other.parent.mkdir(parents=True)
-    other.write_text(rated)
+    for other in ("transfer/other-samples.jsonl", "irrelevant-image/text-samples.jsonl"):  # their start models'
+        (tmp_path / "runs/ablations" / other).parent.mkdir(parents=True)
+        (tmp_path / "runs/ablations" / other).write_text(rated)
     monkeypatch.setattr(ablations, "RECIPE", TINY_RECIPE)
     return tmp_path
 
@@ -84,3 +84,40 @@ def test_unconditional_preference_on_a_trained_policy(demo_folders):
     assert result["reward accuracy, true image"] == pytest.approx(final["rewards/accuracy"], abs=2 / result["pairs"])
     assert 0 <= result["told apart without the image"] <= 1
 
+
+
+def test_irrelevant_image_teaches_the_sums_then_asks_them_with_and_without_a_picture(demo_folders, monkeypatch):
+    import train_sft
+
+    monkeypatch.setattr(ablations, "TEXT_CONVERSATIONS", 24)
+    monkeypatch.setitem(train_sft.DEMO, "epochs", 1)  # the start model's SFT, shortened
+    text = ablations.main(["irrelevant-image", "--out", "runs/ablations"])
+    folder = demo_folders / "runs/ablations/irrelevant-image"
+    # The start model's SFT data: the world's conversations and text-only sums, without an image.
+    sft = json.loads((folder / "sft-with-sums.json").read_text())
+    sums = [r for r in sft if r["id"].startswith("text-")]
+    assert len(sums) == 24 and all("image" not in r and "<image>" not in r["conversations"][0]["value"] for r in sums)
+    assert len(sft) - 24 == len(json.loads((demo.DEMO_DATA / "sft.json").read_text()))
+    # Its vocabulary has the sums' words (no <unk> in them), the demo's does not.
+    processor = demo.demo_processor(extra_texts=ablations.SUM_TEXTS)
+    question, answer = ablations.SUMS[-1]
+    assert (question, answer) == ("What is four plus four ?", "It is eight .")
+    assert processor.decode(processor.tokenize(answer)) == answer and "plus" not in demo.demo_vocabulary()
+    results = json.loads((folder / "results.json").read_text())
+    assert list(results) == [ablations.TEXT_START, "DPO + NLL", "DPO"]
+    for label, runs in results.items():
+        row = runs[0]
+        assert f"| {label} |" in text
+        assert row["sums, no image"] * 16 == round(row["sums, no image"] * 16)  # of 16 sums
+        assert row["sums, irrelevant image"] * 160 == pytest.approx(round(row["sums, irrelevant image"] * 160))
+        assert 0 <= row["answers the picture instead"] <= 1 and 0 <= row["exact answer"] <= 1
+    assert "reward accuracy" not in results[ablations.TEXT_START][0] and "| - |" in text
+    from tinyalign import figures
+
+    done = figures.draw_all(demo_folders / "runs", demo_folders / "figures")
+    assert done["irrelevant-image"] == demo_folders / "figures" / "ablation-irrelevant-image.png"
+
+
+def test_an_answer_about_the_picture_is_told_from_a_sum():
+    assert ablations.answers_the_picture("There are two shapes .") and ablations.answers_the_picture("The color is red .")
+    assert not ablations.answers_the_picture("It is two .") and not ablations.answers_the_picture("There are")

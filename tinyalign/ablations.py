@@ -6,6 +6,7 @@
     python -m tinyalign.ablations transfer          # Table 6: pairs sampled from another SFT model
     python -m tinyalign.ablations unconditional     # does DPO look at the image? (mDPO's test)
     python -m tinyalign.ablations mdpo              # DPO, DPO + NLL, mDPO: the same test on each
+    python -m tinyalign.ablations irrelevant-image  # Table 7: a text-only task asked with an unrelated picture
     python -m tinyalign.ablations label-noise --seeds 3     # mean and range over training seeds 0-2
 
 Every arm starts from the SFT demo's model and its own rated samples (made first when missing, as
@@ -54,6 +55,17 @@ ABLATIONS = {
                                                            ("mDPO", ["--loss-type", "mdpo"]),
                                                            ("mDPO + NLL", ["--loss-type", "mdpo", *NLL]))]),
 }
+
+
+TITLES = {name: what for name, (what, _) in ABLATIONS.items()}
+TITLES["irrelevant-image"] = "Table 7: a text-only task asked with an irrelevant picture, before and after DPO"
+# The columns of each ablation's table, and (the first two or three) of its bar chart.
+KEYS = {name: ["reward accuracy", "exact answer", "rewards/chosen", "rewards/rejected"] for name in ABLATIONS}
+KEYS["mdpo"] += ["reward accuracy, swapped image"]
+KEYS["irrelevant-image"] = ["sums, no image", "sums, irrelevant image", "answers the picture instead", "exact answer",
+                            "reward accuracy"]
+BARS = {name: KEYS[name][:2] for name in KEYS}
+BARS["irrelevant-image"] = KEYS["irrelevant-image"][:3]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,27 +148,36 @@ def run_ablation(name: str, seeds: list[int], out: Path, start: Path, samples: P
 
 
 def other_model_samples(folder: Path, world: Path, seed: int = 1) -> Path:
-    """Table 6's other model: the SFT demo's recipe (train_sft.py's DEMO) from another initialisation and
-    data order (seed 1) on the same world, and its own rated samples of the same prompts. Made once
-    (about 3 minutes), then reused from `folder`."""
+    """Table 6's other model: the SFT demo's recipe from another initialisation and data order (seed 1)
+    on the same world, and its own rated samples of the same prompts. Made once, then reused."""
+    return sft_and_samples(folder, world, "other", world / "sft.json", seed)[1]
+
+
+def sft_and_samples(folder: Path, world: Path, name: str, sft_data: Path, seed: int,
+                    extra_texts: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """A start model of an ablation's own: the SFT demo's recipe (train_sft.py's DEMO) from a random
+    initialisation (`seed`) on `sft_data`, with `extra_texts`' words in its vocabulary, and 4 rated
+    samples of each training prompt from it. Made once (about 3 minutes), then reused from `folder`:
+    -> (its model folder, its samples file)."""
     from . import load_model, random_model, save_model
 
-    model_dir = folder / "other-sft" / "model"
+    model_dir = folder / f"{name}-sft" / "model"
+    processor = demo.demo_processor(extra_texts=extra_texts)
     if not (model_dir / "config.json").exists():
-        init = save_model(random_model(demo.demo_config(), seed=seed), folder / "other-init",
-                          processor=demo.demo_processor())
+        init = save_model(random_model(demo.demo_config(extra_texts), seed=seed), folder / f"{name}-init",
+                          processor=processor)
         train_sft = script("train_sft")
         recipe = {k: v for k, v in train_sft.DEMO.items() if k != "out"}
-        argv = ["--model", str(init), "--data", str(world / "sft.json"), "--image-folder", str(world),
-                "--out", str(folder / "other-sft"), "--seed", str(seed), "--overwrite", *recipe_argv(recipe)]
+        argv = ["--model", str(init), "--data", str(sft_data), "--image-folder", str(world),
+                "--out", str(folder / f"{name}-sft"), "--seed", str(seed), "--overwrite", *recipe_argv(recipe)]
         print(f"\n$ python train_sft.py {shlex.join(argv)}", flush=True)
         train_sft.main(argv)
-    samples = folder / "other-samples.jsonl"
+    samples = folder / f"{name}-samples.jsonl"
     if not samples.exists():
-        print("Sampling 4 answers per prompt from the other SFT model and rating them...", flush=True)
-        demo.sample_and_rate(load_model(model_dir), demo.demo_processor(), demo.read_heldout(world / "prompts.jsonl"),
-                             world, samples, seed=0)
-    return samples
+        print(f"Sampling 4 answers per prompt from {model_dir} and rating them...", flush=True)
+        demo.sample_and_rate(load_model(model_dir), processor, demo.read_heldout(world / "prompts.jsonl"), world,
+                             samples, seed=0)
+    return model_dir, samples
 
 
 def recipe_argv(recipe: dict) -> list[str]:
@@ -224,6 +245,80 @@ def unconditional(policy: Path, reference: Path, heldout_samples: Path, world: P
 
 
 # ---------------------------------------------------------------------------------------------
+# An irrelevant image (the paper's Table 7: MT-Bench answered with an unrelated image in context)
+# ---------------------------------------------------------------------------------------------
+
+# The text-only task, our stand-in for the language ability LLaVA inherits from Vicuna: sums of two
+# numbers. Its start model learns the sums beside the image questions, as LLaVA-1.5's SFT mix holds
+# ShareGPT's text-only conversations (about 6% of it; here 400 of 4,400 conversations, 9%). The
+# preference data stays image questions only, as the paper's VQA pairs are.
+NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight")
+SUMS = [(f"What is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} ?", f"It is {NUMBER_WORDS[a + b + 1]} .")
+        for a in range(4) for b in range(4)]  # 16 (question, answer): one + one .. four + four
+SUM_TEXTS = tuple(f"{q} {a}" for q, a in SUMS)  # their words join the start model's vocabulary
+TEXT_CONVERSATIONS = 400
+DISTRACTORS = 10  # irrelevant pictures shown with each sum: 160 questions
+TEXT_START = "start (SFT with the sums)"
+
+
+def sft_with_sums(world: Path, path: Path, seed: int = 0) -> Path:
+    """The world's SFT conversations and TEXT_CONVERSATIONS text-only ones (no image): a sum and its answer."""
+    rng = random.Random(seed)
+    records = json.loads((world / "sft.json").read_text())
+    for i in range(TEXT_CONVERSATIONS):
+        question, answer = rng.choice(SUMS)
+        records.append({"id": f"text-{i}", "conversations": [{"from": "human", "value": question},
+                                                             {"from": "gpt", "value": answer}]})
+    write_json(path, records)
+    return path
+
+
+def answers_the_picture(answer: str) -> bool:
+    """Is this the answer to an image question (a colour, a shape, a count, a cell)?"""
+    return any(answer == demo.say(kind, value) for kind in demo.KINDS for value in demo.wrong_values(kind, ""))
+
+
+def sums_scores(model_dir: Path, world: Path, heldout: list[dict]) -> dict:
+    """Exact answers to the 16 sums asked alone, and asked after an irrelevant picture (each sum with
+    each of DISTRACTORS held-out pictures); and how often the answer with a picture describes the
+    picture instead of giving the sum."""
+    from . import Processor, load_model
+
+    model, processor = load_model(model_dir), Processor.from_pretrained(model_dir)
+
+    def greedy(questions, images):
+        return [processor.decode(ids) for ids in demo.greedy_answers(model, processor, questions, images)]
+
+    alone = greedy([q for q, _ in SUMS], [None] * len(SUMS))
+    cases = [(q, a, world / r["image"]) for q, a in SUMS for r in heldout[:DISTRACTORS]]
+    with_picture = greedy(["<image>\n" + q for q, _, _ in cases], [picture for _, _, picture in cases])
+    return {"sums, no image": statistics.fmean(got == a for got, (_, a) in zip(alone, SUMS)),
+            "sums, irrelevant image": statistics.fmean(got == a for got, (_, a, _) in zip(with_picture, cases)),
+            "answers the picture instead": statistics.fmean(map(answers_the_picture, with_picture))}
+
+
+def run_irrelevant_image(seeds: list[int], out: Path, world: Path, heldout_samples: Path) -> dict:
+    """The start model that knows the sums, then DPO on its own image pairs (with and without the NLL
+    term): the sums asked with and without an irrelevant picture, before and after."""
+    folder = out / "irrelevant-image"
+    start, samples = sft_and_samples(folder, world, "text", sft_with_sums(world, folder / "sft-with-sums.json"),
+                                     seed=0, extra_texts=SUM_TEXTS)
+    questions = demo.read_heldout(world / "heldout.jsonl")
+    pairs, report = load_pairs(samples)
+    print(report.summary())
+    results = {TEXT_START: [{"seed": 0, "pairs": 0, **sums_scores(start, world, questions),
+                             "exact answer": measure(start, world, questions)}]}
+    for label, extra in (("DPO + NLL", NLL), ("DPO", [])):
+        for seed in seeds:
+            arm = folder / f"{slug(label)}-seed{seed}"
+            final = train_arm(start, samples, heldout_samples, world, arm, seed, extra, RECIPE)
+            results.setdefault(label, []).append({
+                "seed": seed, "pairs": len(pairs), "reward accuracy": final["rewards/accuracy"],
+                **sums_scores(arm / "model", world, questions), "exact answer": measure(arm / "model", world, questions)})
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
 # Tables and figures
 # ---------------------------------------------------------------------------------------------
 
@@ -235,13 +330,13 @@ def spread(values: list[float]) -> str:
 
 
 def markdown(name: str, results: dict) -> str:
-    keys = ["reward accuracy", "exact answer", "rewards/chosen", "rewards/rejected"]
-    keys += [k for k in ("reward accuracy, swapped image",) if k in next(iter(results.values()))[0]]
+    keys = KEYS[name]
     seeds = sorted({r["seed"] for runs in results.values() for r in runs})
-    lines = [f"{ABLATIONS[name][0]} (seeds {', '.join(map(str, seeds))}: mean [min, max])", "",
+    lines = [f"{TITLES[name]} (seeds {', '.join(map(str, seeds))}: mean [min, max])", "",
              f"| arm | pairs | {' | '.join(keys)} |", "|---" * (len(keys) + 2) + "|"]
     for label, runs in results.items():
-        lines.append(f"| {label} | {runs[0]['pairs']} | " + " | ".join(spread([r[k] for r in runs]) for k in keys) + " |")
+        cells = [spread([r[k] for r in runs]) if k in runs[0] else "-" for k in keys]
+        lines.append(f"| {label} | {runs[0]['pairs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -264,8 +359,8 @@ def plot(name: str, results: dict, path: Path) -> bool:
             ax.set_xlabel("step")
         axes[0][0].legend()
     else:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-        for ax, key in zip(axes, ("reward accuracy", "exact answer")):
+        fig, axes = plt.subplots(1, len(BARS[name]), figsize=(4 * len(BARS[name]), 3))
+        for ax, key in zip(axes, BARS[name]):
             means = [statistics.fmean(r[key] for r in runs) for runs in results.values()]
             lows = [m - min(r[key] for r in runs) for m, runs in zip(means, results.values())]
             highs = [max(r[key] for r in runs) - m for m, runs in zip(means, results.values())]
@@ -280,7 +375,7 @@ def plot(name: str, results: dict, path: Path) -> bool:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("ablation", choices=[*ABLATIONS, "unconditional"])
+    p.add_argument("ablation", choices=[*ABLATIONS, "irrelevant-image", "unconditional"])
     p.add_argument("--seeds", type=int, default=1, help="repeat each arm with training seeds 0..N-1")
     p.add_argument("--out", default="runs/ablations")
     p.add_argument("--dpo", default="runs/demo-dpo/model", help="unconditional: the DPO model to test (the DPO "
@@ -303,8 +398,12 @@ def main(argv=None):
         text = f"Does DPO look at the image? {args.dpo} against its start\n\n| measure | value |\n|---|---|\n{table}\n"
         write_json(out / "results.json", result)
     else:
-        results = run_ablation(args.ablation, list(range(args.seeds)), Path(args.out), start, Path(setup.data),
-                               Path(setup.eval_data), world)
+        seeds = list(range(args.seeds))
+        if args.ablation == "irrelevant-image":
+            results = run_irrelevant_image(seeds, Path(args.out), world, Path(setup.eval_data))
+        else:
+            results = run_ablation(args.ablation, seeds, Path(args.out), start, Path(setup.data), Path(setup.eval_data),
+                                   world)
         text = markdown(args.ablation, results)
         write_json(out / "results.json", results)
         if plot(args.ablation, results, out / "results.png"):

@@ -258,9 +258,11 @@ def make_benchmarks(folder, seed: int = 7, n: int = 100) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def demo_vocabulary() -> list[str]:
+def demo_vocabulary(extra_texts: tuple[str, ...] = ()) -> list[str]:
+    """Every word of the world's questions, answers and prompts (and of `extra_texts`, for a model
+    taught more than the shapes world: the irrelevant-image ablation's text-only task)."""
     words = set()
-    texts = list(SYSTEM_PROMPTS.values()) + ["USER : ASSISTANT :", VERBOSE_TAIL, EVASIVE]
+    texts = list(SYSTEM_PROMPTS.values()) + ["USER : ASSISTANT :", VERBOSE_TAIL, EVASIVE, *extra_texts]
     for kind in KINDS:
         texts += [question(kind, c) for c in range(4)]
         for value in ["red", "green", "blue", "yellow", "square", "circle", "triangle", "one", "two", "three",
@@ -279,24 +281,24 @@ def demo_vocabulary() -> list[str]:
     return ["<unk>", "<s>", "</s>"] + sorted(words) + ["<image>", "<pad>"]
 
 
-def demo_tokenizer() -> Tokenizer:
+def demo_tokenizer(extra_texts: tuple[str, ...] = ()) -> Tokenizer:
     """Whole words and punctuation: enough for this world, and readable when decoded."""
-    vocab = {w: i for i, w in enumerate(demo_vocabulary())}
+    vocab = {w: i for i, w in enumerate(demo_vocabulary(extra_texts))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.add_special_tokens(["<unk>", "<s>", "</s>", "<image>", "<pad>"])
     return tokenizer
 
 
-def demo_processor(image_mode: str = "pad") -> Processor:
-    tokenizer = demo_tokenizer()
+def demo_processor(image_mode: str = "pad", extra_texts: tuple[str, ...] = ()) -> Processor:
+    tokenizer = demo_tokenizer(extra_texts)
     vision = demo_config().vision
     return Processor(tokenizer, image_token_index=tokenizer.token_to_id("<image>"),
                      image_seq_length=vision.num_patches, images=ImageProcessor(size=vision.image_size, mode=image_mode))
 
 
-def demo_config() -> LlavaConfig:
-    vocab = len(demo_vocabulary())
+def demo_config(extra_texts: tuple[str, ...] = ()) -> LlavaConfig:
+    vocab = len(demo_vocabulary(extra_texts))
     return LlavaConfig(
         vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4, image_size=IMAGE_SIZE,
                             patch_size=14),
@@ -355,7 +357,8 @@ def read_heldout(path) -> list[dict]:
 @torch.no_grad()
 def greedy_answers(model, processor: Processor, questions: list[str], images: list, max_new_tokens: int = 24,
                    batch_size: int = 50) -> list[list[int]]:
-    """Greedy answer ids (up to and including </s>) for each (question, image path)."""
+    """Greedy answer ids (up to and including </s>) for each (question, image path or None for a
+    text-only question)."""
     from .generate import generate
 
     model.eval()
@@ -363,8 +366,9 @@ def greedy_answers(model, processor: Processor, questions: list[str], images: li
     for chunk, real in same_size_chunks(list(zip(questions, images)), batch_size):
         prompts = [processor.encode([{"from": "human", "value": q}]) for q, _ in chunk]
         batch = processor.collate(prompts, padding_side="left")
-        pixels = processor.images.batch([image for _, image in chunk])
-        out = generate(model, batch["input_ids"].to(model.device), pixels.to(model.device),
+        pictures = [image for _, image in chunk if image is not None]
+        pixels = processor.images.batch(pictures).to(model.device) if pictures else None
+        out = generate(model, batch["input_ids"].to(model.device), pixels,
                        batch["attention_mask"].to(model.device), max_new_tokens=max_new_tokens,
                        pad_token_id=processor.pad_token_id)
         for row in out[:real].tolist():
