@@ -104,7 +104,15 @@ def test_irrelevant_image_teaches_the_sums_then_asks_them_with_and_without_a_pic
     assert (question, answer) == ("What is four plus four ?", "It is eight .")
     assert processor.decode(processor.tokenize(answer)) == answer and "plus" not in demo.demo_vocabulary()
     results = json.loads((folder / "results.json").read_text())
-    assert list(results) == [ablations.TEXT_START, "DPO + NLL", "DPO"]
+    assert list(results) == [ablations.TEXT_START, "DPO + NLL", "DPO", ablations.WITH_SUMS]
+    # the added pairs: a sum asked with a picture, the sum chosen, the picture's answer rejected
+    added = [json.loads(line) for line in (folder / "pairs-with-sums.jsonl").read_text().splitlines()]
+    added = [r for r in added if r["id"].startswith("sum-picture-")]
+    n_pairs = results["DPO"][0]["pairs"]
+    assert len(added) == n_pairs // 10 == results[ablations.WITH_SUMS][0]["pairs"] - n_pairs
+    for r in added:
+        assert r["prompt"].startswith("<image>\nWhat is ") and r["chosen"].startswith("It is ") and r["image"]
+        assert ablations.answers_the_picture(r["rejected"])
     for label, runs in results.items():
         row = runs[0]
         assert f"| {label} |" in text

@@ -24,12 +24,13 @@ import random
 import shlex
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 from . import demo
-from .data import load_pairs
+from .data import Pair, load_pairs
 from .evaluation import write_atomic, write_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -297,9 +298,26 @@ def sums_scores(model_dir: Path, world: Path, heldout: list[dict]) -> dict:
             "answers the picture instead": statistics.fmean(map(answers_the_picture, with_picture))}
 
 
+WITH_SUMS = "DPO + NLL, 10% more pairs: a sum asked with a picture"
+
+
+def sum_picture_pairs(world: Path, n: int, seed: int = 0) -> list[Pair]:
+    """n pairs that do cover the case: a sum asked after one of the training prompts' pictures, the
+    sum chosen, the picture's own answer (what the start model says) rejected."""
+    rng = random.Random(seed)
+    prompts = demo.read_heldout(world / "prompts.jsonl")
+    pairs = []
+    for i in range(n):
+        record, (question, answer) = rng.choice(prompts), rng.choice(SUMS)
+        pairs.append(Pair(f"sum-picture-{i}", [record["image"]], "<image>\n" + question, answer,
+                          demo.say(record["kind"], record["truth"])))
+    return pairs
+
+
 def run_irrelevant_image(seeds: list[int], out: Path, world: Path, heldout_samples: Path) -> dict:
     """The start model that knows the sums, then DPO on its own image pairs (with and without the NLL
-    term): the sums asked with and without an irrelevant picture, before and after."""
+    term, and with pairs added that cover a sum asked with a picture): the sums asked with and without
+    an irrelevant picture, before and after."""
     folder = out / "irrelevant-image"
     start, samples = sft_and_samples(folder, world, "text", sft_with_sums(world, folder / "sft-with-sums.json"),
                                      seed=0, extra_texts=SUM_TEXTS)
@@ -308,12 +326,15 @@ def run_irrelevant_image(seeds: list[int], out: Path, world: Path, heldout_sampl
     print(report.summary())
     results = {TEXT_START: [{"seed": 0, "pairs": 0, **sums_scores(start, world, questions),
                              "exact answer": measure(start, world, questions)}]}
-    for label, extra in (("DPO + NLL", NLL), ("DPO", [])):
+    added = sum_picture_pairs(world, len(pairs) // 10)
+    with_sums = write_pairs(pairs + added, folder / "pairs-with-sums.jsonl")
+    for label, data, extra in (("DPO + NLL", samples, NLL), ("DPO", samples, []), (WITH_SUMS, with_sums, NLL)):
         for seed in seeds:
             arm = folder / f"{slug(label)}-seed{seed}"
-            final = train_arm(start, samples, heldout_samples, world, arm, seed, extra, RECIPE)
+            final = train_arm(start, data, heldout_samples, world, arm, seed, extra, RECIPE)
             results.setdefault(label, []).append({
-                "seed": seed, "pairs": len(pairs), "reward accuracy": final["rewards/accuracy"],
+                "seed": seed, "pairs": len(pairs) + (len(added) if data == with_sums else 0),
+                "reward accuracy": final["rewards/accuracy"],
                 **sums_scores(arm / "model", world, questions), "exact answer": measure(arm / "model", world, questions)})
     return results
 
@@ -359,13 +380,14 @@ def plot(name: str, results: dict, path: Path) -> bool:
             ax.set_xlabel("step")
         axes[0][0].legend()
     else:
-        fig, axes = plt.subplots(1, len(BARS[name]), figsize=(4 * len(BARS[name]), 3))
+        fig, axes = plt.subplots(1, len(BARS[name]), figsize=(4 * len(BARS[name]), 3.5))
         for ax, key in zip(axes, BARS[name]):
             means = [statistics.fmean(r[key] for r in runs) for runs in results.values()]
             lows = [m - min(r[key] for r in runs) for m, runs in zip(means, results.values())]
             highs = [max(r[key] for r in runs) - m for m, runs in zip(means, results.values())]
             ax.bar(range(len(results)), means, yerr=[lows, highs], capsize=3, color="tab:blue")
-            ax.set_xticks(range(len(results)), list(results), rotation=20, ha="right")
+            ax.set_xticks(range(len(results)), [textwrap.fill(label, 22) for label in results], rotation=20,
+                          ha="right", fontsize=8)  # long arm names wrapped, not run into each other
             ax.set_title(key)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
