@@ -1,0 +1,232 @@
+"""Sample answers from a model and have a judge rate them: the paper's data collection (section 3.2).
+
+    python -m tinyalign.annotate --model runs/sft/model --prompts prompts.jsonl --image-folder images/ \\
+        --out scored.jsonl --judge-url https://api.openai.com/v1 --judge-model gpt-4o   # key: $OPENAI_API_KEY
+    python -m tinyalign.annotate ... --judge rules       # the shapes world's rule-based annotator
+
+Prompts: JSONL `{"id", "image"?, "prompt"}` (the rule-based judge also needs "kind" and "truth", as the
+demo writes them). For each prompt, N answers are sampled (default 4, temperature 0.7) and each is
+rated 0-4 on helpfulness, correctness, coherence, complexity and verbosity. The output is the
+scored-samples JSONL that `build_pairs`, `--select best` and train_steerlm.py read, written one prompt
+per line as soon as it is rated: a crash or Ctrl-C loses at most the prompt in flight, and a rerun
+skips every prompt already rated. A judge that fails (HTTP error, time-out, a reply that does not
+parse) is retried with backoff; after the last try the prompt is written with an "error" field, and a
+rerun tries it again. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .checkpoint import FolderLock, complete_lines, write_text_atomic, writing
+from .data import DataError, build_pairs, read_records, read_scored
+from .judge import ChatClient, JudgeError, image_part
+from .steer import check_ratings
+
+# The judge's instructions: reasoning first (it rates better after thinking), then a strict last line.
+RUBRIC = """You rate answers of a vision-language assistant. Look at the image and the question, then rate
+the answer on five attributes, each an integer from 0 (worst) to 4 (best):
+helpfulness (does it answer what was asked), correctness (is what it says true of the image),
+coherence (is it clear and consistent), complexity (how much expertise it takes to write),
+verbosity (how much detail it gives, relative to what was asked).
+First explain your reasoning briefly. Then end with one line holding only a JSON object, exactly:
+{"helpfulness": h, "correctness": c, "coherence": k, "complexity": x, "verbosity": v}"""
+PROMPT_VERSION = "tinyalign-rubric-v1"
+
+
+def parse_ratings(reply: str) -> dict:
+    """The last JSON object in the reply, with exactly the five attributes as integers 0-4."""
+    objects = re.findall(r"\{[^{}]*\}", reply)
+    if not objects:
+        raise JudgeError(f"no JSON object in the reply: {reply[-200:]!r}")
+    try:
+        ratings = json.loads(objects[-1])
+    except json.JSONDecodeError as e:
+        raise JudgeError(f"the last JSON object does not parse ({e}): {objects[-1]!r}") from None
+    try:
+        return check_ratings(ratings, "judge reply")
+    except ValueError as e:
+        raise JudgeError(str(e)) from None
+
+
+class OpenAIJudge:
+    """Any OpenAI-compatible chat-completions endpoint (tinyalign/judge.py); the image goes inline."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0,
+                 retries: int = 3, backoff: float = 2.0):
+        self.client = ChatClient(base_url, model, api_key, timeout, retries, backoff)
+        self.model = model
+
+    @property
+    def calls(self) -> int:
+        return self.client.calls
+
+    def rate(self, question: str, answer: str, image: Path | None) -> dict:
+        content = [{"type": "text", "text": f"Question: {question}\n\nAnswer to rate: {answer}"}]
+        if image is not None:
+            content.append(image_part(image))
+        messages = [{"role": "system", "content": RUBRIC}, {"role": "user", "content": content}]
+        return self.client.ask(messages, parse_ratings)[0]
+
+
+class RuleJudge:
+    """The shapes world's annotator: it knows the truth of each prompt ("kind", "truth")."""
+
+    def rate_record(self, record: dict, answer: str) -> dict:
+        from .demo import annotate
+
+        if "kind" not in record or "truth" not in record:
+            raise JudgeError(f"prompt {record.get('id')}: the rule-based judge needs 'kind' and 'truth'")
+        return annotate(record["kind"], record["truth"], answer)
+
+
+def read_done(out: Path) -> tuple[list[dict], set]:
+    """Rated prompts already in the output (kept), and their ids. Lines with an error are dropped
+    here so that a rerun tries those prompts again, and so is a last line torn by a crash (that
+    prompt is simply rated again)."""
+    lines, _ = complete_lines(out)
+    kept = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{out}:{n}: not valid JSON ({e}); only a torn last line is repaired by itself") from None
+        if isinstance(record, dict) and "responses" in record and "error" not in record:
+            kept.append(record)
+    return kept, {r["id"] for r in kept}
+
+
+def annotate_prompts(prompts: list[dict], out, sample, judge, image_folder=None, max_prompts=None) -> dict:
+    """sample(records) -> (index in records, answers) for each record, in any order; judge: OpenAIJudge or RuleJudge. Appends to `out`,
+    which one annotator at a time may write (a second is refused, naming the first)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out.parent, f".{out.name}.lock", what=str(out)).acquire()
+    try:
+        kept, done = read_done(out)
+        # Rewritten without the failed lines and a torn tail (whole, then renamed), then appended to.
+        write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in kept))
+        rated, failed = rate_and_append(prompts, done, out, sample, judge, image_folder, max_prompts)
+    finally:
+        lock.release()
+    scored, _ = read_scored(out) if out.stat().st_size else ([], None)
+    pairs, _ = build_pairs(scored) if scored else ([], None)
+    return {"rated now": rated, "failed now": failed, "already rated": len(done), "pairs": len(pairs)}
+
+
+def rate_and_append(prompts, done, out, sample, judge, image_folder, max_prompts) -> tuple[int, int]:
+    """Sample and rate each prompt not yet done; one line per prompt, flushed to disk as it comes
+    (in the order the sampler finishes them: short answers first)."""
+    todo = [p for p in prompts if p["id"] not in done][:max_prompts]
+    rated = failed = 0
+    bar = tqdm(total=len(todo), desc="sample and rate", unit="prompt")
+    with out.open("a") as f, bar:
+        for i, answers in sample(todo):
+            record = todo[i]
+            line = {k: record[k] for k in ("id", "image", "prompt") if k in record}
+            try:
+                line["responses"] = [{"text": a, "scores": _rate(judge, record, a, image_folder)} for a in answers]
+                line["judge"] = getattr(judge, "model", "rules")
+                line["prompt_version"] = PROMPT_VERSION
+                rated += 1
+            except JudgeError as e:
+                line["error"] = str(e)
+                failed += 1
+            with writing(out):
+                f.write(json.dumps(line) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            bar.update(1)
+    return rated, failed
+
+
+def _rate(judge, record, answer, image_folder):
+    if isinstance(judge, RuleJudge):
+        return judge.rate_record(record, answer)
+    image = record.get("image")
+    path = (Path(image_folder) / image if image_folder and image else Path(image)) if image else None
+    return judge.rate(record["prompt"].replace("<image>", "").strip(), answer, path)
+
+
+def with_image_tag(record: dict) -> str:
+    """The prompt with its image's `<image>` tag (put first when the prompt has none)."""
+    prompt = record["prompt"]
+    return prompt if not record.get("image") or "<image>" in prompt else "<image>\n" + prompt
+
+
+def model_sampler(model, processor, image_folder, n: int, temperature: float, max_new_tokens: int, seed: int,
+                  slots: int = 32, numbering: dict | None = None):
+    """sample(records) -> (index in records, n answers) for each record, as they finish: continuous
+    batching over `slots` rows, each prompt prefilled once for its n samples (generate_stream).
+    numbering: prompt id -> its line in the prompts file; a sample's randomness is keyed by that
+    line, so a rerun that resumes draws exactly what one uninterrupted run would have."""
+    from .generate import generate_stream
+
+    def sample(records):
+        def prompt(r):
+            ids = processor.encode([{"from": "human", "value": with_image_tag(r)}], where=f"prompt {r['id']}",
+                                   num_images=1 if r.get("image") else 0).input_ids
+            # The image is decoded when its prompt gets a row, not all of them up front.
+            image = (lambda: processor.images.batch([Path(image_folder or ".") / r["image"]])) if r.get("image") else None
+            return ids, image
+
+        numbers = [numbering[r["id"]] if numbering else i for i, r in enumerate(records)]
+        for i, answers in generate_stream(model, [prompt(r) for r in records], num_samples=n, slots=max(slots, n),
+                                          temperature=temperature, max_new_tokens=max_new_tokens,
+                                          eos_token_id=processor.eos_token_id, seed=seed, prompt_numbers=numbers,
+                                          compile_step=model.device.type == "cuda"):
+            yield i, [processor.decode(a) for a in answers]
+
+    return sample
+
+
+def main(argv=None):
+    from . import Processor, load_model
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompts", required=True, help="JSONL of {id, image?, prompt}")
+    p.add_argument("--out", required=True, help="scored-samples JSONL (appended to; a rerun resumes)")
+    p.add_argument("--image-folder")
+    p.add_argument("--n", type=int, default=4, help="answers sampled per prompt")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--judge", choices=["openai", "rules"], default="openai")
+    p.add_argument("--judge-url", default="https://api.openai.com/v1")
+    p.add_argument("--judge-model", default="gpt-4o")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--retries", type=int, default=3)
+    p.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry (then doubled)")
+    p.add_argument("--max-prompts", type=int, help="rate at most this many new prompts in this run")
+    p.add_argument("--slots", type=int, default=32, help="rows decoding at once (continuous batching; "
+                                                         "a prompt's n samples take n rows)")
+    p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    prompts = read_records(args.prompts)
+    for i, r in enumerate(prompts):
+        if "id" not in r or not isinstance(r.get("prompt"), str):
+            raise DataError(f"{args.prompts} record {i}: needs 'id' and 'prompt'")
+    model = load_model(args.model, device=args.device)
+    processor = Processor.from_pretrained(args.model)
+    judge = RuleJudge() if args.judge == "rules" else OpenAIJudge(
+        args.judge_url, args.judge_model, os.environ.get(args.api_key_env), args.timeout, args.retries, args.backoff)
+    numbering = {r["id"]: i for i, r in enumerate(prompts)}  # keys each prompt's randomness to its line
+    sample = model_sampler(model, processor, args.image_folder, args.n, args.temperature, args.max_new_tokens, args.seed,
+                           args.slots, numbering)
+    summary = annotate_prompts(prompts, args.out, sample, judge, args.image_folder, args.max_prompts)
+    print(", ".join(f"{k}: {v}" for k, v in summary.items()))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

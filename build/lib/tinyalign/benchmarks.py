@@ -1,0 +1,406 @@
+"""The paper's benchmarks: reading their official files, turning free-text answers into what each
+scores, and the scores themselves. No model and no network here: eval.py generates the answers and
+asks the judge; these functions are small enough to check by hand (tests/test_benchmarks.py does).
+
+Benchmarks and their files (users fetch them; see the README):
+- POPE: `coco_pope_{adversarial,popular,random}.json`, JSON lines {question_id, image, text, label yes|no}
+- MMBench: a TSV with base64 images (index, question, hint, A-D, answer (dev only), category, image)
+- MM-Vet: `mm-vet.json` {id: {imagename, question, answer, capability: [...]}} and an images folder
+- LLaVA-Bench in-the-wild: questions.jsonl, context.jsonl, answers_gpt4.jsonl
+- MT-Bench: FastChat's question.jsonl {question_id, category, turns: [2], reference?: [...]}
+- AlpacaEval: a JSON list {instruction, output (the reference model's), generator, dataset}
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+
+class BenchmarkError(ValueError):
+    """A benchmark file or answer file that cannot be used; the message names the file and record."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files, with errors that say where
+# ---------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise BenchmarkError(f"{path}: file not found")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BenchmarkError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise BenchmarkError(f"{path} line {n}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def read_json(path):
+    path = Path(path)
+    if not path.exists():
+        raise BenchmarkError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BenchmarkError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def require(record: dict, fields: list[str], where: str) -> dict:
+    missing = [f for f in fields if f not in record]
+    if missing:
+        raise BenchmarkError(f"{where}: missing field(s) {missing}")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# POPE: yes/no questions about object presence. Positive class = "yes".
+# ---------------------------------------------------------------------------------------------
+
+POPE_SPLITS = ("adversarial", "popular", "random")
+POPE_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
+
+
+def read_pope(path) -> list[dict]:
+    records = read_jsonl(path)
+    for n, r in enumerate(records, 1):
+        require(r, ["question_id", "image", "text", "label"], f"{path} record {n}")
+        if r["label"] not in ("yes", "no"):
+            raise BenchmarkError(f"{path} record {n} (question {r['question_id']}): label must be yes or no, "
+                                 f"got {r['label']!r}")
+    return records
+
+
+def read_llava_pope(question_file, pope_dir) -> dict[str, list[dict]]:
+    """LLaVA's combined question file (`llava_pope_test.jsonl`: question_id, image, text, category) with
+    each question's label from POPE's file of its category, {split: [question...]}. The labels pair up
+    by position within a category, as LLaVA's llava/eval/eval_pope.py (lines 75-79) pairs them: the
+    k-th question of category c takes the label of the k-th line of coco_pope_c.json."""
+    questions = read_jsonl(question_file)
+    by_split = {}
+    for n, q in enumerate(questions, 1):
+        require(q, ["question_id", "image", "text", "category"], f"{question_file} record {n}")
+        by_split.setdefault(q["category"], []).append(dict(q))
+    for split, rows in by_split.items():
+        label_file = Path(pope_dir) / f"coco_pope_{split}.json"
+        labels = read_pope(label_file)
+        if len(labels) != len(rows):
+            raise BenchmarkError(f"{question_file}: {len(rows)} questions of category {split!r} but {len(labels)} "
+                                 f"labels in {label_file}; LLaVA pairs them by position, so the counts must agree")
+        for row, label in zip(rows, labels):
+            row["label"] = label["label"]
+    return by_split
+
+
+def yes_or_no(answer: str) -> str:
+    """POPE's yes/no rule, as LLaVA's llava/eval/eval_pope.py (lines 11-20) and POPE's own evaluate.py
+    both write it: keep the text before the first "." (all of it if there is none), remove commas,
+    split on single spaces; "no" if one of the words is exactly "No", "not" or "no", else "yes".
+    Case and other punctuation count: "NO", "No!", "(no)", "Not at all" are all "yes"."""
+    first = answer.split(".")[0]
+    words = first.replace(",", "").split(" ")
+    return "no" if "No" in words or "not" in words or "no" in words else "yes"
+
+
+def pope_metrics(predictions: list[str], labels: list[str]) -> dict:
+    """Accuracy, precision, recall, F1 and the share of "yes" answers (1.0 on an empty set is avoided:
+    a metric whose denominator is zero is reported as 0)."""
+    pairs = list(zip(predictions, labels))
+    tp = sum(p == "yes" and t == "yes" for p, t in pairs)
+    fp = sum(p == "yes" and t == "no" for p, t in pairs)
+    fn = sum(p == "no" and t == "yes" for p, t in pairs)
+    tn = sum(p == "no" and t == "no" for p, t in pairs)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    n = max(len(pairs), 1)
+    return {"accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": (tp + fp) / n, "n": len(pairs)}
+
+
+# ---------------------------------------------------------------------------------------------
+# MMBench: multiple choice, circular evaluation. The released TSVs already hold every circular
+# pass as a row of its own: rows index, index + 1e6, index + 2e6, ... are one question with its
+# options rotated. Each row is answered once (as LLaVA does); a question counts as right only if
+# every row of its group is (OpenCompass / VLMEvalKit `mcq_circular_eval`).
+# ---------------------------------------------------------------------------------------------
+
+LETTERS = "ABCD"
+MMBENCH_SUFFIX = "Answer with the option's letter from the given choices directly."
+CIRCULAR_STRIDE = 1_000_000  # VLMEvalKit: g_index = int(index % 1e6)
+
+
+def _missing(value) -> bool:
+    """An empty cell, as pandas reads it (NaN) from the official TSVs."""
+    return value is None or value.strip() in ("", "nan", "NaN")
+
+
+def read_mmbench(path) -> list[dict]:
+    """-> one dict per row: {index (int), question, hint, options: [text...], answer (letter or None),
+    category, l2_category, image (bytes), row (the TSV's other columns)}."""
+    path = Path(path)
+    if not path.exists():
+        raise BenchmarkError(f"{path}: file not found")
+    csv.field_size_limit(sys.maxsize)  # one field holds a whole base64 image
+    rows = list(csv.DictReader(io.StringIO(path.read_text()), delimiter="\t"))
+    out = []
+    for n, row in enumerate(rows, 2):  # line 1 is the header
+        where = f"{path} line {n}"
+        require(row, ["index", "question", "A", "B", "image"], where)
+        try:
+            index = int(float(row["index"]))
+        except ValueError:
+            raise BenchmarkError(f"{where}: index {row['index']!r} is not a number") from None
+        options = []
+        for letter in LETTERS:  # LLaVA's get_options: up to the first empty option
+            if _missing(row.get(letter)):
+                break
+            options.append(row[letter])
+        answer = None if _missing(row.get("answer")) else row["answer"].strip()
+        if answer is not None and answer not in LETTERS[:len(options)]:
+            raise BenchmarkError(f"{where} (index {index}): answer {answer!r} is not one of the options "
+                                 f"{list(LETTERS[:len(options)])}")
+        try:
+            image = base64.b64decode(row["image"], validate=True)
+        except ValueError:
+            raise BenchmarkError(f"{where} (index {index}): the image column is not base64") from None
+        out.append({"index": index, "question": row["question"], "options": options, "answer": answer,
+                    "hint": "" if _missing(row.get("hint")) else row["hint"],
+                    "category": row.get("category") or "all", "l2_category": row.get("l2-category") or None,
+                    "image": image, "row": {k: v for k, v in row.items() if k != "image"}})
+    return out
+
+
+def mmbench_prompt(row: dict, suffix: str | None = None) -> str:
+    """LLaVA's llava/eval/model_vqa_mmbench.py (lines 86-98): hint, question, "A. ..." per option, the
+    image first, then the single-prediction instruction."""
+    lines = ([row["hint"]] if row["hint"] else []) + [row["question"]]
+    lines += [f"{letter}. {text}" for letter, text in zip(LETTERS, row["options"])]
+    suffix = "\n" + MMBENCH_SUFFIX if suffix is None else suffix
+    return "<image>\n" + "\n".join(lines) + suffix
+
+
+# VLMEvalKit vlmeval/utils/matching_util.py (`can_infer_option`, `can_infer_text`, `can_infer`), restated.
+REFUSALS = ["Sorry, I can't help with images of people yet.", "I can't process this file.",
+            "I'm sorry, but without the image provided", "Cannot determine the answer"]
+STATED_ANSWER = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+
+
+def option_from_letters(answer: str, letters: str) -> str | None:
+    """The option letter an answer names, or "Z" (refused / names none but "Z"), or None (no verdict).
+    Punctuation .()[],:;!*#{} becomes spaces and the text is split into words; exactly one word that
+    is an option letter, among the last four words, is the answer; else "the answer is X"."""
+    if "Failed to obtain answer via API" in answer:
+        return None
+    if any(refusal in answer for refusal in REFUSALS):
+        return "Z"
+    words = re.sub(r"[.()\[\],:;!*#{}]", " ", answer).split()
+    named = [letter for letter in letters if letter in words]
+    if len(named) == 1 and words.index(named[0]) > len(words) - 5:
+        return named[0]
+    if not named and "Z" in words:
+        return "Z"
+    stated = STATED_ANSWER.search(answer)
+    if stated and stated.group(1).upper() in letters:
+        return stated.group(1).upper()
+    return None
+
+
+def option_from_text(answer: str, options: list[str]) -> str | None:
+    """The one option whose text the answer contains (lower-cased), unless the answer is longer than
+    twice all the options together."""
+    answer = answer.lower()
+    if len(answer) > 2 * sum(len(o) for o in options):
+        return None
+    found = [letter for letter, option in zip(LETTERS, options) if option.lower() in answer]
+    return found[0] if len(found) == 1 else None
+
+
+def extract_option(answer: str, options: list[str]) -> str | None:
+    """The option a free-text answer picks (VLMEvalKit's exact-matching `can_infer`): by its letter,
+    else by its text; "Z" for a refusal; None when it cannot tell (scored wrong, as the official
+    exact-matching mode scores it)."""
+    return option_from_letters(answer, LETTERS[:len(options)]) or option_from_text(answer, options)
+
+
+def mmbench_scores(rows: list[dict], predictions: dict) -> dict:
+    """predictions: {row index: letter or None}. Rows are grouped by index % 1e6; a group is right
+    only if every one of its rows is (circular evaluation; a file without circular rows has groups
+    of one). Overall, per l2-category and per category: the share of right groups, each group under
+    its main row's (index < 1e6) categories, as VLMEvalKit's `report_acc`."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(row["index"] % CIRCULAR_STRIDE, []).append(row)
+    per_question, by_category, by_l2 = [], {}, {}
+    for g_index, members in groups.items():
+        main = next((r for r in members if r["index"] == g_index), None)
+        if main is None:
+            continue  # VLMEvalKit keeps only groups whose main row is in the file
+        right = all(predictions[r["index"]] == r["answer"] for r in members)
+        per_question.append({"index": g_index, "category": main["category"], "rows": len(members), "right": right})
+        by_category.setdefault(main["category"], []).append(right)
+        if main["l2_category"]:
+            by_l2.setdefault(main["l2_category"], []).append(right)
+    n = max(len(per_question), 1)
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    return {"accuracy": sum(p["right"] for p in per_question) / n,
+            "row_accuracy": sum(predictions[r["index"]] == r["answer"] for r in rows) / max(len(rows), 1),
+            "by_category": {c: mean(v) for c, v in sorted(by_category.items())},
+            "by_l2_category": {c: mean(v) for c, v in sorted(by_l2.items())},
+            "per_question": per_question}
+
+
+# ---------------------------------------------------------------------------------------------
+# MM-Vet, LLaVA-Bench, MT-Bench, AlpacaEval: judged benchmarks (the judge's reply parsers here)
+# ---------------------------------------------------------------------------------------------
+
+
+def read_mmvet(path) -> dict:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise BenchmarkError(f"{path}: expected an object keyed by question id, got {type(data).__name__}")
+    for qid, q in data.items():
+        require(q, ["imagename", "question", "answer", "capability"], f"{path} question {qid}")
+    return data
+
+
+def parse_unit_score(reply: str) -> float:
+    """MM-Vet grading: the last line's number, a correctness score from 0.0 to 1.0."""
+    numbers = re.findall(r"\d+(?:\.\d+)?", reply.strip().splitlines()[-1] if reply.strip() else "")
+    if not numbers:
+        raise ValueError(f"no score on the reply's last line: {reply[-120:]!r}")
+    score = float(numbers[-1])
+    if not 0.0 <= score <= 1.0:
+        raise ValueError(f"score {score} is outside 0-1")
+    return score
+
+
+def mmvet_scores(questions: dict, grades: dict) -> dict:
+    """grades {id: 0-1}. Total and per capability, in percent (a question counts toward each of its
+    capabilities)."""
+    by_capability = {}
+    for qid, q in questions.items():
+        for capability in q["capability"]:
+            by_capability.setdefault(capability, []).append(grades[qid])
+    values = [grades[qid] for qid in questions]
+    return {"total": 100 * sum(values) / max(len(values), 1),
+            "by_capability": {c: 100 * sum(v) / len(v) for c, v in sorted(by_capability.items())}}
+
+
+def read_llava_bench(folder) -> list[dict]:
+    """questions.jsonl + context.jsonl (captions, by image) + answers_gpt4.jsonl (reference answers)."""
+    folder = Path(folder)
+    questions = read_jsonl(folder / "questions.jsonl")
+    captions = {c["image"]: c.get("caption", "") for c in read_jsonl(folder / "context.jsonl")}
+    references = {r["question_id"]: r["text"] for r in read_jsonl(folder / "answers_gpt4.jsonl")}
+    for n, q in enumerate(questions, 1):
+        where = f"{folder / 'questions.jsonl'} record {n}"
+        require(q, ["question_id", "image", "text", "category"], where)
+        if q["question_id"] not in references:
+            raise BenchmarkError(f"{where}: question {q['question_id']} has no reference answer in answers_gpt4.jsonl")
+        q["caption"], q["reference"] = captions.get(q["image"], ""), references[q["question_id"]]
+    return questions
+
+
+def parse_pair_scores(reply: str) -> tuple[float, float]:
+    """LLaVA-Bench review, LLaVA's llava/eval/eval_gpt_review_bench.py `parse_score` (lines 36-47): the
+    reply's first line, commas made spaces, split on single spaces, must be exactly two numbers (the
+    reference's score, then the model's). Where LLaVA then records [-1, -1] and averages it in, an
+    unparsable reply here is a failed try (retried, and reported if it never parses)."""
+    parts = reply.split("\n")[0].replace(",", " ").split(" ")
+    if len(parts) != 2:
+        raise ValueError(f"expected two scores on the first line, got {reply.split(chr(10))[0]!r}")
+    return float(parts[0]), float(parts[1])
+
+
+def relative_scores(reviews: list[dict]) -> dict:
+    """reviews [{category, reference, model}]: the model's mean score as a percentage of the
+    reference's, per category and over all (LLaVA-Bench's "relative score")."""
+    groups = {}
+    for r in reviews:
+        groups.setdefault(r["category"], []).append(r)
+    def relative(rows):
+        return 100 * sum(r["model"] for r in rows) / max(sum(r["reference"] for r in rows), 1e-9)
+    return {"overall": relative(reviews), "by_category": {c: relative(rows) for c, rows in sorted(groups.items())}}
+
+
+# FastChat fastchat/llm_judge/common.py: the categories judged with a reference answer (NEED_REF_CATS,
+# line 31) and the sampling temperature of each category's answers (temperature_config, lines 40-50;
+# below 1e-4 means greedy; a category not listed: 0.7, as fastchat/llm_judge/gen_model_answer.py does).
+MTBENCH_REFERENCE_CATEGORIES = ("math", "reasoning", "coding", "arena-hard-200")
+MTBENCH_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+                        "reasoning": 0.0, "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0}
+MTBENCH_DEFAULT_TEMPERATURE = 0.7
+
+
+def read_mtbench(path) -> list[dict]:
+    questions = read_jsonl(path)
+    for n, q in enumerate(questions, 1):
+        require(q, ["question_id", "category", "turns"], f"{path} record {n}")
+        if not isinstance(q["turns"], list) or not q["turns"]:
+            raise BenchmarkError(f"{path} record {n} (question {q['question_id']}): 'turns' must be a non-empty list")
+    return questions
+
+
+def parse_rating(reply: str) -> float:
+    """MT-Bench single-answer grading, as FastChat's fastchat/llm_judge/common.py does it (patterns at
+    lines 36-37, used at 175-183): the first "[[n]]", else the first "[n]", n digits with an optional
+    "." and decimals ("[[7.]]" is 7, "[[0]]" is 0). No rating: -1, which FastChat's show_result.py
+    (line 20) leaves out of every mean, as `mtbench_scores` does."""
+    for pattern in (r"\[\[(\d+\.?\d*)\]\]", r"\[(\d+\.?\d*)\]"):
+        found = re.search(pattern, reply)
+        if found:
+            return float(found.group(1))
+    return -1.0
+
+
+def mtbench_scores(ratings: list[dict]) -> dict:
+    """ratings [{question_id, turn (1|2), category, rating}] -> per-turn and overall means over the
+    rated judgments (rating -1, no rating found, left out as FastChat's show_result.py does; the
+    overall is the mean over every rated turn, lines 20-35 there)."""
+    rated = [r for r in ratings if r["rating"] != -1]
+
+    def mean(rows):
+        return sum(r["rating"] for r in rows) / len(rows) if rows else float("nan")
+    by_category = {}
+    for r in rated:
+        by_category.setdefault(r["category"], []).append(r)
+    return {"overall": mean(rated), "turn_1": mean([r for r in rated if r["turn"] == 1]),
+            "turn_2": mean([r for r in rated if r["turn"] == 2]), "unrated": len(ratings) - len(rated),
+            "by_category": {c: mean(rows) for c, rows in sorted(by_category.items())}}
+
+
+def read_alpaca_eval(path) -> list[dict]:
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise BenchmarkError(f"{path}: expected a JSON list of {{instruction, output}}")
+    for n, r in enumerate(data):
+        require(r, ["instruction", "output"], f"{path} item {n}")
+    return data
+
+
+def parse_preference(reply: str) -> str:
+    """Pairwise judge: the reply's last line names the better output, "a" or "b"."""
+    last = reply.strip().splitlines()[-1].strip().lower() if reply.strip() else ""
+    found = re.findall(r"\b(?:output\s*)?\(?([ab])\)?\b", last)
+    if len(set(found)) != 1:
+        raise ValueError(f"the last line should name output a or b, got {last!r}")
+    return found[0]
+
+
+def win_rate(wins: list[float]) -> float:
+    """wins: 1 model better, 0 reference better (0.5 a tie) -> percent of comparisons won."""
+    return 100 * sum(wins) / max(len(wins), 1)

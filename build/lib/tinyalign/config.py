@@ -1,0 +1,283 @@
+"""Model configuration: three small dataclasses, named presets, and readers for both
+`config.json` flavours that LLaVA-1.5 checkpoints ship with.
+
+* llava-hf (`LlavaForConditionalGeneration`): `{"text_config": {...}, "vision_config": {...},
+  "image_token_index": 32000, "vision_feature_layer": -2, ...}`. The Hub files are sparse: a field
+  that is absent means transformers' default for that class, so the defaults below mirror those.
+* original LLaVA (`LlavaLlamaForCausalLM`, liuhaotian/llava-v1.5-*): the LLaMA fields at the top
+  level plus `mm_vision_tower`, `mm_projector_type`, `mm_vision_select_layer`, ...; the CLIP tower's
+  own shape comes from the CLIP folder's config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class VisionConfig:
+    """CLIP ViT. Defaults: ViT-L/14 at 336 px, the tower of LLaVA-1.5."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class TextConfig:
+    """LLaMA-family decoder. Defaults: Vicuna-7B-v1.5 with llava-hf's 32064-token vocabulary."""
+
+    vocab_size: int = 32064
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32  # < num_heads means grouped-query attention (GQA)
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+
+
+@dataclass
+class LlavaConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    # id written `image_seq_length` times per image into input_ids. In an original LLaVA checkpoint
+    # (vocabulary 32000) it lies just past the vocabulary: the model never looks it up.
+    image_token_index: int = 32000
+    vision_feature_layer: int | list[int] = -2  # index into [embeddings, block 1, ..., block L]
+    vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
+    projector_bias: bool = True
+
+    def __post_init__(self):
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(
+                f"vision_feature_select_strategy must be 'default' or 'full', got {self.vision_feature_select_strategy!r}"
+            )
+        for layer in self.feature_layers:
+            if not -(self.vision.num_layers + 1) <= layer <= self.vision.num_layers:
+                raise ValueError(f"vision_feature_layer {layer} is outside a {self.vision.num_layers}-layer tower")
+
+    @property
+    def feature_layers(self) -> list[int]:
+        layers = self.vision_feature_layer
+        return [layers] if isinstance(layers, int) else list(layers)
+
+    @property
+    def image_seq_length(self) -> int:
+        """Image tokens per image: one per patch, plus CLS under the "full" strategy."""
+        return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+
+
+PRESETS = {
+    "llava-1.5-7b": LlavaConfig(),
+    "llava-1.5-13b": LlavaConfig(
+        text=TextConfig(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40)
+    ),
+    # Small enough to train on a laptop CPU in minutes; same code paths as the real thing (GQA on).
+    "tiny": LlavaConfig(
+        vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4, image_size=56),
+        text=TextConfig(vocab_size=32064, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                        num_kv_heads=2, max_position_embeddings=2048),
+    ),
+    # A CPU benchmark size (~110M decoder weights): big enough that the matrix products, not Python,
+    # set the pace, so the CPU ratios of the generation paths mean something.
+    "small": LlavaConfig(
+        vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, image_size=112),
+        text=TextConfig(vocab_size=32064, hidden_size=768, intermediate_size=2048, num_layers=8, num_heads=12,
+                        num_kv_heads=12, max_position_embeddings=2048),
+    ),
+}
+
+
+def preset(name: str) -> LlavaConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])  # a copy: callers may edit it
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading config.json
+# ---------------------------------------------------------------------------------------------
+
+# transformers' class defaults, used for the fields a sparse Hub config leaves out.
+_LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048)
+_CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      image_size=224, patch_size=32, num_channels=3, layer_norm_eps=1e-5)
+_LLAVA_VISION_DEFAULTS = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=336, patch_size=14)
+
+
+def _refuse(source: str, what: str):
+    raise ValueError(f"{source}: {what} is not supported by tinyalign (LLaVA-1.5: LLaMA decoder + CLIP ViT)")
+
+
+def text_config_from_dict(d: dict, source: str) -> TextConfig:
+    """A LLaMA config dict (transformers' LlamaConfig field names) -> TextConfig."""
+    d = {**_LLAMA_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    if d.get("model_type", "llama") != "llama":
+        _refuse(source, f"decoder model_type {d['model_type']!r}")
+    if d.get("hidden_act", "silu") != "silu":
+        _refuse(source, f"decoder hidden_act {d['hidden_act']!r}")
+    if d.get("attention_bias") or d.get("mlp_bias"):
+        _refuse(source, "a decoder with attention_bias/mlp_bias")
+    if d.get("tie_word_embeddings"):
+        _refuse(source, "tie_word_embeddings=true")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        _refuse(source, f"rope scaling {rope}")
+    heads = d["num_attention_heads"]
+    return TextConfig(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+        num_layers=d["num_hidden_layers"], num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim"), rms_norm_eps=d["rms_norm_eps"],
+        rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+        max_position_embeddings=d["max_position_embeddings"],
+        bos_token_id=d.get("bos_token_id", 1), eos_token_id=_first(d.get("eos_token_id", 2)),
+        pad_token_id=d.get("pad_token_id"),
+    )
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) else x
+
+
+def vision_config_from_dict(d: dict | None, source: str) -> VisionConfig:
+    """A CLIP (vision) config dict -> VisionConfig. A full CLIPConfig nests it under vision_config."""
+    if d is None:
+        d = _LLAVA_VISION_DEFAULTS
+    if "vision_config" in d:
+        d = d["vision_config"]
+    d = {**_CLIP_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    if d.get("hidden_act", "quick_gelu") != "quick_gelu":
+        _refuse(source, f"vision hidden_act {d['hidden_act']!r}")
+    return VisionConfig(
+        hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+        num_heads=d["num_attention_heads"], image_size=d["image_size"], patch_size=d["patch_size"],
+        num_channels=d["num_channels"], layer_norm_eps=d["layer_norm_eps"],
+    )
+
+
+def is_original_llava(d: dict) -> bool:
+    return "mm_vision_tower" in d or "mm_projector_type" in d
+
+
+def config_from_hf_dict(d: dict, source: str = "config.json") -> LlavaConfig:
+    """llava-hf LlavaConfig dict -> LlavaConfig."""
+    if d.get("projector_hidden_act", "gelu") != "gelu":
+        _refuse(source, f"projector_hidden_act {d['projector_hidden_act']!r}")
+    text_dict = dict(d.get("text_config") or {})
+    if "vocab_size" not in text_dict and "vocab_size" in d:  # very old llava-hf configs
+        text_dict["vocab_size"] = d["vocab_size"]
+    cfg = LlavaConfig(
+        vision=vision_config_from_dict(d.get("vision_config"), source),
+        text=text_config_from_dict(text_dict, source),
+        image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
+        vision_feature_layer=d.get("vision_feature_layer", -2),
+        vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+        projector_bias=d.get("multimodal_projector_bias", True),
+    )
+    if cfg.text.pad_token_id is None:
+        cfg.text.pad_token_id = d.get("pad_token_id")
+    _check_image_seq_length(cfg, d.get("image_seq_length"), source)
+    return cfg
+
+
+def _check_image_seq_length(cfg: LlavaConfig, stated: int | None, source: str):
+    # transformers keeps 576 in the config under "full" and adds the CLS token in its processor;
+    # any other disagreement means the config and the tower do not belong together.
+    if stated is None or stated == cfg.image_seq_length:
+        return
+    if cfg.vision_feature_select_strategy == "full" and stated == cfg.vision.num_patches:
+        return
+    raise ValueError(
+        f"{source}: image_seq_length={stated} but the vision tower ({cfg.vision.image_size} px, patch "
+        f"{cfg.vision.patch_size}, strategy {cfg.vision_feature_select_strategy!r}) gives {cfg.image_seq_length} "
+        "features per image"
+    )
+
+
+def config_from_original_dict(d: dict, vision: VisionConfig, source: str = "config.json") -> LlavaConfig:
+    """Original LLaVA (LlavaLlamaForCausalLM) dict + the CLIP tower's VisionConfig -> LlavaConfig."""
+    if d.get("mm_projector_type", "linear") != "mlp2x_gelu":
+        _refuse(source, f"mm_projector_type {d.get('mm_projector_type', 'linear')!r} (LLaVA-1.5 uses 'mlp2x_gelu')")
+    if d.get("mm_use_im_start_end"):
+        _refuse(source, "mm_use_im_start_end=true")
+    select = d.get("mm_vision_select_feature", "patch")
+    if select not in ("patch", "cls_patch"):
+        _refuse(source, f"mm_vision_select_feature {select!r}")
+    mm_hidden = d.get("mm_hidden_size")
+    if mm_hidden is not None and mm_hidden != vision.hidden_size:
+        raise ValueError(f"{source}: mm_hidden_size={mm_hidden} but the CLIP tower has hidden_size {vision.hidden_size}")
+    text = text_config_from_dict({k: v for k, v in d.items() if k != "model_type"}, source)
+    return LlavaConfig(
+        vision=vision, text=text,
+        image_token_index=text.vocab_size,  # just past the vocabulary (32000, as llava-hf): never embedded
+        vision_feature_layer=d.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy="full" if select == "cls_patch" else "default",
+    )
+
+
+def to_hf_dict(cfg: LlavaConfig) -> dict:
+    """LlavaConfig -> a llava-hf config.json dict that transformers' LlavaConfig reads back."""
+    v, t = cfg.vision, cfg.text
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "image_token_index": cfg.image_token_index,
+        "image_seq_length": cfg.vision.num_patches,  # transformers' convention: the CLS is added on top under "full"
+        "vision_feature_layer": cfg.vision_feature_layer,
+        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": cfg.projector_bias,
+        "tie_word_embeddings": False,
+        "pad_token_id": t.pad_token_id,
+        "text_config": {
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads, "head_dim": t.head_dim, "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
+            "max_position_embeddings": t.max_position_embeddings, "hidden_act": "silu",
+            "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id,
+            "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+        },
+        "vision_config": {
+            "model_type": "clip_vision_model", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+            "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "image_size": v.image_size,
+            "patch_size": v.patch_size, "num_channels": v.num_channels, "layer_norm_eps": v.layer_norm_eps,
+            "hidden_act": "quick_gelu", "projection_dim": 768,
+        },
+    }
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None

@@ -1,0 +1,483 @@
+"""Datasets: the file formats the paper uses, read and validated up front, and batches made from them.
+
+Formats (JSON list or JSONL, one object per line):
+
+* conversations (LLaVA; the paper's `standard_sft.json`, `rejection_sampling.json`):
+  `{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}, ...]}`
+* the paper's DPO file: `{"image", "question": {"from": "human", "value"}, "chosen": {"from": "gpt", "value"},
+  "rejected": {...}, "ref_win_logp"?, "ref_rej_logp"?, ...score columns}`
+* plain pairs: `{"image"?, "prompt", "chosen", "rejected"}` (strings)
+* scored samples: `{"image"?, "prompt", "responses": [{"text", "scores": {"helpfulness": 0-4, ...}}]}`
+
+A record that cannot be used (no prompt, an empty answer, chosen == rejected, a missing image with
+`skip_bad`) is dropped with a reason; `DataReport` counts every drop and says so, nothing is silent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import warnings
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .processor import IMAGE_TAG, Encoded, Processor
+
+ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+QUALITY = ("helpfulness", "correctness", "coherence")  # the paper's pair score, 0-12
+
+
+class DataError(ValueError):
+    """A data file or record that cannot be read; the message names the file and the record."""
+
+
+@dataclass
+class DataReport:
+    """What was kept and what was dropped, and why."""
+
+    source: str
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+
+    def drop(self, reason: str, record: str):
+        self.dropped[reason] += 1
+        self.examples.setdefault(reason, record)
+
+    def summary(self) -> str:
+        text = f"{self.source}: {self.kept} kept"
+        for reason, n in self.dropped.most_common():
+            text += f"; {n} dropped ({reason}, e.g. {self.examples[reason]})"
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Conversation:
+    id: str
+    images: list[str]
+    turns: list[dict]
+
+
+@dataclass
+class Pair:
+    id: str
+    images: list[str]
+    prompt: str  # the human turn, "<image>" tag included where there is an image
+    chosen: str
+    rejected: str
+    ref_chosen: float | None = None  # log p under the starting model (sum, or mean per token), if the file has it
+    ref_rejected: float | None = None
+
+
+@dataclass
+class Scored:
+    id: str
+    images: list[str]
+    prompt: str
+    responses: list[tuple[str, dict]]  # (text, {attribute: 0-4})
+
+
+def read_records(path) -> list[dict]:
+    """A JSON list, or JSONL with one object per line. Errors name the file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: data file not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save the "
+                        "file as UTF-8") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: record {i} is a {type(record).__name__}, not an object")
+    return records
+
+
+def _name(path, i: int, record: dict) -> str:
+    return f"{Path(path).name} record {i}" + (f" (id {record['id']})" if "id" in record else "")
+
+
+def _images(record: dict, name: str) -> list[str]:
+    """The record's image path(s): a string, a list of strings, or nothing."""
+    image = record.get("image")
+    if image is None or image == "":
+        return []
+    if isinstance(image, str):
+        return [image]
+    if isinstance(image, list) and all(isinstance(i, str) and i for i in image):
+        return list(image)
+    raise DataError(f"{name}: image must be a path or a list of paths, got {image!r}")
+
+
+def _text(value, name: str, field_name: str) -> str | None:
+    """A turn given as a string or as {"from", "value"}; None when absent. Any other type is an error
+    naming the record and the field (a number where an answer should be is a broken file, not an
+    empty answer)."""
+    if isinstance(value, dict):
+        value = value.get("value")
+    if value is None or isinstance(value, str):
+        return value
+    raise DataError(f"{name}: {field_name} must be text (or {{\"from\", \"value\"}}), got {value!r}")
+
+
+def _with_image_tag(prompt: str, n_images: int) -> str:
+    if n_images and IMAGE_TAG not in prompt:
+        return (IMAGE_TAG + "\n") * n_images + prompt
+    return prompt
+
+
+def read_conversations(path) -> tuple[list[Conversation], DataReport]:
+    report, out = DataReport(str(path)), []
+    for i, r in enumerate(read_records(path)):
+        name = _name(path, i, r)
+        turns = r.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            report.drop("no conversations", name)
+            continue
+        if any(not isinstance(t, dict) or not isinstance(t.get("value"), str) for t in turns):
+            report.drop("a turn without a text value", name)
+            continue
+        if any(t.get("from") == "gpt" and not t["value"].strip() for t in turns):
+            report.drop("empty answer", name)
+            continue
+        out.append(Conversation(str(r.get("id", i)), _images(r, name), turns))
+    report.kept = len(out)
+    return out, report
+
+
+# Reference log-prob fields of a pairs file: (chosen, rejected), the paper's names first. The paper's
+# file has both the sum over the answer's tokens and its mean (what `--average-logps` compares with).
+REFERENCE_FIELDS = {False: [("ref_win_logp", "ref_rej_logp"), ("ref_chosen_logp", "ref_rejected_logp")],
+                    True: [("ref_win_avg_logp", "ref_rej_avg_logp"), ("ref_chosen_avg_logp", "ref_rejected_avg_logp")]}
+
+
+def reference_logps(record: dict, average: bool, name: str = "record") -> tuple[float | None, float | None]:
+    """The file's reference log-probs of the kind the loss uses: summed, or averaged (the authors'
+    trainer swaps in `ref_*_avg_logp` when it averages, mllm-dpo llava/train/llava_trainer.py:393-395).
+    A file with only the other kind gives None: they are computed, never mixed with the wrong kind.
+    Each must be a finite number <= 0 (a log-probability)."""
+    for chosen, rejected in REFERENCE_FIELDS[average]:
+        if record.get(chosen) is not None and record.get(rejected) is not None:
+            return _log_prob(record, chosen, name), _log_prob(record, rejected, name)
+    return None, None
+
+
+def _log_prob(record: dict, key: str, name: str) -> float:
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value > 0:
+        raise DataError(f"{name}: {key} must be a log-probability (a finite number <= 0), got {value!r}")
+    return float(value)
+
+
+def read_pairs(path, average: bool = False) -> tuple[list[Pair], DataReport]:
+    """The paper's DPO file or plain pairs; reference log-probs (summed, or averaged with
+    `average`) kept when the file has them."""
+    report, out = DataReport(str(path)), []
+    for i, r in enumerate(read_records(path)):
+        name = _name(path, i, r)
+        prompt = _text(r.get("question", r.get("prompt")), name, "question" if "question" in r else "prompt")
+        chosen, rejected = _text(r.get("chosen"), name, "chosen"), _text(r.get("rejected"), name, "rejected")
+        if not prompt or not prompt.replace(IMAGE_TAG, "").strip():
+            report.drop("no prompt", name)
+        elif not chosen or not chosen.strip() or not rejected or not rejected.strip():
+            report.drop("empty answer", name)
+        elif chosen.strip() == rejected.strip():
+            report.drop("chosen == rejected", name)
+        else:
+            images = _images(r, name)
+            out.append(Pair(str(r.get("id", i)), images, _with_image_tag(prompt, len(images)), chosen, rejected,
+                            *reference_logps(r, average, name)))
+    report.kept = len(out)
+    return out, report
+
+
+def read_scored(path) -> tuple[list[Scored], DataReport]:
+    report, out = DataReport(str(path)), []
+    for i, r in enumerate(read_records(path)):
+        name = _name(path, i, r)
+        prompt = _text(r.get("prompt"), name, "prompt")
+        responses = r.get("responses")
+        if not prompt or not prompt.replace(IMAGE_TAG, "").strip():
+            report.drop("no prompt", name)
+            continue
+        if not isinstance(responses, list) or not responses:
+            report.drop("no responses", name)
+            continue
+        parsed = []
+        for j, resp in enumerate(responses):
+            scores = resp.get("scores") if isinstance(resp, dict) else None
+            if not isinstance(scores, dict):
+                raise DataError(f"{name}: response {j} has no 'scores' object")
+            for attribute in ATTRIBUTES:  # the quality three always; the other two wherever given
+                value = scores.get(attribute)
+                if value is None and attribute not in QUALITY:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 4:
+                    raise DataError(f"{name}: response {j}: {attribute} must be a number 0-4, got {value!r}")
+            parsed.append((_text(resp.get("text"), name, f"response {j} text") or "", scores))
+        images = _images(r, name)
+        out.append(Scored(str(r.get("id", i)), images, _with_image_tag(prompt, len(images)), parsed))
+    report.kept = len(out)
+    return out, report
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's rules: pairs for DPO, the best answer for rejection sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def quality(scores: dict) -> float:
+    """helpfulness + correctness + coherence, 0-12 (section 3.2 of the paper)."""
+    return sum(scores[a] for a in QUALITY)
+
+
+def build_pairs(scored: list[Scored], seed: int = 0, min_gap: float = 2) -> tuple[list[Pair], DataReport]:
+    """chosen = the best-scored answer (the first of equals); rejected = one drawn at random among the
+    answers scoring at least `min_gap` lower. A prompt whose answers spread by less than min_gap
+    gives no pair."""
+    rng = random.Random(seed)
+    report, pairs = DataReport("build_pairs"), []
+    for s in scored:
+        answers = [(text, quality(scores)) for text, scores in s.responses if text.strip()]
+        if len(answers) < len(s.responses):
+            report.drop("empty answer", s.id)
+        if len(answers) < 2:
+            report.drop("fewer than two answers", s.id)
+            continue
+        best_text, best = max(answers, key=lambda a: a[1])  # max keeps the first of equals
+        worse = [text for text, q in answers if q <= best - min_gap and text.strip() != best_text.strip()]
+        if not worse:
+            report.drop(f"answers spread by less than {min_gap}", s.id)
+            continue
+        pairs.append(Pair(s.id, s.images, s.prompt, best_text, rng.choice(worse)))
+    report.kept = len(pairs)
+    return pairs, report
+
+
+def load_pairs(path, seed: int = 0, average: bool = False) -> tuple[list[Pair], DataReport]:
+    """Preference pairs from any of the formats: the paper's DPO file or plain pairs (reference
+    log-probs kept, summed or with `average` the averaged ones), or scored samples turned into pairs
+    by the paper's rule (`build_pairs`, drawing with `seed`)."""
+    records = read_records(path)
+    if records and "responses" in records[0]:
+        scored, report = read_scored(path)
+        print(report.summary())
+        return build_pairs(scored, seed=seed)
+    return read_pairs(path, average)
+
+
+def select_best(scored: list[Scored]) -> list[Conversation]:
+    """Rejection sampling: the top-rated answer of each prompt as an SFT conversation. Ties go to
+    the higher total over all five attributes, then to the earlier answer."""
+    out = []
+    for s in scored:
+        ranked = [(quality(sc), sum(sc.get(a, 0) for a in ATTRIBUTES), -j, text)
+                  for j, (text, sc) in enumerate(s.responses) if text.strip()]
+        if ranked:
+            best = max(ranked)[3]
+            out.append(Conversation(s.id, s.images, [{"from": "human", "value": s.prompt},
+                                                     {"from": "gpt", "value": best}]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenised examples and batches
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_images(images: list[str], image_folder, name: str) -> list[Path]:
+    paths = []
+    for image in images:
+        path = Path(image)
+        if not path.is_absolute() and image_folder is not None:
+            path = Path(image_folder) / path
+        paths.append(path)
+    return paths
+
+
+def check_image(path: Path, name: str):
+    """Decode the whole image now, so that a missing, truncated or absurdly large one fails before
+    training, not hours into it. Larger than Pillow's limit for a sane image (about 89 million pixels,
+    Image.MAX_IMAGE_PIXELS) counts as unreadable: a "decompression bomb" would take gigabytes."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()  # decodes every pixel: a truncated file fails here, not only its header
+    except FileNotFoundError:
+        raise DataError(f"{name}: image {path} not found") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise DataError(f"{name}: image {path} is too large to decode safely ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{name}: image {path} is not readable ({e})") from None
+
+
+@dataclass
+class SFTExample:
+    encoded: Encoded
+    images: list[Path]
+
+
+@dataclass
+class PairExample:
+    id: str
+    chosen: Encoded
+    rejected: Encoded
+    images: list[Path]
+    ref_chosen: float | None = None
+    ref_rejected: float | None = None
+    ref_corrupted: float | None = None  # the chosen answer under a corrupted image (mDPO only)
+
+
+def _prepare_images(images, image_folder, name, report, skip_bad):
+    paths = resolve_images(images, image_folder, name)
+    try:
+        for p in paths:
+            check_image(p, name)
+    except DataError as e:
+        if not skip_bad:
+            raise DataError(f"{e} (pass --skip-bad to skip such records)") from None
+        report.drop("missing or unreadable image", str(e))
+        return None
+    return paths
+
+
+def sft_examples(records: list[Conversation], processor: Processor, image_folder=None, max_length=None,
+                 skip_bad=False, source="data") -> tuple[list[SFTExample], DataReport]:
+    report, out = DataReport(source), []
+    for r in records:
+        name = f"{source} record {r.id}"
+        paths = _prepare_images(r.images, image_folder, name, report, skip_bad)
+        if paths is None:
+            continue
+        turns = r.turns
+        if paths and not any(IMAGE_TAG in t["value"] for t in turns):
+            turns = [{**turns[0], "value": _with_image_tag(turns[0]["value"], len(paths))}] + turns[1:]
+        encoded = processor.encode(turns, where=name)
+        if max_length is not None and len(encoded.input_ids) > max_length:
+            report.drop(f"longer than --max-length {max_length}", name)  # dropped, never cut
+            continue
+        if encoded.num_images != len(paths):
+            raise DataError(f"{name}: {encoded.num_images} <image> tags for {len(paths)} image file(s)")
+        if not encoded.num_supervised:
+            report.drop("no answer to learn from", name)
+            continue
+        out.append(SFTExample(encoded, paths))
+    report.kept = len(out)
+    return out, report
+
+
+def pair_examples(pairs: list[Pair], processor: Processor, image_folder=None, max_length=None, skip_bad=False,
+                  source="data") -> tuple[list[PairExample], DataReport]:
+    report, out = DataReport(source), []
+    for p in pairs:
+        name = f"{source} record {p.id}"
+        paths = _prepare_images(p.images, image_folder, name, report, skip_bad)
+        if paths is None:
+            continue
+        chosen, rejected = (processor.encode([{"from": "human", "value": p.prompt}, {"from": "gpt", "value": a}],
+                                             where=name) for a in (p.chosen, p.rejected))
+        if max_length is not None and max(len(chosen.input_ids), len(rejected.input_ids)) > max_length:
+            report.drop(f"longer than --max-length {max_length}", name)  # dropped, never cut
+            continue
+        if chosen.num_images != len(paths):
+            raise DataError(f"{name}: {chosen.num_images} <image> tags for {len(paths)} image file(s)")
+        out.append(PairExample(p.id, chosen, rejected, paths, p.ref_chosen, p.ref_rejected))
+    report.kept = len(out)
+    return out, report
+
+
+def load_pixels(processor: Processor, paths: list[Path], cache: dict | None = None) -> torch.Tensor | None:
+    """[N, 3, S, S] for the images of a batch (in order), or None; a small cache skips re-decoding."""
+    if not paths:
+        return None
+    tensors = []
+    for path in paths:
+        if cache is not None and path in cache:
+            tensors.append(cache[path])
+            continue
+        try:
+            pixels = processor.images(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"while making a batch: {e}") from None
+        if cache is not None:
+            cache[path] = pixels
+        tensors.append(pixels)
+    return torch.stack(tensors)
+
+
+def collate_sft(examples: list[SFTExample], processor: Processor, pixel_cache=None) -> dict:
+    batch = processor.collate([e.encoded for e in examples])
+    batch["pixel_values"] = load_pixels(processor, [p for e in examples for p in e.images], pixel_cache)
+    return batch
+
+
+def collate_pairs(examples: list[PairExample], processor: Processor, pixel_cache=None) -> dict:
+    """One batch of 2B rows: the B chosen sequences, then the B rejected ones. pixel_values holds each
+    pair's images once; the training step runs the tower on them once and uses the features for
+    both halves (`torch.cat([features, features])`)."""
+    batch = processor.collate([e.chosen for e in examples] + [e.rejected for e in examples])
+    batch["pixel_values"] = load_pixels(processor, [p for e in examples for p in e.images], pixel_cache)
+    batch["ref_chosen"] = _ref(examples, "ref_chosen")
+    batch["ref_rejected"] = _ref(examples, "ref_rejected")
+    batch["ref_corrupted"] = _ref(examples, "ref_corrupted")
+    batch["repeat_images"] = 2  # Llava.forward: run the tower once, use its features for both halves
+    return batch
+
+
+def corrupt_image(path, key: str, max_area: float = 0.2):
+    """The corrupted image of mDPO (Wang et al. 2024, arXiv 2406.11839, section 3: "crop 0-20%"): a
+    random square-ish crop keeping at most `max_area` of the picture, drawn from `key` (the pair's id),
+    so that every pass, and the reference pass before training, sees the same crop. -> a PIL image."""
+    from .images import load_image
+
+    image = load_image(path)
+    rng = random.Random(zlib.crc32(f"{key}|{path}".encode()))
+    side = math.sqrt(rng.uniform(0.02, max_area))  # the kept fraction of each side
+    w, h = max(1, int(image.width * side)), max(1, int(image.height * side))
+    left, top = rng.randint(0, image.width - w), rng.randint(0, image.height - h)
+    return image.crop((left, top, left + w, top + h))
+
+
+def collate_corrupted(examples: list[PairExample], processor: Processor) -> dict:
+    """B rows: each pair's chosen answer again, its image(s) replaced by a corrupted crop (mDPO)."""
+    batch = processor.collate([e.chosen for e in examples])
+    crops = [processor.images(corrupt_image(p, e.id)) for e in examples for p in e.images]
+    batch["pixel_values"] = torch.stack(crops) if crops else None
+    return batch
+
+
+def _ref(examples, field_name):
+    values = [getattr(e, field_name) for e in examples]
+    return None if any(v is None for v in values) else torch.tensor(values, dtype=torch.float32)
+
+
+def file_digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

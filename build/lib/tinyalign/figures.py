@@ -1,0 +1,68 @@
+"""The README's figures, drawn from the runs' own files into docs/figures/ by one command.
+
+    pip install -e ".[plot]"
+    python -m tinyalign.figures                      # from runs/ (the demos, the study, the ablations)
+    python -m tinyalign.figures --runs other/runs    # from another folder of runs
+
+Each figure is drawn only from what a run wrote (metrics.jsonl, results.json), by the same function
+that the run itself uses; a run that is missing is named and skipped, never faked. The study's page
+(runs/study/index.html) is drawn by headless Chromium when one is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def draw_all(runs: Path, out: Path) -> dict:
+    """-> {figure: path written, or why it was skipped}."""
+    from . import ablations, page, study
+    from .training import plot_metrics
+
+    out.mkdir(parents=True, exist_ok=True)
+    done = {}
+    metrics = runs / "demo-dpo" / "metrics.jsonl"
+    if metrics.exists():
+        done["demo-dpo-curves"] = plot_metrics(metrics, out / "demo-dpo-curves.png",
+                                               keys=["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy"])
+    else:
+        done["demo-dpo-curves"] = f"skipped: no {metrics} (run python train_dpo.py)"
+    results = runs / "study" / "results.json"
+    if results.exists():
+        done["study"] = out / "study.png" if study.plot(json.loads(results.read_text()), out / "study.png") else None
+    else:
+        done["study"] = f"skipped: no {results} (run python -m tinyalign.study)"
+    index = runs / "study" / "index.html"
+    if not index.exists():
+        done["study-page"] = f"skipped: no {index} (run python -m tinyalign.study)"
+    elif page.find_browser() is None:
+        done["study-page"] = "skipped: no headless browser (apt-get install chromium)"
+    else:
+        done["study-page"] = page.screenshot(index, out / "study-page.png")
+    for name in ablations.TITLES:
+        results = runs / "ablations" / name / "results.json"
+        if results.exists():
+            path = out / f"ablation-{name}.png"
+            done[name] = path if ablations.plot(name, json.loads(results.read_text()), path) else None
+        else:
+            done[name] = f"skipped: no {results} (run python -m tinyalign.ablations {name})"
+    if any(v is None for v in done.values()):
+        raise SystemExit("matplotlib is needed: pip install -e \".[plot]\"")
+    return done
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default="runs", help="the folder the demos, the study and the ablations wrote into")
+    p.add_argument("--out", default=str(REPO / "docs" / "figures"))
+    args = p.parse_args(argv)
+    for name, result in draw_all(Path(args.runs), Path(args.out)).items():
+        print(f"{name}: {result}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685): W x + (alpha / r) * B A x, with W frozen and only the
+low-rank A [r, in] and B [out, r] trained. B starts at zero, so training starts from the base model.
+
+The paper's recipe: r = 128, alpha = 256, dropout 0.05 on every linear layer of the decoder
+(q, k, v, o, gate, up, down). After training, `merge_lora` folds B A into W, giving back plain
+nn.Linear layers: the saved checkpoint is an ordinary one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device, dtype=base.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.base(x) + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """A plain Linear whose weight is W + (alpha / r) B A."""
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        self.base.weight.data = (self.base.weight.float() + delta).to(self.base.weight.dtype)
+        return self.base
+
+
+def apply_lora(module: nn.Module, r: int = 128, alpha: float = 256, dropout: float = 0.05,
+               targets=TARGETS) -> list[str]:
+    """Wrap every nn.Linear of `module` whose name ends in one of `targets`. Returns the wrapped names."""
+    names = [name for name, m in module.named_modules()
+             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    if not names:
+        raise ValueError(f"no linear layer named {targets} to put LoRA on")
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), r, alpha, dropout))
+    return names
+
+
+def merge_lora(module: nn.Module) -> int:
+    """Replace every LoRALinear by its merged nn.Linear, in place. Returns how many were merged."""
+    wrapped = [(name, m) for name, m in module.named_modules() if isinstance(m, LoRALinear)]
+    for name, lora in wrapped:
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), leaf, lora.merged())
+    return len(wrapped)
+
+
+def adapter_state(module: nn.Module, prefix: str = "") -> dict:
+    """The LoRA tensors alone, named as PEFT names them (`...q_proj.lora_A.weight`)."""
+    state = {}
+    for name, m in module.named_modules():
+        if isinstance(m, LoRALinear):
+            state[f"{prefix}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
+            state[f"{prefix}{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
+    return state
+
+
+def save_adapter(module: nn.Module, folder, r: int, alpha: float, dropout: float, targets=TARGETS):
+    """adapter_model.safetensors + adapter_config.json, in PEFT's layout and names."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state(module, prefix="base_model.model.model.language_model."), str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+              "target_modules": list(targets), "bias": "none"}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

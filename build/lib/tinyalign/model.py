@@ -1,0 +1,151 @@
+"""LLaVA-1.5 = CLIP vision tower + 2-layer MLP projector + LLaMA decoder (Liu et al. 2023,
+"Improved Baselines with Visual Instruction Tuning", arXiv 2310.03744).
+
+Calling convention (transformers' `LlavaForConditionalGeneration`): `input_ids` holds
+`image_seq_length` consecutive `image_token_index` ids per image; the projected image features
+are written into exactly those positions, in order, and the decoder reads the mixed sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import AttentionMask, prepare
+from .config import LlavaConfig
+from .llama import KVCache, LlamaModel
+from .losses import answer_logps, scored_logps
+from .vision import VisionTower
+
+
+class Projector(nn.Module):
+    """LLaVA-1.5's `mlp2x_gelu`: Linear -> GELU (exact erf form) -> Linear."""
+
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        d_in = cfg.vision.hidden_size * len(cfg.feature_layers)  # several layers are concatenated
+        self.linear_1 = nn.Linear(d_in, cfg.text.hidden_size, bias=cfg.projector_bias)
+        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=cfg.projector_bias)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+class Llava(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = VisionTower(cfg.vision)
+        self.multi_modal_projector = Projector(cfg)
+        self.language_model = LlamaModel(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)  # untied
+        self.vision_tower.requires_grad_(False)  # frozen in every method of the paper
+        # "auto": FlexAttention on CUDA, SDPA on CPU (tinyalign/attention.py says why); "flex" forces
+        # FlexAttention, "eager" is the reference path the tests compare against.
+        self.attn_backend = "auto"
+
+    # -- images -----------------------------------------------------------------------------
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, C, H, W] -> projected features [N, image_seq_length, D_text]."""
+        tower_trains = any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):  # frozen: no graph kept
+            states = self.vision_tower(pixel_values, self.cfg.feature_layers, self.attn_backend)
+        if self.cfg.vision_feature_select_strategy == "default":
+            states = [s[:, 1:] for s in states]  # drop CLS, keep the patches
+        return self.multi_modal_projector(torch.cat(states, dim=-1))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features written over the image-token positions. [B, T, D]
+
+        image_features [N, S, D]: already projected features (from `image_features()`), so that a
+        caller that uses one image in several sequences (DPO: chosen and rejected) runs the tower once.
+        """
+        is_image = input_ids == self.cfg.image_token_index  # [B, T]
+        # The image id may lie past the vocabulary (original checkpoints): never look it up.
+        embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
+        n_tokens = int(is_image.sum())
+        if pixel_values is None and image_features is None:
+            if n_tokens:
+                raise ValueError(f"input_ids hold {n_tokens} image tokens (id {self.cfg.image_token_index}) "
+                                 "but no pixel_values were given")
+            return embeds
+        if pixel_values is not None and pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be [num_images, C, H, W], got shape {list(pixel_values.shape)}")
+        per_image = self.cfg.image_seq_length
+        n_images = (pixel_values if image_features is None else image_features).shape[0]
+        if n_tokens != n_images * per_image:
+            raise ValueError(
+                f"input_ids hold {n_tokens} image tokens (id {self.cfg.image_token_index}) but {n_images} image(s) "
+                f"x {per_image} features = {n_images * per_image} were given: each image needs exactly "
+                f"{per_image} consecutive image tokens"
+            )
+        if image_features is None:
+            image_features = self.image_features(pixel_values)
+        features = image_features.to(embeds.dtype)  # [N, S, D]
+        # Row-major order: the k-th image in pixel_values fills the k-th run of image tokens.
+        return embeds.masked_scatter(is_image[..., None], features)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None, image_features=None,
+                cache: KVCache | None = None, cache_offset: int = 0, logits_to_keep: int = 0,
+                labels=None, average_logps: bool = False, repeat_images: int = 1, document_ids=None, branch_ids=None,
+                targets: dict | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab] (the last `logits_to_keep` positions if > 0).
+
+        With labels [B, T] (-100 where not supervised): returns instead the log-probability of each
+        sequence's supervised tokens [B] (summed, or averaged), computed on those positions only and
+        in chunks, so the [B, T, vocab] logits never exist. Training calls this, through forward so
+        that a DDP wrapper sees it. repeat_images: the rows are that many stacked copies of the same
+        prompts (DPO: the chosen rows, then the rejected rows); the tower runs once on pixel_values
+        and its features serve every copy.
+
+        attention_mask [B, T]: 1 for real tokens, 0 for padding (None: no padding).
+        position_ids [B, T]: RoPE positions; default 0..T-1 (+ cache_offset), as transformers does.
+        image_features [N, S, D]: projected features to use instead of running the tower on pixel_values.
+        cache, cache_offset: decode with a static KV cache; these T tokens go to slots offset..offset+T-1.
+        document_ids, branch_ids, targets: a packed batch (tinyalign/packing.py); returns the log-prob of
+        each of targets["n_sequences"] answers [S].
+        """
+        if repeat_images > 1 and pixel_values is not None:
+            image_features = torch.cat([self.image_features(pixel_values)] * repeat_images)
+            pixel_values = None
+        hidden = self.hidden_states(input_ids, pixel_values, attention_mask, position_ids=position_ids,
+                                    image_features=image_features, cache=cache, cache_offset=cache_offset,
+                                    document_ids=document_ids, branch_ids=branch_ids)
+        if targets is not None:
+            return scored_logps(hidden, self.lm_head, targets, average=average_logps)
+        if labels is not None:
+            return answer_logps(hidden, self.lm_head, labels, average=average_logps)
+        return self.lm_head(hidden[:, -logits_to_keep:])
+
+    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None,
+                      image_features=None, cache: KVCache | None = None, cache_offset: int = 0, document_ids=None,
+                      branch_ids=None) -> torch.Tensor:
+        """Like forward, but stops before the LM head: [B, T, D]."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        embeds = self.embed(input_ids, pixel_values, image_features)
+        if position_ids is None:
+            position_ids = torch.arange(cache_offset, cache_offset + T, device=device).expand(B, T)
+        if cache is None:
+            key_valid = attention_mask.bool() if attention_mask is not None else None
+            if document_ids is not None:
+                key_valid = document_ids >= 0  # packed rows: -1 marks padding
+            kv_len, slots = T, None
+        else:
+            key_valid, kv_len = cache.key_valid, cache.max_len
+            slots = torch.arange(cache_offset, cache_offset + T, device=device)
+        offset = torch.tensor(cache_offset, device=device)
+        mask = prepare(AttentionMask(key_valid, causal=True, query_offset=offset, document=document_ids,
+                                     branch=branch_ids), B, T, kv_len, device, self.attn_backend)
+        return self.language_model(embeds, position_ids, mask, cache, slots)
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype

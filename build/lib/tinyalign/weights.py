@@ -1,0 +1,370 @@
+"""Checkpoints in and out: llava-hf and original-LLaVA layouts, safetensors and `.bin` shards.
+
+Every spelling of a tensor name is mapped onto this project's own parameter names (which mirror
+the checkpoints), then each tensor is copied straight into the target dtype and device on a model
+that was built on the meta device. At no point do two copies of the weights sit in host memory:
+safetensors files are memory-mapped and `.bin` shards are opened with `mmap=True`, one tensor in
+flight at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import (LlavaConfig, config_from_hf_dict, config_from_original_dict, is_original_llava, read_json,
+                     to_hf_dict, vision_config_from_dict)
+from .checkpoint import crash_point, fsync_path, fsync_tree, pid_alive, standalone, usual_permissions, writing
+from .model import Llava
+
+# ---------------------------------------------------------------------------------------------
+# Key maps: checkpoint name -> our parameter name. Each is (pattern, replacement), first match wins.
+# ---------------------------------------------------------------------------------------------
+
+HF_KEY_MAP = [  # every spelling transformers has used for LlavaForConditionalGeneration
+    (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?", "vision_tower."),  # 4.x Hub, 4.5x, 5.x
+    (r"^(?:model\.)?multi_modal_projector\.", "multi_modal_projector."),
+    (r"^language_model\.model\.", "language_model."),  # Hub files
+    (r"^model\.language_model\.", "language_model."),  # transformers >= 4.52 in memory
+    (r"^(?:language_model\.)?lm_head\.", "lm_head."),
+]
+ORIGINAL_KEY_MAP = [  # liuhaotian/llava-v1.5-*: LlavaLlamaForCausalLM
+    (r"^model\.mm_projector\.0\.", "multi_modal_projector.linear_1."),
+    (r"^model\.mm_projector\.2\.", "multi_modal_projector.linear_2."),
+    (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision_tower."),  # only if the tower was saved
+    (r"^model\.(embed_tokens|layers|norm)\b", r"language_model.\1"),
+    (r"^lm_head\.", "lm_head."),
+]
+CLIP_KEY_MAP = [(r"^vision_model\.", "vision_tower.")]  # a CLIP folder; its text half is not ours
+# Buffers older transformers versions saved and that this code recomputes: safe to pass over.
+IGNORED_KEYS = re.compile(r"(\.position_ids|\.rotary_emb\.inv_freq)$")
+CLIP_FOREIGN_KEYS = re.compile(r"^(text_model\.|visual_projection\.|text_projection\.|logit_scale)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: unknown, missing or duplicated tensors, wrong shapes."""
+
+
+def map_key(name: str, key_map) -> str | None:
+    for pattern, replacement in key_map:
+        new, n = re.subn(pattern, replacement, name, count=1)
+        if n:
+            return new
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading shards
+# ---------------------------------------------------------------------------------------------
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint files of a folder, from its index when there is one. A file the index names
+    but the folder lacks is an error naming both."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = folder / index_name
+        if index_path.exists():
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index_path}: no 'weight_map' object")
+            files = [folder / name for name in dict.fromkeys(weight_map.values())]
+            for f in files:
+                if not f.exists():
+                    raise FileNotFoundError(f"{f}: shard listed in {index_path} is missing")
+            return files
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).exists():
+            return [folder / single]
+    found = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not found:
+        raise FileNotFoundError(f"{folder}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json) found")
+    return found
+
+
+def iter_tensors(path: Path):
+    """Yield (name, tensor) from one shard, lazily: safetensors is memory-mapped, .bin is mmapped."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    else:
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # files from before torch 1.6 (not zip) cannot be mmapped
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds here; name the file
+            raise ValueError(f"{path}: could not read it with torch.load(weights_only=True): {e}") from None
+        yield from state.items()
+        del state
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and filling the model
+# ---------------------------------------------------------------------------------------------
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, source: str, dtype, device):
+    module_name, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    current = module._parameters.get(leaf) if module is not None else None
+    if current is None:
+        raise CheckpointError(f"{source}: tensor {name!r} has no place in the model")
+    if tuple(current.shape) != tuple(tensor.shape):
+        raise CheckpointError(
+            f"{source}: tensor {name!r} has shape {list(tensor.shape)} but the config implies "
+            f"{list(current.shape)}: the config and the weights disagree"
+        )
+    value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    module._parameters[leaf] = nn.Parameter(value, requires_grad=current.requires_grad)
+
+
+def fill_from_files(model: nn.Module, files: list[Path], key_map, dtype, device, filled: dict,
+                    skip=lambda name: False):
+    """Copy every tensor of `files` into `model`; record where each came from in `filled`."""
+    for path in files:
+        for raw_name, tensor in iter_tensors(path):
+            if IGNORED_KEYS.search(raw_name) or skip(raw_name):
+                continue
+            name = map_key(raw_name, key_map)
+            if name is None:
+                raise CheckpointError(f"{path}: unknown tensor {raw_name!r} (not part of a LLaVA-1.5 checkpoint)")
+            if name in filled:
+                raise CheckpointError(f"{path}: tensor {raw_name!r} is also in {filled[name]}")
+            _set_tensor(model, name, tensor, f"{path}", dtype, device)
+            filled[name] = path
+
+
+def check_complete(model: nn.Module, filled: dict, where: str):
+    missing = [name for name, p in model.named_parameters() if name not in filled]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise CheckpointError(f"{where}: the checkpoint lacks these tensors: {shown}")
+
+
+def build_empty(cfg: LlavaConfig) -> Llava:
+    """The model's structure with no storage behind it (meta device): costs no memory."""
+    with torch.device("meta"):
+        return Llava(cfg)
+
+
+def default_dtype(device) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_model(path, dtype: torch.dtype | None = None, device="cpu", vision_tower=None) -> Llava:
+    """Load a LLaVA-1.5 checkpoint folder (llava-hf or original LLaVA layout).
+
+    dtype: defaults to bfloat16 on CUDA, float32 elsewhere. vision_tower: the CLIP folder, for
+    original checkpoints (which hold no CLIP weights); defaults to the config's `mm_vision_tower`
+    when that is a local folder.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a checkpoint folder")
+    dtype = dtype or default_dtype(device)
+    raw = read_json(folder / "config.json")
+    filled: dict = {}
+    if is_original_llava(raw):
+        clip = _find_clip_folder(folder, raw, vision_tower)
+        vision_cfg = vision_config_from_dict(read_json(clip / "config.json"), str(clip / "config.json"))
+        cfg = config_from_original_dict(raw, vision_cfg, str(folder / "config.json"))
+        model = build_empty(cfg)
+        fill_from_files(model, weight_files(folder), ORIGINAL_KEY_MAP, dtype, device, filled)
+        if not any(name.startswith("vision_tower.") for name in filled):
+            fill_from_files(model, weight_files(clip), CLIP_KEY_MAP, dtype, device, filled,
+                            skip=CLIP_FOREIGN_KEYS.match)
+        where = f"{folder} (+ CLIP tower {clip})"
+    else:
+        cfg = config_from_hf_dict(raw, str(folder / "config.json"))
+        model = build_empty(cfg)
+        fill_from_files(model, weight_files(folder), HF_KEY_MAP, dtype, device, filled)
+        where = str(folder)
+    check_complete(model, filled, where)
+    model.vision_tower.requires_grad_(False)
+    model.source_dir = folder  # lets save_model carry the tokenizer along
+    return model.eval()
+
+
+def _find_clip_folder(folder: Path, raw: dict, vision_tower) -> Path:
+    candidate = vision_tower or raw.get("mm_vision_tower")
+    if candidate and Path(candidate).is_dir():
+        return Path(candidate)
+    raise FileNotFoundError(
+        f"{folder}: an original LLaVA checkpoint holds no CLIP weights; its config names the tower "
+        f"{raw.get('mm_vision_tower')!r}, which is not a local folder. Pass vision_tower=<folder of "
+        "openai/clip-vit-large-patch14-336 (config.json + weights)>."
+    )
+
+
+def random_model(cfg: LlavaConfig, seed: int = 0, dtype=torch.float32, device="cpu") -> Llava:
+    """A model with small random weights (for tests, the demo and benchmarks)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Llava(cfg).to(dtype)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layer_norm" in name or "layrnorm.weight" in name:
+            nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+        elif p.ndim >= 2 or name.endswith("class_embedding"):
+            nn.init.normal_(p, std=0.02)
+        else:
+            nn.init.zeros_(p)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving: the llava-hf Hub layout, atomically
+# ---------------------------------------------------------------------------------------------
+
+HUB_PREFIXES = [  # our name prefix -> the Hub spelling that every transformers version reads
+    ("vision_tower.", "vision_tower.vision_model."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+    ("language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+]
+MAX_SHARD_BYTES = 5 * 1000**3
+
+
+def hub_key(name: str) -> str:
+    for ours, hub in HUB_PREFIXES:
+        if name.startswith(ours):
+            return hub + name[len(ours):]
+    raise KeyError(name)
+
+
+def _hf_ready_state(model: Llava) -> tuple[dict, LlavaConfig]:
+    """State dict under Hub names. An original-layout model (vocabulary 32000, image id past it) gets
+    rows for `<image>` and `<pad>` and is padded to a multiple of 64, as llava-hf did: embeddings
+    take the mean row (never read: image positions are overwritten, padding is masked) and the LM
+    head takes the mean row too, whose logit is the mean logit and so never the argmax."""
+    import dataclasses
+
+    cfg = model.cfg
+    state = {name: p.detach() for name, p in model.named_parameters()}
+    if cfg.image_token_index >= cfg.text.vocab_size:
+        new_vocab = -(-(cfg.image_token_index + 2) // 64) * 64
+        extra = new_vocab - cfg.text.vocab_size
+        for name in ("language_model.embed_tokens.weight", "lm_head.weight"):
+            w = state[name]
+            state[name] = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype).expand(extra, -1)])
+        text = dataclasses.replace(cfg.text, vocab_size=new_vocab, pad_token_id=cfg.image_token_index + 1)
+        cfg = dataclasses.replace(cfg, text=text)
+    return {hub_key(k): v for k, v in state.items()}, cfg
+
+
+def save_model(model: Llava, out_dir, processor=None, max_shard_bytes: int = MAX_SHARD_BYTES):
+    """Write `model` as a llava-hf checkpoint folder (config.json, safetensors shards + index,
+    tokenizer files) that transformers' LlavaForConditionalGeneration and load_model both read.
+
+    Written into a temporary folder beside `out_dir` and renamed into place at the end: a crash
+    mid-save leaves the previous folder (or none), never a half-written one.
+    processor: a tinyalign.Processor whose tokenizer/image settings to save; by default the one of
+    the folder the model was loaded from, if any.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    state, cfg = _hf_ready_state(model)
+    if processor is None and getattr(model, "source_dir", None) is not None:
+        from .processor import Processor
+
+        try:
+            processor = Processor.from_pretrained(model.source_dir, image_token_index=model.cfg.image_token_index)
+        except FileNotFoundError as e:
+            warnings.warn(f"saving {out_dir} without tokenizer files: {e}")
+    recover_folder(out_dir)  # what an interrupted earlier save left behind
+    # Written under a temporary name (with our pid, so that a later run knows whether it is still
+    # being written), flushed to disk, then renamed into place.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+    try:
+        with writing(tmp):
+            (tmp / "config.json").write_text(json.dumps(to_hf_dict(cfg), indent=2) + "\n")
+            _write_shards(state, tmp, max_shard_bytes)
+            if processor is not None:
+                processor.save_pretrained(tmp, vocab_size=cfg.text.vocab_size)
+        crash_point("model: files written, not yet renamed")
+        fsync_tree(tmp)
+        usual_permissions(tmp)
+        _replace_folder(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_shards(state: dict, folder: Path, max_shard_bytes: int):
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = standalone(t)
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / file_name), metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = file_name
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _replace_folder(tmp: Path, out_dir: Path):
+    """Rename tmp -> out_dir; an existing out_dir is moved aside first and removed only after. Between
+    the two renames there is no out_dir: `recover_folder` puts the set-aside one back if a crash
+    falls there."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        crash_point("model: previous folder set aside")
+    os.replace(tmp, out_dir)
+    fsync_path(out_dir.parent)
+    crash_point("model: renamed into place")
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(out_dir) -> list[str]:
+    """Undo what an interrupted save_model left next to out_dir: if out_dir is missing but its
+    set-aside previous version (.NAME.old-PID) is there, put it back; remove the temporary folders
+    (.NAME.tmp-PID-*) of processes that no longer run. Returns what was done."""
+    out_dir = Path(out_dir)
+    done = []
+    if not out_dir.parent.exists():
+        return done
+    olds = sorted(out_dir.parent.glob(f".{out_dir.name}.old-*"))
+    if olds and not out_dir.exists():
+        os.replace(olds.pop(), out_dir)
+        done.append(f"restored {out_dir} (a save of it was interrupted)")
+    for path in olds + sorted(out_dir.parent.glob(f".{out_dir.name}.tmp-*")):
+        pid = path.name.rsplit(".tmp-", 1)[-1].split("-")[0] if ".tmp-" in path.name else ""
+        if pid.isdigit() and pid_alive(int(pid)) and int(pid) != os.getpid():
+            continue  # another live process is writing it
+        shutil.rmtree(path, ignore_errors=True)
+        done.append(f"removed {path}")
+    return done
