@@ -83,6 +83,15 @@ def test_unconditional_preference_on_a_trained_policy(demo_folders):
     # not depend on beta); batches padded differently may move a margin that sits at 0 by rounding.
     assert result["reward accuracy, true image"] == pytest.approx(final["rewards/accuracy"], abs=2 / result["pairs"])
     assert 0 <= result["told apart without the image"] <= 1
+    assert result["told apart without the image"] == sum(m > 0 for m in result["margins"]["swapped image"]) / result["pairs"]
+    # The command: its table, its JSON and the figure of the margins (python -m tinyalign.figures draws it too)
+    text = ablations.main(["unconditional", "--dpo", "runs/dpo/model", "--out", "runs/ablations"])
+    assert f"| told apart without the image | {result['told apart without the image']:.3f} |" in text
+    assert "margins" not in text
+    from tinyalign import figures
+
+    done = figures.draw_all(demo_folders / "runs", demo_folders / "figures")
+    assert done["unconditional"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 

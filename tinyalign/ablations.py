@@ -66,6 +66,7 @@ KEYS["mdpo"] += ["reward accuracy, swapped image"]
 KEYS["irrelevant-image"] = ["sums, no image", "sums, irrelevant image", "answers the picture instead", "exact answer",
                             "reward accuracy"]
 BARS = {name: KEYS[name][:2] for name in KEYS}
+FIGURES = [*TITLES, "unconditional"]  # every name that draws a figure (python -m tinyalign.figures)
 BARS["irrelevant-image"] = KEYS["irrelevant-image"][:3]
 
 
@@ -242,6 +243,7 @@ def unconditional(policy: Path, reference: Path, heldout_samples: Path, world: P
         result[f"reward accuracy, {images} image"] = sum(x > 0 for x in m) / len(m)
         result[f"mean margin, {images} image"] = statistics.fmean(m)
     result["told apart without the image"] = sum(s > 0 for s in margins["swapped"]) / len(examples)
+    result["margins"] = {"true image": margins["true"], "swapped image": margins["swapped"]}  # for the figure
     return result
 
 
@@ -369,7 +371,15 @@ def plot(name: str, results: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    if name == "beta-nll":  # the reward curves: does the chosen reward go down?
+    if name == "unconditional":  # each held-out pair's reward margin, with its own image and another's
+        fig, ax = plt.subplots(figsize=(6, 3))
+        for label, margins in results["margins"].items():
+            ax.hist(margins, bins=40, alpha=0.6, label=label)
+        ax.axvline(0, color="grey", linewidth=0.5)
+        ax.set_xlabel("DPO reward margin, chosen - rejected (beta 1)")
+        ax.set_ylabel("held-out pairs")
+        ax.legend()
+    elif name == "beta-nll":  # the reward curves: does the chosen reward go down?
         fig, axes = plt.subplots(1, len(results), figsize=(3.5 * len(results), 3), sharey=True, squeeze=False)
         for ax, (label, runs) in zip(axes[0], results.items()):
             steps, chosen, rejected = zip(*runs[0]["curve"])
@@ -416,9 +426,12 @@ def main(argv=None):
             print("\n$ python train_dpo.py", flush=True)
             subprocess.run([sys.executable, str(REPO / "train_dpo.py")], check=True)
         result = unconditional(Path(args.dpo), start, Path(setup.eval_data), world)
-        table = "\n".join(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result.items())
+        table = "\n".join(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |"
+                          for k, v in result.items() if k != "margins")
         text = f"Does DPO look at the image? {args.dpo} against its start\n\n| measure | value |\n|---|---|\n{table}\n"
         write_json(out / "results.json", result)
+        if plot("unconditional", result, out / "results.png"):
+            print(f"figure: {out / 'results.png'}")
     else:
         seeds = list(range(args.seeds))
         if args.ablation == "irrelevant-image":

@@ -579,8 +579,9 @@ def table(r: dict) -> str:
                          "bandwidth limit")
     gen_rows = [k for k in r if k.startswith(("gen_", "hf_gen_")) and k != "gen_decode_step"]
     if gen_rows:
+        spans = {kind: f"{min(r[kind + '_budgets'])}-{max(r[kind + '_budgets'])}" for kind in ("annotate", "eval")}
         lines.append(f"generation: {r['generation_prompt_tokens']}-token multimodal prompts, answers of "
-                     f"{min(r['annotate_budgets'])}-{max(r['annotate_budgets'])} tokens")
+                     f"{spans['annotate']} tokens (annotate-style), {spans['eval']} (eval-style)")
     for name in sorted(gen_rows, key=lambda k: ("eval" in k, k)):
         row = r[name]
         if "error" in row:

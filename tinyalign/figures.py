@@ -43,7 +43,7 @@ def draw_all(runs: Path, out: Path) -> dict:
         done["study-page"] = "skipped: no headless browser (apt-get install chromium)"
     else:
         done["study-page"] = page.screenshot(index, out / "study-page.png")
-    for name in ablations.TITLES:
+    for name in ablations.FIGURES:
         results = runs / "ablations" / name / "results.json"
         if results.exists():
             path = out / f"ablation-{name}.png"
