@@ -77,3 +77,15 @@ def test_the_study_page_shows_answers_and_pairs_and_every_picture_loads_in_a_bro
 
     with Image.open(screenshot(page, out / "page.png", width=800, height=600)) as shot:
         assert shot.size == (800, 600) and len(set(shot.getdata())) > 10  # drawn, not blank
+
+
+def test_without_a_browser_the_error_says_what_to_install_and_the_figures_skip_the_page(monkeypatch, tmp_path):
+    from tinyalign import figures, page
+
+    monkeypatch.setattr(page, "find_browser", lambda: None)
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "index.html").write_text("<html></html>")
+    with pytest.raises(RuntimeError, match="apt-get install chromium"):
+        page.rendered_dom(tmp_path / "study" / "index.html")
+    done = figures.draw_all(tmp_path, tmp_path / "figures")
+    assert done["study-page"] == "skipped: no headless browser (apt-get install chromium)"
