@@ -66,8 +66,8 @@ KEYS["mdpo"] += ["reward accuracy, swapped image"]
 KEYS["irrelevant-image"] = ["sums, no image", "sums, irrelevant image", "answers the picture instead", "exact answer",
                             "reward accuracy"]
 BARS = {name: KEYS[name][:2] for name in KEYS}
-FIGURES = [*TITLES, "unconditional"]  # every name that draws a figure (python -m tinyalign.figures)
 BARS["irrelevant-image"] = KEYS["irrelevant-image"][:3]
+FIGURES = [*TITLES, "unconditional"]  # every name that draws a figure (python -m tinyalign.figures)
 
 
 # ---------------------------------------------------------------------------------------------
