@@ -9,12 +9,16 @@ off by --deadline keeps what it has):
    how many decode tokens/s the matmuls alone would allow, and whether fusing or cuBLAS helps.
 2. ``dpo``: the paper-setting DPO step (LoRA r128 on every projection, 4 pairs, compiled blocks):
    step time, a ``torch.profiler`` table of the kernels that take the time, grouped (matrix
-   products, attention, fused elementwise, other), the forward alone, and two variants named in
-   docs/benchmarks.md: LoRA dropout 0 and LoRA weights in bf16.
-3. ``generation``: annotate-style sampling (one 600-token multimodal prompt, 4 samples, T=0.7,
-   fixed answer length) and eval-style greedy batches with today's ``generate`` (a static batch:
-   the prompt is prefilled once per sample), next to transformers' ``generate`` with
-   ``num_return_sequences=4``, samples/s and tokens/s.
+   products, attention, fused elementwise, other), the forward alone, and the variants
+   ``--dpo-variants`` names, each applied on top of the last: LoRA dropout 0, the vision tower
+   compiled, the decoder blocks compiled with max-autotune (LoRA weights in bf16 is a row of
+   ``python -m tinyalign.bench``).
+3. ``decode``: the compiled decode step at batch 1, fused q/k/v and gate/up against the separate
+   products in alternating rounds of one process, and a kernel profile of the fused step.
+4. ``generation``: annotate-style sampling (one 600-token multimodal prompt, 4 samples, T=0.7,
+   fixed answer length) and eval-style greedy batches with a static batch, next to transformers'
+   ``generate`` with ``num_return_sequences=4``, samples/s and tokens/s (the measurements taken
+   before issue 15's generation paths: ``tests/reference_bench.py`` has the rows of today's).
 
     python tests/profile_bench.py --preset llava-1.5-7b --out profile   # on a GPU, ~6 min
     python tests/profile_bench.py --preset tiny --out /tmp/profile        # the same code on a CPU
@@ -23,6 +27,7 @@ off by --deadline keeps what it has):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -140,7 +145,33 @@ def profile_rows(step, device, steps=2, top=30) -> dict:
                      "share": getattr(e, attr) / total} for e in events[:top]]}
 
 
-def dpo_section(cfg, device, dtype, n_pairs: int, deadline, out: dict) -> dict:
+def no_lora_dropout(model):
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            module.dropout.p = 0.0
+
+
+def compile_tower(model):
+    """The frozen vision tower runs eagerly in the DPO step: 4 images x 24 blocks of small kernels,
+    each launched from Python. Compiled per block like the decoder's, it launches a few fused ones."""
+    for block in model.vision_tower.encoder.layers:
+        block.compile(dynamic=False)
+
+
+def autotune_blocks(model):
+    """Recompile the decoder blocks with max-autotune: inductor times several kernel configurations
+    for each matrix product and for FlexAttention's forward and backward (which the default
+    compile takes from a fixed table) and keeps the fastest. Costs minutes of compile."""
+    for block in model.language_model.layers:
+        block.compile(dynamic=False, mode="max-autotune-no-cudagraphs")
+
+
+# The variants --dpo-variants may name, applied in the order given, each on top of the last.
+DPO_VARIANTS = {"dropout 0": no_lora_dropout, "+ vision tower compiled": compile_tower,
+                "+ blocks max-autotune": autotune_blocks}
+
+
+def dpo_section(cfg, device, dtype, n_pairs: int, deadline, out: dict, variants=("dropout 0",)) -> dict:
     from tinyalign.packing import model_inputs, pack_pairs
 
     processor = bench.SyntheticProcessor(cfg)
@@ -179,20 +210,23 @@ def dpo_section(cfg, device, dtype, n_pairs: int, deadline, out: dict) -> dict:
 
     # (Casting the LoRA weights to bf16 in place under the compiled blocks crashed cuBLAS on the
     # H200, 2026-11-27: that variant needs its own model built in bf16, left to the change itself.)
-    variants = [("dropout 0", lambda m: [setattr(mod.dropout, "p", 0.0) for mod in m.modules() if hasattr(mod, "lora_A")])]
-    for name, change in variants:
+    # Each variant is applied on top of the ones before it, so each row compares with the row above.
+    for name in variants:
         if time.time() > deadline:
             out[name] = {"error": "not run: deadline"}
             continue
-        change(model)
+        DPO_VARIANTS[name](model)
         rate(name, bench.our_dpo_step(model, pairs, processor, device, bench.trainable_optimizer(model, 5e-5)))
     model = None  # free the GPU memory before the next model
     return out
 
 
-def decode_section(cfg, device, dtype, new_tokens: int = 64) -> dict:
+def decode_section(cfg, device, dtype, new_tokens: int = 64, rounds: int = 3) -> dict:
     """The compiled decode step (batch 1, CUDA graph) profiled kernel by kernel: what besides the
-    matrix products takes the step's time."""
+    matrix products takes the step's time. And an A/B in one process: the step with q/k/v and
+    gate/up fused (what generate does) against the five separate products, measured in alternation
+    (fused, separate, fused, ...) so that drift over the run falls on both (issue 15's round saw no
+    gain from fusing, 200 tokens/s against 208 and 217 in other runs, within their spread)."""
     from tinyalign.generate import generate
 
     model = bench.our_model(cfg, device, dtype).eval()
@@ -201,8 +235,25 @@ def decode_section(cfg, device, dtype, new_tokens: int = 64) -> dict:
     pixels = bench.pixel_batch(cfg, 1, device, dtype)
     compiled = device != "cpu"
     run = lambda n: generate(model, ids, pixels, max_new_tokens=n, eos_token_id=-1, compile_step=compiled)  # noqa: E731
-    out = {"tokens_per_s": bench.decode_rate(run, new_tokens, device)}
-    print(f"   decode tokens/s: {out['tokens_per_s']:.1f}", flush=True)
+    fused_method = model.language_model.fused_projections
+
+    def separate_products():  # generate enters this context: make it fuse nothing
+        return contextlib.nullcontext(model.language_model)
+
+    def rate(fused: bool) -> float:
+        model.language_model.fused_projections = fused_method if fused else separate_products
+        try:  # the compiled step is traced once per variant (its guards see fused weights or none)
+            return bench.decode_rate(run, new_tokens, device)
+        finally:
+            model.language_model.fused_projections = fused_method
+
+    rates = {"fused": [], "separate": []}
+    for _ in range(rounds):
+        for name in rates:
+            rates[name].append(rate(name == "fused"))
+    out = {"tokens_per_s": statistics.median(rates["fused"]), "rounds": rates,
+           "separate_tokens_per_s": statistics.median(rates["separate"])}
+    print(f"   decode tokens/s, fused: {rates['fused']}  separate products: {rates['separate']}", flush=True)
     out["profile"] = profile_rows(lambda: run(new_tokens), device, steps=1)
     out["profile"]["per_token_us"] = out["profile"]["total_us_per_step"] / new_tokens
     for g, v in out["profile"]["groups"].items():
@@ -287,19 +338,26 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--eval-batch", type=int, default=16)
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--dpo-variants", default="dropout 0",
+                   help=f"comma-separated, applied in order, each on top of the last: {', '.join(DPO_VARIANTS)}")
+    p.add_argument("--decode-rounds", type=int, default=3, help="decode A/B: rounds of (fused, separate products)")
     p.add_argument("--deadline", type=float, default=0, help="seconds: start no new section after this (0: none)")
     p.add_argument("--out", default="profile")
     args = p.parse_args(argv)
     cfg, device = preset(args.preset), args.device
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
     deadline = time.time() + (args.deadline or 10**9)
+    variants = [v.strip() for v in args.dpo_variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in DPO_VARIANTS]
+    if unknown:
+        p.error(f"--dpo-variants: unknown {unknown}; known: {list(DPO_VARIANTS)}")
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"preset": args.preset, "card": bench.card_peak(device)[0], "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "command": "python tests/profile_bench.py " + " ".join(argv or sys.argv[1:])}
     sections = {"linear": lambda: linear_section(cfg, device, dtype, 1),
-                "decode": lambda: decode_section(cfg, device, dtype),
-                "dpo": lambda: dpo_section(cfg, device, dtype, args.pairs, deadline, partial),
+                "decode": lambda: decode_section(cfg, device, dtype, rounds=args.decode_rounds),
+                "dpo": lambda: dpo_section(cfg, device, dtype, args.pairs, deadline, partial, variants),
                 "generation": lambda: generation_section(cfg, device, dtype, args.new_tokens, args.eval_batch,
                                                          deadline, not args.no_hf)}
     for name in args.sections.split(","):

@@ -60,3 +60,27 @@ def test_eval_imports_nothing_from_the_training_scripts():
     """eval.py's helpers live in tinyalign/, so a reader of eval.py never has to open train_dpo.py."""
     found = re.findall(r"^\s*(?:from|import)\s+(train_\w+)", (ROOT / "eval.py").read_text(), re.M)
     assert not found, found
+
+
+def test_profile_bench_decode_ab_runs_both_arms(tmp_path, monkeypatch):
+    """tests/profile_bench.py's decode section (the fused-vs-separate A/B that issue 15's GPU run
+    needs) end to end at the tiny preset: both arms measured in each round, one decoding with the
+    fused weights and the other with none."""
+    import profile_bench
+
+    from tinyalign.llama import LlamaModel
+
+    seen = []
+    original = LlamaModel.forward
+
+    def spy(self, *args, **kwargs):  # which products each decoder call runs
+        seen.append(self.layers[0].self_attn.fused_qkv is not None)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaModel, "forward", spy)
+    profile_bench.main(["--preset", "tiny", "--sections", "decode", "--decode-rounds", "1", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "decode.json").read_text())
+    assert "error" not in result, result.get("error")
+    assert len(result["rounds"]["fused"]) == len(result["rounds"]["separate"]) == 1
+    assert result["tokens_per_s"] > 0 and result["separate_tokens_per_s"] > 0
+    assert True in seen and False in seen  # one arm decoded with fused weights, the other without
