@@ -173,6 +173,7 @@ DPO_VARIANTS = {"dropout 0": no_lora_dropout, "+ vision tower compiled": compile
 
 def dpo_section(cfg, device, dtype, n_pairs: int, deadline, out: dict, variants=("dropout 0",)) -> dict:
     from tinyalign.packing import model_inputs, pack_pairs
+    from tinyalign.training import autocast
 
     processor = bench.SyntheticProcessor(cfg)
     pairs = bench.synthetic_pairs(cfg, n_pairs, 64, 200)
@@ -202,7 +203,7 @@ def dpo_section(cfg, device, dtype, n_pairs: int, deadline, out: dict, variants=
     batch["pixel_values"] = bench.pixel_batch(cfg, n_pairs, device, model.dtype)
 
     def forward_only():
-        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        with torch.no_grad(), autocast(device):
             return model(**model_inputs(batch, device))
 
     out["forward_no_grad_s"] = median_time(forward_only, device, 2, 5)

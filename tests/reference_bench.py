@@ -26,6 +26,7 @@ from tinyalign.bench import pixel_batch, trainable_optimizer  # noqa: E402
 from tinyalign.config import to_hf_dict  # noqa: E402
 from tinyalign.losses import dpo_loss  # noqa: E402
 from tinyalign.processor import IGNORE_INDEX  # noqa: E402
+from tinyalign.training import autocast  # noqa: E402
 
 
 def hf_model(cfg, device, dtype):
@@ -54,12 +55,12 @@ def hf_dpo_step(model, pairs, cfg, device, optimizer, beta=0.1):
         labels[i, :len(r.labels)] = torch.tensor(r.labels)
         mask[i, :len(r.input_ids)] = 1
     ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-    pixels = pixel_batch(cfg, len(pairs), device, torch.bfloat16)
+    pixels = pixel_batch(cfg, len(pairs), device, next(model.parameters()).dtype)
     pixels = torch.cat([pixels, pixels])
     ref = torch.tensor([-300.0] * len(pairs) + [-310.0] * len(pairs), device=device)
 
     def step():
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        with autocast(device):  # the same precision as our row: bf16 on CUDA, float32 on a CPU
             logits = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits[:, :-1]
             target = labels[:, 1:]
             logps = torch.gather(logits.float().log_softmax(-1), 2, target.clamp(min=0)[..., None]).squeeze(-1)

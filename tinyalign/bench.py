@@ -213,12 +213,14 @@ def optimizer_in_backward(model, lr: float):
 
 
 def our_dpo_step(model, pairs, processor, device, optimizer, beta=0.1):
+    from .training import autocast
+
     batch = pack_pairs(pairs, processor)
     batch["pixel_values"] = pixel_batch(model.cfg, len(pairs), device, model.dtype)
     ref_c, ref_r = batch["ref_chosen"].to(device), batch["ref_rejected"].to(device)
 
     def step():
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        with autocast(device):  # what train_dpo.py runs under: bf16 on CUDA, float32 on a CPU
             chosen, rejected = model(**model_inputs(batch, device)).chunk(2)
             loss = dpo_loss(chosen, rejected, ref_c, ref_r, beta)[0].mean()
         loss.backward()
