@@ -13,8 +13,8 @@ import train_dpo
 import train_sft
 
 
-def torchrun(script, args, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def torchrun(script, args, tmp_path, **env_vars):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env_vars}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / script), *args]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -80,15 +80,20 @@ def test_fsdp_two_processes_match_one_and_resume_from_a_sharded_checkpoint(tiny_
         torch.testing.assert_close(model_two[name], t, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_fsdp_full_fine_tuning_matches_one_process(tiny_world, tmp_path):
+def test_fsdp_full_fine_tuning_with_compiled_blocks_matches_one_process(tiny_world, tmp_path):
     """--fsdp with --lora-r 0: every decoder weight trains, sharded over two processes; the losses
-    and the saved model equal one process's."""
+    and the saved model equal one process's. The sharded run also compiles its blocks (--compile,
+    what a GPU run does by default: each block compiled, then sharded), against an eager one-process
+    run, so sharding and compiling together are checked against the plain path."""
     from safetensors.torch import load_file
 
     make = lambda out, *more: sft_args(tiny_world, out, "--max-steps", "2", "--lora-r", "0", "--grad-accum", "2",  # noqa: E731
                                        *more)
     train_sft.main(with_batch(make(tmp_path / "one"), 8))
-    torchrun("train_sft.py", with_batch(make(tmp_path / "two", "--fsdp"), 4), tmp_path)
+    kernels = tmp_path / "inductor"  # where the sharded run's compiled kernels go: proof that it compiled
+    torchrun("train_sft.py", with_batch(make(tmp_path / "two", "--fsdp", "--compile"), 4), tmp_path,
+             TORCHINDUCTOR_CACHE_DIR=str(kernels))
+    assert any(kernels.rglob("*.py")), "the --compile run compiled nothing"
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(one) == len(two) == 2 and one[1]["loss"] != one[0]["loss"]
     for a, b in zip(one, two):
