@@ -31,9 +31,9 @@ A="--preset $PRESET --gen-prompts 8 --gen-rows 16 --eval-prompts 16 --eval-rows 
 case "$part" in
 generation)
     timeout 170 python tests/reference_bench.py $A --rows gen_eval_continuous,gen_eval_static,gen_decode_step \
-        --out "$OUT/generation_eval_7b.json" >> "$log" 2>&1
+        --out "$OUT/generation_eval_$PRESET.json" >> "$log" 2>&1
     timeout 100 python tests/reference_bench.py $A --rows gen_annotate_shared,hf_gen_eval --deadline 60 \
-        --out "$OUT/generation_rest_7b.json" >> "$log" 2>&1
+        --out "$OUT/generation_rest_$PRESET.json" >> "$log" 2>&1
     ;;
 profile)
     timeout 210 python tests/profile_bench.py --preset $PRESET --sections decode --decode-rounds 2 \
