@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from tinyalign import benchmarks as bench
+from tinyalign.arguments import at_least, non_negative, positive
 from tinyalign.evaluation import generate_answers, headline, report, write_atomic, write_json, write_xlsx
 from tinyalign.judge import ChatClient, Judge, JudgePrompt, read_prompt, request
 from tinyalign.steer import STEER_TEMPLATES, parse_steer
@@ -491,7 +492,7 @@ def parse(argv=None):
     rep = sub.add_parser("report", help="side-by-side table of run folders")
     rep.add_argument("runs", nargs="+", help="run folders (each the --out of eval.py runs on one model)")
     rep.add_argument("--out", help="where report.md (and report.png) go; default: the first run's parent folder")
-    rep.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    rep.add_argument("--resamples", type=at_least(1), default=1000, help="bootstrap resamples for the 95%% intervals")
     for name in BENCHMARKS:
         s = sub.add_parser(name)
         a = s.add_argument
@@ -502,9 +503,9 @@ def parse(argv=None):
         a("--vision-tower", help="CLIP folder, for original LLaVA checkpoints")
         a("--template", default="vicuna_v1", choices=["vicuna_v1", "llava_v1"])
         a("--image-mode", default="pad", choices=["pad", "crop"])
-        a("--batch-size", type=int, default=8)
-        a("--max-new-tokens", type=int, help="default: the benchmark's own (POPE/MMBench 128, others 1024)")
-        a("--limit", type=int, help="only the first N questions (a quick check; not a comparable score)")
+        a("--batch-size", type=at_least(1), default=8, help="answers generated at once")
+        a("--max-new-tokens", type=at_least(1), help="default: the benchmark's own (POPE/MMBench 128, others 1024)")
+        a("--limit", type=at_least(1), help="only the first N questions (a quick check; not a comparable score)")
         a("--steer", type=parse_steer, help="SteerLM ratings, e.g. helpfulness:4,correctness:4,coherence:4,complexity:2,verbosity:2")
         a("--steer-template", default="tinyalign", choices=sorted(STEER_TEMPLATES))
         a("--device", default=None, help="default: cuda when available")
@@ -517,10 +518,10 @@ def parse(argv=None):
         j.add_argument("--judge-prompt", help="the official prompts instead of ours (tinyalign/judge_prompts/): "
                        "FastChat's judge_prompts.jsonl (MT-Bench), LLaVA's rule.json (LLaVA-Bench), or a text file")
         j.add_argument("--judge-cache", default=str(Path.home() / ".cache" / "tinyalign" / "judgments.jsonl"))
-        j.add_argument("--judge-workers", type=int, default=4, help="requests in flight at once")
-        j.add_argument("--judge-timeout", type=float, default=120.0)
-        j.add_argument("--retries", type=int, default=3)
-        j.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry (then doubled)")
+        j.add_argument("--judge-workers", type=at_least(1), default=4, help="requests in flight at once")
+        j.add_argument("--judge-timeout", type=positive, default=120.0)
+        j.add_argument("--retries", type=at_least(0), default=3)
+        j.add_argument("--backoff", type=non_negative, default=2.0, help="seconds before the first retry (then doubled)")
         if name in ("pope", "mmbench"):
             a("--prompt-suffix", help="text after the question (default: LLaVA-1.5's short-answer instruction)")
         if name == "pope":
@@ -543,7 +544,7 @@ def parse(argv=None):
             a("--data", required=True)
         if name == "preference":
             a("--reference", required=True, help="the starting (reference) checkpoint of the DPO run")
-            a("--beta", type=float, default=0.1)
+            a("--beta", type=positive, default=0.1)
     args = p.parse_args(argv)
     if args.command != "report" and args.device is None:
         import torch

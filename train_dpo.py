@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from tinyalign import Processor, demo, load_model
+from tinyalign.arguments import non_negative, number, positive
 from tinyalign.data import file_digest, load_pairs, pair_examples
 from tinyalign.losses import PREFERENCE_LOSSES
 from tinyalign.packing import batch_maker, model_inputs, pair_logps, real_tokens, supervised_counts
@@ -47,16 +48,17 @@ DEMO = dict(epochs=6, batch_size=16, grad_accum=1, lr=1e-3, projector_lr=3e-3, l
 def parse(argv=None):
     parser = common_arguments(__doc__.split("\n\n")[0])
     a = parser.add_argument
-    a("--beta", type=float, default=0.1, help="DPO: strength of the KL constraint to the reference; SimPO: the "
+    a("--beta", type=positive, default=0.1, help="DPO: strength of the KL constraint to the reference; SimPO: the "
       "reward scale (its paper uses 2-2.5); ORPO: the weight of the odds-ratio term (its lambda)")
     a("--loss-type", default="sigmoid", choices=list(PREFERENCE_LOSSES),
       help="; ".join(f"{name}: {loss.paper}" + ("" if loss.reference else ", no reference model")
                      for name, loss in PREFERENCE_LOSSES.items()))
     a("--simpo-gamma", type=float, default=0.5, help="SimPO's target reward margin gamma")
-    a("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed rate of flipped labels")
-    a("--sft-weight", type=float, help="the authors' SFT_weight: adds -w * mean log p(chosen), summed or averaged "
+    a("--label-smoothing", type=number(0, 0.5), default=0.0, help="conservative DPO: assumed rate of flipped "
+      "labels (0.5: no preference left)")
+    a("--sft-weight", type=non_negative, help="the authors' SFT_weight: adds -w * mean log p(chosen), summed or averaged "
       "as the DPO term's log-probs are")
-    a("--chosen-nll-weight", type=float, help="adds w * the chosen answer's NLL per token (the demo's stabiliser)")
+    a("--chosen-nll-weight", type=non_negative, help="adds w * the chosen answer's NLL per token (the demo's stabiliser)")
     a("--average-logps", action="store_true", help="mean instead of sum of token log-probs per answer (SimPO "
       "and ORPO always use means)")
     a("--ref", choices=["precomputed", "live"], default="precomputed",

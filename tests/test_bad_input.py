@@ -1,5 +1,6 @@
 """Bad checkpoints and inputs: each error names the file and the tensor or record."""
 
+import importlib
 import json
 import shutil
 import struct
@@ -238,3 +239,46 @@ def test_16_bit_grayscale_keeps_its_contrast(tmp_path):
     rgb = np.asarray(tinyalign.images.load_image(tmp_path / "gray16.png"))
     assert rgb.shape == (64, 64, 3) and (rgb == 255).mean() < 0.01
     assert np.array_equal(rgb[..., 0], np.rint(levels / 257).astype(np.uint8))
+
+
+# Impossible values at the command line stop argparse at once, naming the option and the rule
+# (tinyalign/arguments.py), instead of a traceback from deep inside a loop or a silent odd run.
+M = ["--model", "m", "--out", "o"]
+A = ["--model", "m", "--prompts", "p.jsonl", "--out", "o.jsonl"]
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("train_dpo", M + ["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    ("train_dpo", M + ["--eval-fraction", "1.5"], "argument --eval-fraction: must be in [0, 1), got 1.5"),
+    ("train_dpo", M + ["--label-smoothing", "0.7"], "argument --label-smoothing: must be in [0, 0.5], got 0.7"),
+    ("train_dpo", M + ["--lr", "nan"], "argument --lr: must be at least 0, got nan"),
+    ("train_dpo", M + ["--epochs", "many"], "argument --epochs: invalid number value: 'many'"),
+    ("train_sft", M + ["--grad-accum", "0"], "argument --grad-accum: must be at least 1, got 0"),
+    ("train_sft", M + ["--max-grad-norm", "0"], "argument --max-grad-norm: must be above 0, got 0"),
+    ("train_steerlm", M + ["--lora-dropout", "1"], "argument --lora-dropout: must be in [0, 1), got 1"),
+    ("train_steerlm", M + ["--lora-r", "-2"], "argument --lora-r: must be at least 0, got -2"),
+    ("annotate", A + ["--slots", "0"], "argument --slots: must be at least 1, got 0"),
+    ("annotate", A + ["--n", "0"], "argument --n: must be at least 1, got 0"),
+    ("annotate", A + ["--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1, got 0"),
+    ("annotate", A + ["--temperature", "-1"], "argument --temperature: must be at least 0, got -1"),
+    ("eval", ["pope"] + M + ["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    ("eval", ["pope"] + M + ["--limit", "0"], "argument --limit: must be at least 1, got 0"),
+    ("generate", ["--model", "m", "--prompt", "hi", "--top-p", "0"], "argument --top-p: must be in (0, 1], got 0"),
+])
+def test_impossible_option_values_are_refused_by_name(script, argv, message, capsys):
+    modules = {"eval": "eval", "annotate": "tinyalign.annotate", "generate": "tinyalign.generate"}
+    main = importlib.import_module(modules.get(script, script)).main  # tinyalign.generate: the module, not the function
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_annotate_warns_that_greedy_samples_are_all_one(tmp_path, capsys):
+    from tinyalign import annotate
+    from tinyalign.data import DataError
+
+    with pytest.raises((DataError, FileNotFoundError)):  # the warning comes first, then the missing file
+        annotate.main(["--model", "m", "--prompts", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o.jsonl"),
+                       "--temperature", "0", "--n", "4"])
+    assert "--temperature 0 is greedy decoding, so the 4 answers of a prompt will be the same" in capsys.readouterr().err

@@ -306,3 +306,25 @@ def test_continuous_batching_refuses_what_it_cannot_do(model):
     with pytest.raises(ValueError, match=r"slots \(2\) must hold the 4 samples of one prompt"):
         list(generate_stream(model, items, num_samples=4, slots=2))
     assert list(generate_stream(model, [])) == []
+
+
+def test_impossible_decoding_settings_are_refused_by_name(model):
+    """Both paths refuse what no decoding can honour before touching the model (a budget of 0 tokens
+    used to fail with an IndexError in the middle of annotate)."""
+    from tinyalign.generate import generate_stream
+
+    ids, _, mask = prompts()
+    items = unpadded(ids, mask)
+    bad = [({"max_new_tokens": 0}, r"max_new_tokens must be at least 1, got 0"),
+           ({"num_samples": 0}, r"num_samples must be at least 1, got 0"),
+           ({"temperature": -0.5}, r"temperature must be at least 0 \(0: greedy\), got -0.5"),
+           ({"temperature": float("nan")}, r"temperature must be at least 0 \(0: greedy\), got nan"),
+           ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+           ({"top_k": -1}, r"top_k must be at least 0 \(0: off\), got -1")]
+    for setting, message in bad:
+        with pytest.raises(ValueError, match=message):
+            generate(model, ids, attention_mask=mask, **setting)
+        with pytest.raises(ValueError, match=message):
+            list(generate_stream(model, items, **setting))
+    with pytest.raises(ValueError, match=r"max_new_tokens must be at least 1, got 0"):  # one bad budget of three
+        list(generate_stream(model, items, max_new_tokens=[4, 0, 4]))

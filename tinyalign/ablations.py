@@ -30,6 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from . import demo
+from .arguments import at_least
 from .data import Pair, load_pairs
 from .evaluation import write_atomic, write_json
 
@@ -408,7 +409,7 @@ def plot(name: str, results: dict, path: Path) -> bool:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ablation", choices=[*ABLATIONS, "irrelevant-image", "unconditional"])
-    p.add_argument("--seeds", type=int, default=1, help="repeat each arm with training seeds 0..N-1")
+    p.add_argument("--seeds", type=at_least(1), default=1, help="repeat each arm with training seeds 0..N-1")
     p.add_argument("--out", default="runs/ablations")
     p.add_argument("--dpo", default="runs/demo-dpo/model", help="unconditional: the DPO model to test (the DPO "
                                                                  "demo's, trained now if missing)")

@@ -20,10 +20,12 @@ import argparse
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
+from .arguments import at_least, non_negative, positive
 from .checkpoint import FolderLock, complete_lines, write_text_atomic, writing
 from .data import DataError, build_pairs, read_records, read_scored
 from .judge import ChatClient, JudgeError, image_part
@@ -196,22 +198,25 @@ def main(argv=None):
     p.add_argument("--prompts", required=True, help="JSONL of {id, image?, prompt}")
     p.add_argument("--out", required=True, help="scored-samples JSONL (appended to; a rerun resumes)")
     p.add_argument("--image-folder")
-    p.add_argument("--n", type=int, default=4, help="answers sampled per prompt")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--n", type=at_least(1), default=4, help="answers sampled per prompt")
+    p.add_argument("--temperature", type=non_negative, default=0.7, help="0: greedy (then the n answers are one)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=512)
     p.add_argument("--judge", choices=["openai", "rules"], default="openai")
     p.add_argument("--judge-url", default="https://api.openai.com/v1")
     p.add_argument("--judge-model", default="gpt-4o")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
-    p.add_argument("--timeout", type=float, default=60.0)
-    p.add_argument("--retries", type=int, default=3)
-    p.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry (then doubled)")
-    p.add_argument("--max-prompts", type=int, help="rate at most this many new prompts in this run")
-    p.add_argument("--slots", type=int, default=32, help="rows decoding at once (continuous batching; "
+    p.add_argument("--timeout", type=positive, default=60.0)
+    p.add_argument("--retries", type=at_least(0), default=3)
+    p.add_argument("--backoff", type=non_negative, default=2.0, help="seconds before the first retry (then doubled)")
+    p.add_argument("--max-prompts", type=at_least(1), help="rate at most this many new prompts in this run")
+    p.add_argument("--slots", type=at_least(1), default=32, help="rows decoding at once (continuous batching; "
                                                          "a prompt's n samples take n rows)")
     p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.temperature == 0 and args.n > 1:
+        print(f"warning: --temperature 0 is greedy decoding, so the {args.n} answers of a prompt will be the same "
+              "one and no pair can be built from them", file=sys.stderr)
     prompts = read_records(args.prompts)
     for i, r in enumerate(prompts):
         if "id" not in r or not isinstance(r.get("prompt"), str):

@@ -43,6 +43,7 @@ from types import SimpleNamespace
 
 import torch
 
+from .arguments import at_least, non_negative
 from .config import PRESETS, LlavaConfig, preset
 from .data import PairExample
 from .losses import dpo_loss
@@ -379,22 +380,22 @@ def main(argv=None, extra_rows=None, command: str = "python -m tinyalign.bench")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--pairs", type=int, default=4, help="pairs per DPO step (paper setting)")
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--answer-tokens", type=int, default=200)
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
-    p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--samples", type=int, default=4, help="annotate-style: answers sampled per prompt")
-    p.add_argument("--gen-prompts", type=int, default=16, help="annotate-style: prompts (each sampled --samples times)")
-    p.add_argument("--gen-rows", type=int, default=32, help="annotate-style: rows decoding at once")
-    p.add_argument("--eval-prompts", type=int, default=32, help="eval-style: greedy answers")
-    p.add_argument("--eval-rows", type=int, default=16, help="eval-style: rows decoding at once")
+    p.add_argument("--pairs", type=at_least(1), default=4, help="pairs per DPO step (paper setting)")
+    p.add_argument("--prompt-tokens", type=at_least(1), default=64)
+    p.add_argument("--answer-tokens", type=at_least(1), default=200)
+    p.add_argument("--steps", type=at_least(1), default=5, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--decode-tokens", type=at_least(1), default=128)
+    p.add_argument("--samples", type=at_least(1), default=4, help="annotate-style: answers sampled per prompt")
+    p.add_argument("--gen-prompts", type=at_least(1), default=16, help="annotate-style: prompts (each sampled --samples times)")
+    p.add_argument("--gen-rows", type=at_least(1), default=32, help="annotate-style: rows decoding at once")
+    p.add_argument("--eval-prompts", type=at_least(1), default=32, help="eval-style: greedy answers")
+    p.add_argument("--eval-rows", type=at_least(1), default=16, help="eval-style: rows decoding at once")
     p.add_argument("--answers", default="50,400", help="answer lengths: shortest,longest (uniform)")
     p.add_argument("--skip", default="", help="comma-separated rows to skip: train, hf, full, decode, compile, "
                                               "generation, variants")
     p.add_argument("--rows", default="", help="comma-separated row names: run only these (default: every row not skipped)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="LoRA rows: recompute each block in backward")
-    p.add_argument("--deadline", type=float, default=0, help="seconds: start no new row after this (0: none)")
+    p.add_argument("--deadline", type=non_negative, default=0, help="seconds: start no new row after this (0: none)")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))

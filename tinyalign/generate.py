@@ -85,6 +85,18 @@ def keyed_uniform(keys: torch.Tensor, steps) -> torch.Tensor:
     return (bits.double() + 0.5) / 2.0 ** 32
 
 
+def check_decoding(max_new_tokens, num_samples: int, temperature: float, top_p: float, top_k: int):
+    """Refuse settings no decoding can honour, naming the argument (rather than failing mid-loop)."""
+    budgets = [max_new_tokens] if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    problems = [f"max_new_tokens must be at least 1, got {b}" for b in budgets if b < 1][:1]
+    problems += [f"num_samples must be at least 1, got {num_samples}"] if num_samples < 1 else []
+    problems += [f"temperature must be at least 0 (0: greedy), got {temperature}"] if not temperature >= 0 else []
+    problems += [f"top_p must be in (0, 1], got {top_p}"] if not 0 < top_p <= 1 else []
+    problems += [f"top_k must be at least 0 (0: off), got {top_k}"] if top_k < 0 else []
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def decode_step(model, cache: KVCache):
     """One token per row through the decoder with the KV cache: (token [B, 1], position [B, 1],
     slot [1]) -> logits [B, V]. Every shape and every buffer address is the same at every step (the
@@ -161,6 +173,7 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
     `generate_stream`. generator: torch's sampler instead (a row then depends on its batch).
     compile_step: decode through `compiled_decode_step` (worth it for long answers on a GPU; the
     first call compiles)."""
+    check_decoding(max_new_tokens, num_samples, temperature, top_p, top_k)
     n = num_samples
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -224,6 +237,7 @@ def generate_stream(model, prompts, *, num_samples: int = 1, slots: int = 32, ma
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts):
         raise ValueError(f"max_new_tokens: {len(budgets)} budgets for {len(prompts)} prompts")
+    check_decoding(budgets, num_samples, temperature, top_p, top_k)
     if not prompts:
         return
     if slots < n:
@@ -329,6 +343,7 @@ def main(argv=None):
     import argparse
 
     from . import Processor, load_model
+    from .arguments import at_least, non_negative, number
     from .steer import STEER_TEMPLATES, parse_steer, steer_prompt
 
     p = argparse.ArgumentParser(description="Answer one question about an image with a LLaVA-1.5 checkpoint.")
@@ -339,9 +354,9 @@ def main(argv=None):
     p.add_argument("--steer", help="SteerLM ratings to ask for, e.g. helpfulness:4,correctness:4,coherence:4,"
                                    "complexity:2,verbosity:2")
     p.add_argument("--steer-template", choices=sorted(STEER_TEMPLATES), default="tinyalign")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=512)
+    p.add_argument("--temperature", type=non_negative, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=number(0, 1, low_open=True), default=1.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     question = args.prompt

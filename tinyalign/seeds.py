@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .arguments import at_least
 from .evaluation import write_atomic, write_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,12 +139,12 @@ def markdown(runs: dict, parts: list[str]) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--threads", type=int, nargs="+", default=[2],
+    p.add_argument("--threads", type=at_least(1), nargs="+", default=[2],
                    help="torch thread counts (on the demos, 1 and 2 threads gave bit-identical runs)")
     p.add_argument("--simd", nargs="+", choices=("native", "off"), default=["native", "off"],
                    help="off: vector instructions off (another float rounding: another CPU's, in effect)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (with 1-thread runs, one per core)")
+    p.add_argument("--jobs", type=at_least(1), default=1, help="runs at once (with 1-thread runs, one per core)")
     p.add_argument("--out", default="runs/seeds")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()

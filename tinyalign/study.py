@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from .arguments import positive
 from .demo import (CONFUSIONS, DEMO_DATA, DEMO_SFT, SFT_ANSWER_NOISE, annotate, greedy_answers, read_heldout, say,
                    sft_answer_value, value_of)
 from .evaluation import write_atomic, write_json
@@ -159,7 +160,7 @@ def main(argv=None):
     p.add_argument("--start", help="starting checkpoint (default: the SFT demo's, trained now if missing)")
     p.add_argument("--world", help="shapes-world folder with prompts.jsonl, heldout.jsonl and images (default: "
                                    "the SFT demo's)")
-    p.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every method's epochs (quick runs)")
+    p.add_argument("--epochs-scale", type=positive, default=1.0, help="multiply every method's epochs (quick runs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of every method's training (the "
                                                        "starting model, when made here, uses it too)")
     args = p.parse_args(argv)

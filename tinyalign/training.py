@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from .arguments import at_least, non_negative, number, positive, share
 from .checkpoint import (FolderLock, crash_point, fsync_path, latest_checkpoint, load_checkpoint, published, remove_leftovers,
                          save_checkpoint, set_latest, tensors_not_finite, writing)
 from .lora import apply_lora, merge_lora, save_adapter
@@ -46,26 +47,26 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     a("--vision-tower", help="CLIP folder, for original LLaVA checkpoints")
     a("--data", help="training data file (JSON or JSONL)")
     a("--eval-data", help="held-out data file; default: hold out --eval-fraction of --data")
-    a("--eval-fraction", type=float, help="share of --data held out when there is no --eval-data")
+    a("--eval-fraction", type=share, help="share of --data held out when there is no --eval-data")
     a("--image-folder", help="folder that relative image paths in the data are relative to")
     a("--out", help="output folder (metrics.jsonl, checkpoint/, model/)")
-    a("--epochs", type=float)
-    a("--batch-size", type=int, help="examples (pairs for DPO) per micro-batch")
-    a("--grad-accum", type=int, help="micro-batches per optimizer step")
-    a("--lr", type=float, help="learning rate of the decoder (LoRA or full)")
-    a("--projector-lr", type=float, help="learning rate of the projector")
-    a("--weight-decay", type=float, default=0.0)
-    a("--warmup-ratio", type=float, default=0.03)
-    a("--max-grad-norm", type=float, default=1.0)
-    a("--lora-r", type=int, help="LoRA rank on the decoder; 0 trains the decoder fully")
-    a("--lora-alpha", type=float)
-    a("--lora-dropout", type=float, default=0.05)
-    a("--max-length", type=int, help="longer sequences are dropped (and counted), never cut")
-    a("--max-steps", type=int, help="train for this many optimizer steps in all (default: all epochs)")
-    a("--stop-after", type=int, help="end this session after N steps, the schedule still that of the whole run "
+    a("--epochs", type=positive)
+    a("--batch-size", type=at_least(1), help="examples (pairs for DPO) per micro-batch")
+    a("--grad-accum", type=at_least(1), help="micro-batches per optimizer step")
+    a("--lr", type=non_negative, help="learning rate of the decoder (LoRA or full)")
+    a("--projector-lr", type=non_negative, help="learning rate of the projector")
+    a("--weight-decay", type=non_negative, default=0.0)
+    a("--warmup-ratio", type=number(0, 1), default=0.03)
+    a("--max-grad-norm", type=positive, default=1.0, help="clip the gradients' norm to this (inf: no clipping)")
+    a("--lora-r", type=at_least(0), help="LoRA rank on the decoder; 0 trains the decoder fully")
+    a("--lora-alpha", type=positive)
+    a("--lora-dropout", type=share, default=0.05)
+    a("--max-length", type=at_least(1), help="longer sequences are dropped (and counted), never cut")
+    a("--max-steps", type=at_least(1), help="train for this many optimizer steps in all (default: all epochs)")
+    a("--stop-after", type=at_least(1), help="end this session after N steps, the schedule still that of the whole run "
                                       "(continue with --resume)")
-    a("--eval-every", type=int, help="held-out evaluation every N steps (and always at the end)")
-    a("--save-every", type=int, help="resumable checkpoint every N steps (and always at the end)")
+    a("--eval-every", type=at_least(0), help="held-out evaluation every N steps (and always at the end; 0: only there)")
+    a("--save-every", type=at_least(0), help="resumable checkpoint every N steps (and always at the end; 0: only there)")
     a("--resume", action="store_true", help="continue the run in --out from its newest checkpoint; only "
       "--stop-after, --eval-every, --save-every, --device, --compile, --gradient-checkpointing, --fsdp and --cache-dir "
       "may "
@@ -80,7 +81,7 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
       "rejected] (the prompt and image computed once), no compute on padding (tinyalign/packing.py)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each decoder block (default: on for "
       "CUDA)")
-    a("--pack-tokens", type=int, help="with --packing: several examples per row, up to this many tokens, kept "
+    a("--pack-tokens", type=at_least(1), help="with --packing: several examples per row, up to this many tokens, kept "
       "apart by the attention mask (default: one per row)")
     a("--save-adapter", action="store_true", help="also save the LoRA adapter alone (PEFT layout)")
     a("--skip-bad", action="store_true", help="skip (and count) records with a missing or unreadable image")
