@@ -171,7 +171,8 @@ DPO_VARIANTS = {"dropout 0": no_lora_dropout, "+ vision tower compiled": compile
                 "+ blocks max-autotune": autotune_blocks}
 
 
-def dpo_section(cfg, device, dtype, n_pairs: int, deadline, out: dict, variants=("dropout 0",)) -> dict:
+def dpo_section(cfg, device, dtype, n_pairs: int, deadline, out: dict, variants=("dropout 0",),
+                save=lambda: None) -> dict:
     from tinyalign.packing import model_inputs, pack_pairs
     from tinyalign.training import autocast
 
@@ -191,10 +192,12 @@ def dpo_section(cfg, device, dtype, n_pairs: int, deadline, out: dict, variants=
         out[name] = {"s_per_step": t, "pairs_per_s": n_pairs / t, "tokens_per_step": tokens,
                      "mfu": flops / t / 1e12 / peak if peak else None, "peak_gib": bench.peak_gib(device)}
         print(f"   {name}: {out[name]}", flush=True)
+        save()  # a run killed by its time limit keeps every row measured so far
         return step
 
     step = rate("step", bench.our_dpo_step(model, pairs, processor, device, bench.trainable_optimizer(model, 5e-5)))
     out["profile"] = profile_rows(step, device)
+    save()
     for g, v in out["profile"]["groups"].items():
         print(f"   {g:28s} {v['share'] * 100:5.1f}%  {v['us_per_step'] / 1e3:8.2f} ms/step", flush=True)
 
@@ -222,7 +225,8 @@ def dpo_section(cfg, device, dtype, n_pairs: int, deadline, out: dict, variants=
     return out
 
 
-def decode_section(cfg, device, dtype, new_tokens: int = 64, rounds: int = 3) -> dict:
+def decode_section(cfg, device, dtype, new_tokens: int = 64, rounds: int = 3, out: dict | None = None,
+                   save=lambda: None) -> dict:
     """The compiled decode step (batch 1, CUDA graph) profiled kernel by kernel: what besides the
     matrix products takes the step's time. And an A/B in one process: the step with q/k/v and
     gate/up fused (what generate does) against the five separate products, measured in alternation
@@ -248,12 +252,13 @@ def decode_section(cfg, device, dtype, new_tokens: int = 64, rounds: int = 3) ->
         finally:
             model.language_model.fused_projections = fused_method
 
-    rates = {"fused": [], "separate": []}
+    out = {} if out is None else out
+    rates = out["rounds"] = {"fused": [], "separate": []}
     for _ in range(rounds):
         for name in rates:
             rates[name].append(rate(name == "fused"))
-    out = {"tokens_per_s": statistics.median(rates["fused"]), "rounds": rates,
-           "separate_tokens_per_s": statistics.median(rates["separate"])}
+            save()  # a run killed by its time limit keeps every round measured so far
+    out.update(tokens_per_s=statistics.median(rates["fused"]), separate_tokens_per_s=statistics.median(rates["separate"]))
     print(f"   decode tokens/s, fused: {rates['fused']}  separate products: {rates['separate']}", flush=True)
     out["profile"] = profile_rows(lambda: run(new_tokens), device, steps=1)
     out["profile"]["per_token_us"] = out["profile"]["total_us_per_step"] / new_tokens
@@ -357,8 +362,8 @@ def main(argv=None):
     meta = {"preset": args.preset, "card": bench.card_peak(device)[0], "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "command": "python tests/profile_bench.py " + " ".join(argv or sys.argv[1:])}
     sections = {"linear": lambda: linear_section(cfg, device, dtype, 1),
-                "decode": lambda: decode_section(cfg, device, dtype, rounds=args.decode_rounds),
-                "dpo": lambda: dpo_section(cfg, device, dtype, args.pairs, deadline, partial, variants),
+                "decode": lambda: decode_section(cfg, device, dtype, rounds=args.decode_rounds, out=partial, save=save),
+                "dpo": lambda: dpo_section(cfg, device, dtype, args.pairs, deadline, partial, variants, save),
                 "generation": lambda: generation_section(cfg, device, dtype, args.new_tokens, args.eval_batch,
                                                          deadline, not args.no_hf)}
     for name in args.sections.split(","):
@@ -368,6 +373,9 @@ def main(argv=None):
         print(f"-- {name}", flush=True)
         started = time.time()
         partial = {}  # a section that fails part-way keeps what it measured before the failure
+
+        def save():  # what the section has so far, on disk (the finished section overwrites it)
+            (folder / f"{name}.json").write_text(json.dumps(dict(partial, **meta, unfinished=True), indent=1))
         try:
             result = sections[name]()
         except Exception as e:  # noqa: BLE001 - one failed section must not hide the others
