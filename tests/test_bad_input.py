@@ -282,3 +282,16 @@ def test_annotate_warns_that_greedy_samples_are_all_one(tmp_path, capsys):
         annotate.main(["--model", "m", "--prompts", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o.jsonl"),
                        "--temperature", "0", "--n", "4"])
     assert "--temperature 0 is greedy decoding, so the 4 answers of a prompt will be the same" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["train_sft", "train_dpo", "train_steerlm"])
+def test_every_recipe_passes_its_own_command_line_checks(script):
+    """The paper's and the demo's recipes, spelled as options (as the ablations pass them, e.g.
+    --lora-r 0 --lora-alpha 0 for full fine-tuning), are all within what the options accept."""
+    from tinyalign.ablations import recipe_argv
+
+    module = importlib.import_module(script)
+    for recipe in (module.PAPER, module.DEMO):
+        options = recipe_argv({k: v for k, v in recipe.items() if k != "out"})
+        args = module.parse(["--model", "m", "--out", "o", *options])
+        assert all(getattr(args, k) == v for k, v in recipe.items() if k != "out")

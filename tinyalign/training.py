@@ -59,7 +59,7 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     a("--warmup-ratio", type=number(0, 1), default=0.03)
     a("--max-grad-norm", type=positive, default=1.0, help="clip the gradients' norm to this (inf: no clipping)")
     a("--lora-r", type=at_least(0), help="LoRA rank on the decoder; 0 trains the decoder fully")
-    a("--lora-alpha", type=positive)
+    a("--lora-alpha", type=non_negative)
     a("--lora-dropout", type=share, default=0.05)
     a("--max-length", type=at_least(1), help="longer sequences are dropped (and counted), never cut")
     a("--max-steps", type=at_least(1), help="train for this many optimizer steps in all (default: all epochs)")
