@@ -28,11 +28,19 @@ import sys
 import time
 from pathlib import Path
 
-from tinyalign import benchmarks as bench
-from tinyalign.arguments import at_least, non_negative, positive
-from tinyalign.evaluation import generate_answers, headline, report, write_atomic, write_json, write_xlsx
-from tinyalign.judge import ChatClient, Judge, JudgePrompt, read_prompt, request
+import torch
+
+from tinyalign import Processor, load_model
+from tinyalign.data import DataError, collate_pairs, load_pairs, pair_examples, pair_logps, read_jsonl
+from tinyalign.evaluation import benchmarks
+from tinyalign.evaluation.answers import generate_answers
+from tinyalign.evaluation.judge import ChatClient, Judge, JudgePrompt, read_prompt, request
+from tinyalign.evaluation.report import headline, report, write_xlsx
+from tinyalign.infra.arguments import at_least, non_negative, positive
+from tinyalign.infra.files import write_atomic, write_json
+from tinyalign.losses import implicit_rewards, reward_comparison
 from tinyalign.steer import STEER_TEMPLATES, parse_steer
+from tinyalign.training import autocast
 
 DEFAULT_MAX_NEW_TOKENS = {"pope": 128, "mmbench": 128, "mmvet": 1024, "llava_bench": 1024, "mtbench": 1024,
                           "alpaca_eval": 1024}
@@ -45,8 +53,6 @@ DEFAULT_MAX_NEW_TOKENS = {"pope": 128, "mmbench": 128, "mmvet": 1024, "llava_ben
 
 def load(args):
     """The checkpoint and its processor (loaded only once the benchmark files have been checked)."""
-    from tinyalign import Processor, load_model
-
     model = load_model(args.model, device=args.device, vision_tower=args.vision_tower)
     processor = Processor.from_pretrained(args.model, template=args.template, image_mode=args.image_mode,
                                           vision_tower=args.vision_tower)
@@ -78,7 +84,7 @@ def judge_prompt(args, ours: str, official: str | None = None) -> JudgePrompt:
     source = getattr(args, "judge_prompt", None)
     if source and Path(source).suffix in (".jsonl", ".json"):
         if official is None:
-            raise bench.BenchmarkError(f"--judge-prompt {source}: this benchmark has no prompt in that file; "
+            raise benchmarks.BenchmarkError(f"--judge-prompt {source}: this benchmark has no prompt in that file; "
                                        "pass a text file with the prompt instead")
         return read_prompt(source, official)
     return read_prompt(source, ours) if source else read_prompt(None, ours)
@@ -113,7 +119,7 @@ def model_name(args) -> str:
 def image_path(image_folder, name: str, where: str) -> Path:
     path = Path(image_folder or ".") / name
     if not path.is_file():
-        raise bench.BenchmarkError(f"{where}: image {path} not found")
+        raise benchmarks.BenchmarkError(f"{where}: image {path} not found")
     return path
 
 
@@ -123,7 +129,7 @@ def read_answers_file(path, question_ids, where: str) -> dict:
     {question_id, text} (LLaVA's answer files) or {question_id, choices: [{turns}]} (FastChat's model
     answers; the answer is the list of turns). An id that is not a question, or a question with no
     answer, is an error naming both."""
-    data = bench.read_json(path) if str(path).endswith(".json") else bench.read_jsonl(path)
+    data = benchmarks.read_json(path) if str(path).endswith(".json") else read_jsonl(path, error=benchmarks.BenchmarkError)
     if isinstance(data, list) and data and "instruction" in data[0]:  # AlpacaEval outputs
         data = {r["instruction"]: r.get("output") for r in data}
     elif isinstance(data, list):
@@ -131,7 +137,7 @@ def read_answers_file(path, question_ids, where: str) -> dict:
         for n, r in enumerate(data, 1):
             key = r.get("question_id", r.get("id"))
             if key is None:
-                raise bench.BenchmarkError(f"{path} record {n}: no question_id")
+                raise benchmarks.BenchmarkError(f"{path} record {n}: no question_id")
             if "category" in r and isinstance(question_ids, dict) and f"{r['category']}-{key}" in question_ids:
                 key = f"{r['category']}-{key}"  # POPE's per-split ids repeat across splits
             answers[str(key)] = r["choices"][0]["turns"] if "choices" in r else r.get("text")
@@ -140,10 +146,10 @@ def read_answers_file(path, question_ids, where: str) -> dict:
     wanted = {str(q) for q in question_ids}
     unknown = [k for k in data if k not in wanted]
     if unknown:
-        raise bench.BenchmarkError(f"{path}: answer id {unknown[0]!r} is not a question of {where}")
+        raise benchmarks.BenchmarkError(f"{path}: answer id {unknown[0]!r} is not a question of {where}")
     missing = sorted(wanted - set(data))
     if missing:
-        raise bench.BenchmarkError(f"{path}: no answer for question {missing[0]!r} of {where}")
+        raise benchmarks.BenchmarkError(f"{path}: no answer for question {missing[0]!r} of {where}")
     return data
 
 
@@ -156,12 +162,12 @@ def pope_splits(args) -> dict[str, list[dict]]:
     """{split: questions with labels}: LLaVA's combined question file (--questions), labels from the
     split files; or POPE's own coco_pope_<split>.json files."""
     if args.questions:
-        splits = bench.read_llava_pope(args.questions, args.pope_dir)
+        splits = benchmarks.read_llava_pope(args.questions, args.pope_dir)
     else:
-        splits = {s: bench.read_pope(Path(args.pope_dir) / f"coco_pope_{s}.json") for s in bench.POPE_SPLITS
+        splits = {s: benchmarks.read_pope(Path(args.pope_dir) / f"coco_pope_{s}.json") for s in benchmarks.POPE_SPLITS
                   if (Path(args.pope_dir) / f"coco_pope_{s}.json").exists()}
     if not splits:
-        raise bench.BenchmarkError(f"{args.pope_dir}: no coco_pope_{{adversarial,popular,random}}.json files")
+        raise benchmarks.BenchmarkError(f"{args.pope_dir}: no coco_pope_{{adversarial,popular,random}}.json files")
     return {split: questions[:args.limit] for split, questions in splits.items()}
 
 
@@ -172,27 +178,27 @@ def pope_answers_by_id(args, ids: dict) -> dict:
     by_qid = {}
     for key, (split, qid) in ids.items():
         by_qid.setdefault(str(qid), []).append(key)
-    raw = bench.read_jsonl(args.answers)
+    raw = read_jsonl(args.answers, error=benchmarks.BenchmarkError)
     out = {}
     for n, r in enumerate(raw, 1):
         qid = str(r.get("question_id"))
         keys = [f"{r['category']}-{qid}"] if "category" in r else by_qid.get(qid, [])
         if len(keys) > 1:
-            raise bench.BenchmarkError(f"{args.answers} line {n}: question {qid} is in several splits "
+            raise benchmarks.BenchmarkError(f"{args.answers} line {n}: question {qid} is in several splits "
                                        f"({', '.join(keys)}); give the line a 'category' or use --questions")
         if not keys or keys[0] not in ids:
-            raise bench.BenchmarkError(f"{args.answers} line {n}: answer id {qid!r} is not a POPE question loaded")
+            raise benchmarks.BenchmarkError(f"{args.answers} line {n}: answer id {qid!r} is not a POPE question loaded")
         out[keys[0]] = r.get("text", "")
     missing = sorted(set(ids) - set(out))
     if missing:
-        raise bench.BenchmarkError(f"{args.answers}: no answer for POPE question {missing[0]}")
+        raise benchmarks.BenchmarkError(f"{args.answers}: no answer for POPE question {missing[0]}")
     return out
 
 
 def run_pope(args) -> dict:
     """Yes/no object questions on COCO, three splits: accuracy, precision, recall, F1, yes-ratio."""
     splits = pope_splits(args)
-    suffix = bench.POPE_SUFFIX if args.prompt_suffix is None else args.prompt_suffix
+    suffix = benchmarks.POPE_SUFFIX if args.prompt_suffix is None else args.prompt_suffix
     ids = {f"{split}-{q['question_id']}": (split, q["question_id"]) for split, qs in splits.items() for q in qs}
     if args.answers:
         texts = pope_answers_by_id(args, ids)
@@ -201,14 +207,14 @@ def run_pope(args) -> dict:
         for split, questions in splits.items():
             for q in questions:
                 where = f"POPE {split} question {q['question_id']}"
-                text = q["text"] if q["text"].endswith(bench.POPE_SUFFIX) else q["text"] + suffix  # LLaVA's file has it
+                text = q["text"] if q["text"].endswith(benchmarks.POPE_SUFFIX) else q["text"] + suffix  # LLaVA's file has it
                 items.append({"id": f"{split}-{q['question_id']}", "turns": [{"from": "human", "value": "<image>\n" + text}],
                               "images": [image_path(args.image_folder, q["image"], where)]})
         texts = answers(args, items, "pope")
     per_split, samples, lines = {}, [], []
     for split, questions in splits.items():
-        predictions = [bench.yes_or_no(texts[f"{split}-{q['question_id']}"]) for q in questions]
-        per_split[split] = bench.pope_metrics(predictions, [q["label"] for q in questions])
+        predictions = [benchmarks.yes_or_no(texts[f"{split}-{q['question_id']}"]) for q in questions]
+        per_split[split] = benchmarks.pope_metrics(predictions, [q["label"] for q in questions])
         samples += [[p, q["label"], split] for p, q in zip(predictions, questions)]
         lines += [json_line({"question_id": q["question_id"], "prompt": q["text"], "category": split,
                              "text": texts[f"{split}-{q['question_id']}"], "model_id": model_name(args)})
@@ -222,10 +228,10 @@ def run_pope(args) -> dict:
 
 def mmbench_rows(args) -> list[dict]:
     """The TSV's rows; --limit keeps the first N questions with all their circular rows."""
-    rows = bench.read_mmbench(args.tsv)
+    rows = benchmarks.read_mmbench(args.tsv)
     if args.limit:
-        kept = list(dict.fromkeys(r["index"] % bench.CIRCULAR_STRIDE for r in rows))[:args.limit]
-        rows = [r for r in rows if r["index"] % bench.CIRCULAR_STRIDE in set(kept)]
+        kept = list(dict.fromkeys(r["index"] % benchmarks.CIRCULAR_STRIDE for r in rows))[:args.limit]
+        rows = [r for r in rows if r["index"] % benchmarks.CIRCULAR_STRIDE in set(kept)]
     return rows
 
 
@@ -240,18 +246,18 @@ def run_mmbench(args) -> dict:
         texts = read_answers_file(args.answers, ids, args.tsv)
     else:
         items = [{"id": str(r["index"]), "images": [Image.open(io.BytesIO(r["image"]))],
-                  "turns": [{"from": "human", "value": bench.mmbench_prompt(r, args.prompt_suffix)}]} for r in rows]
+                  "turns": [{"from": "human", "value": benchmarks.mmbench_prompt(r, args.prompt_suffix)}]} for r in rows]
         texts = answers(args, items, "mmbench")
     write_atomic(folder(args, "mmbench") / "answers.jsonl", "".join(json_line({  # LLaVA's answer format
-        "question_id": r["index"], "round_id": 0, "prompt": bench.mmbench_prompt(r, args.prompt_suffix),
-        "text": texts[str(r["index"])], "options": r["options"], "option_char": list(bench.LETTERS[:len(r["options"])]),
+        "question_id": r["index"], "round_id": 0, "prompt": benchmarks.mmbench_prompt(r, args.prompt_suffix),
+        "text": texts[str(r["index"])], "options": r["options"], "option_char": list(benchmarks.LETTERS[:len(r["options"])]),
         "model_id": model_name(args)}) for r in rows))
     write_submission(args, rows, texts)
     if any(r["answer"] is None for r in rows):
         return finish(args, "mmbench", headline("mmbench", float("nan"), "none", [], submission="submission.xlsx"),
                       f"no answers in {args.tsv} (test split): submission written to {folder(args, 'mmbench')}")
-    predictions = {r["index"]: bench.extract_option(texts[str(r["index"])], r["options"]) for r in rows}
-    scores = bench.mmbench_scores(rows, predictions)
+    predictions = {r["index"]: benchmarks.extract_option(texts[str(r["index"])], r["options"]) for r in rows}
+    scores = benchmarks.mmbench_scores(rows, predictions)
     right = [int(q["right"]) for q in scores["per_question"]]
     result = headline("mmbench", 100 * scores["accuracy"], "mean_percent", right,
                       row_accuracy=100 * scores["row_accuracy"], questions=len(scores["per_question"]), rows=len(rows),
@@ -281,7 +287,7 @@ def write_submission(args, rows: list[dict], texts: dict) -> None:
 
 def run_mmvet(args) -> dict:
     """Open questions graded 0-1 by the judge against the ground truth; total and per capability."""
-    questions = bench.read_mmvet(args.questions)
+    questions = benchmarks.read_mmvet(args.questions)
     questions = dict(list(questions.items())[:args.limit])
     if args.answers:
         texts = read_answers_file(args.answers, set(questions), args.questions)
@@ -293,8 +299,8 @@ def run_mmvet(args) -> dict:
     judge, prompt = make_judge(args), judge_prompt(args, "mmvet")
     items = [request(prompt, texts[qid], qid, question=q["question"], ground_truth=q["answer"], answer=texts[qid])
              for qid, q in questions.items()]
-    grades = dict(zip(questions, judged(judge, items, bench.parse_unit_score, "mmvet", args)))
-    scores = bench.mmvet_scores(questions, grades)
+    grades = dict(zip(questions, judged(judge, items, benchmarks.parse_unit_score, "mmvet", args)))
+    scores = benchmarks.mmvet_scores(questions, grades)
     result = headline("mmvet", scores["total"], "mean_percent", [grades[q] for q in questions],
                       by_capability=scores["by_capability"], judge=judge.info(prompt))
     return finish(args, "mmvet", result, f"total {scores['total']:.1f}")
@@ -302,7 +308,7 @@ def run_mmvet(args) -> dict:
 
 def run_llava_bench(args) -> dict:
     """The judge scores the reference answer and ours 1-10; ours as a percentage of the reference."""
-    questions = bench.read_llava_bench(args.folder)[:args.limit]
+    questions = benchmarks.read_llava_bench(args.folder)[:args.limit]
     image_folder = args.image_folder or Path(args.folder) / "images"
     if args.answers:
         texts = read_answers_file(args.answers, [q["question_id"] for q in questions], args.folder)
@@ -320,9 +326,9 @@ def run_llava_bench(args) -> dict:
     items = [request(prompts[q["category"]], texts[str(q["question_id"])], q["question_id"], context=q["caption"],
                      question=q["text"], answer_1=q["reference"], answer_2=texts[str(q["question_id"])])
              for q in questions]
-    pairs = judged(judge, items, bench.parse_pair_scores, "llava_bench", args)
+    pairs = judged(judge, items, benchmarks.parse_pair_scores, "llava_bench", args)
     reviews = [{"category": q["category"], "reference": a, "model": b} for q, (a, b) in zip(questions, pairs)]
-    scores = bench.relative_scores(reviews)
+    scores = benchmarks.relative_scores(reviews)
     result = headline("llava_bench", scores["overall"], "relative", [list(p) for p in pairs],
                       by_category=scores["by_category"], judge=judge.info(*prompts.values()))
     cats = ", ".join(f"{c} {v:.1f}" for c, v in scores["by_category"].items())
@@ -354,8 +360,8 @@ def mtbench_answers(args, questions: list[dict]) -> dict:
                     turns.append({"from": "human", "value": text})
                     if i < turn:
                         turns.append({"from": "gpt", "value": texts[f"{q['question_id']}-{i + 1}"]})
-                temperature = 0.0 if args.greedy else bench.MTBENCH_TEMPERATURES.get(q["category"],
-                                                                                     bench.MTBENCH_DEFAULT_TEMPERATURE)
+                temperature = 0.0 if args.greedy else benchmarks.MTBENCH_TEMPERATURES.get(q["category"],
+                                                                                     benchmarks.MTBENCH_DEFAULT_TEMPERATURE)
                 items.append({"id": f"{q['question_id']}-{turn + 1}", "images": images, "turns": turns,
                               "temperature": temperature})
         texts.update(answers(args, items, "mtbench", model_and_processor))
@@ -367,20 +373,20 @@ def run_mtbench(args) -> dict:
     """Two-turn text questions, each turn graded 1-10 by FastChat's single-answer judges (with the
     reference answer for math, reasoning and coding). --distractor-image puts an unrelated image in
     the first turn (the paper's robustness test)."""
-    questions = bench.read_mtbench(args.questions)[:args.limit]
+    questions = benchmarks.read_mtbench(args.questions)[:args.limit]
     references = {}
     if args.references:  # FastChat's reference answers (e.g. gpt-4.jsonl): model-answer format
-        references = {str(r["question_id"]): r["choices"][0]["turns"] for r in bench.read_jsonl(args.references)}
+        references = {str(r["question_id"]): r["choices"][0]["turns"] for r in read_jsonl(args.references, error=benchmarks.BenchmarkError)}
     for q in questions:
         if "reference" in q:
             references.setdefault(str(q["question_id"]), q["reference"])
-        if q["category"] in bench.MTBENCH_REFERENCE_CATEGORIES and str(q["question_id"]) not in references:
-            raise bench.BenchmarkError(f"{args.questions}: question {q['question_id']} ({q['category']}) is judged "
+        if q["category"] in benchmarks.MTBENCH_REFERENCE_CATEGORIES and str(q["question_id"]) not in references:
+            raise benchmarks.BenchmarkError(f"{args.questions}: question {q['question_id']} ({q['category']}) is judged "
                                        "against a reference answer, as FastChat does; pass --references "
                                        "(reference_answer/gpt-4.jsonl)")
     source = getattr(args, "judge_prompt", None)
     if source and Path(source).suffix != ".jsonl":
-        raise bench.BenchmarkError(f"--judge-prompt {source}: MT-Bench has four judge prompts; pass FastChat's "
+        raise benchmarks.BenchmarkError(f"--judge-prompt {source}: MT-Bench has four judge prompts; pass FastChat's "
                                    "judge_prompts.jsonl")
     prompts = {kind: judge_prompt(args, ours, official) for kind, (ours, official) in MTBENCH_JUDGES.items()}
     history = mtbench_answers(args, questions)
@@ -393,7 +399,7 @@ def run_mtbench(args) -> dict:
     items, meta = [], []  # every request is made (and its prompt filled) before any is sent
     for q in questions:
         qid, a = str(q["question_id"]), history[str(q["question_id"])]
-        with_reference = q["category"] in bench.MTBENCH_REFERENCE_CATEGORIES
+        with_reference = q["category"] in benchmarks.MTBENCH_REFERENCE_CATEGORIES
         ref = references.get(qid, [])
         for turn in (1, 2)[:len(q["turns"])]:
             fields = ({"question": q["turns"][0], "answer": a[0]} if turn == 1 else
@@ -403,8 +409,8 @@ def run_mtbench(args) -> dict:
             items.append(request(prompts[(turn, with_reference)], a[turn - 1], f"{qid}-{turn}", **fields))
             meta.append({"question_id": q["question_id"], "turn": turn, "category": q["category"]})
     judge = make_judge(args)
-    ratings = [{**m, "rating": r} for m, r in zip(meta, judged(judge, items, bench.parse_rating, "mtbench", args))]
-    scores = bench.mtbench_scores(ratings)
+    ratings = [{**m, "rating": r} for m, r in zip(meta, judged(judge, items, benchmarks.parse_rating, "mtbench", args))]
+    scores = benchmarks.mtbench_scores(ratings)
     result = headline("mtbench", scores["overall"], "mean", [r["rating"] for r in ratings if r["rating"] != -1],
                       turn_1=scores["turn_1"], turn_2=scores["turn_2"], unrated=scores["unrated"],
                       by_category=scores["by_category"], ratings=ratings, distractor_image=args.distractor_image,
@@ -417,7 +423,7 @@ def run_mtbench(args) -> dict:
 def run_alpaca_eval(args) -> dict:
     """Our output against the reference output, the judge picking the better; shown in an order
     drawn per instruction (seeded), so position bias cancels out over the set."""
-    data = bench.read_alpaca_eval(args.data)[:args.limit]
+    data = benchmarks.read_alpaca_eval(args.data)[:args.limit]
     if args.answers:
         texts = read_answers_file(args.answers, {r["instruction"] for r in data}, args.data)
         texts = {str(i): texts[r["instruction"]] for i, r in enumerate(data)}
@@ -434,22 +440,15 @@ def run_alpaca_eval(args) -> dict:
         a, b = (texts[str(i)], r["output"]) if first else (r["output"], texts[str(i)])
         items.append(request(prompt, f"(a) {a}\n(b) {b}", str(i), instruction=r["instruction"], output_a=a, output_b=b))
         ours_first.append(first)
-    picks = judged(judge, items, bench.parse_preference, "alpaca_eval", args)
+    picks = judged(judge, items, benchmarks.parse_preference, "alpaca_eval", args)
     wins = [float((p == "a") == first) for p, first in zip(picks, ours_first)]
-    result = headline("alpaca_eval", bench.win_rate(wins), "mean_percent", wins, judge=judge.info(prompt))
-    return finish(args, "alpaca_eval", result, f"win rate {bench.win_rate(wins):.1f}% over {len(wins)} instructions")
+    result = headline("alpaca_eval", benchmarks.win_rate(wins), "mean_percent", wins, judge=judge.info(prompt))
+    return finish(args, "alpaca_eval", result, f"win rate {benchmarks.win_rate(wins):.1f}% over {len(wins)} instructions")
 
 
 def run_preference(args) -> dict:
     """DPO's implicit reward on held-out pairs: beta * (log p_policy - log p_reference), chosen vs
     rejected. Reward accuracy = share of pairs whose chosen answer gets the larger reward."""
-    import torch
-
-    from tinyalign import load_model
-    from tinyalign.data import collate_pairs, load_pairs, pair_examples
-    from tinyalign.packing import pair_logps
-    from tinyalign.training import autocast
-
     pairs, report_ = load_pairs(args.data, 0)
     print(report_.summary())
     model, processor = load(args)
@@ -458,14 +457,15 @@ def run_preference(args) -> dict:
     correct, margins = [], []
     with torch.no_grad():
         for start in range(0, len(examples), args.batch_size):
-            batch = collate_pairs(examples[start:start + args.batch_size], processor)
+            batch = collate_pairs(examples[start:start + args.batch_size], processor).to(args.device)
             with autocast(args.device):
-                policy = pair_logps(model.eval(), batch, args.device)
-                ref = pair_logps(reference.eval(), batch, args.device)
-            chosen = args.beta * (policy[0] - ref[0]).float()
-            rejected = args.beta * (policy[1] - ref[1]).float()
-            correct += (chosen > rejected).int().tolist()
-            margins += (chosen - rejected).tolist()
+                policy = pair_logps(model.eval(), batch)
+                ref = pair_logps(reference.eval(), batch)
+            # DPO's implicit reward of each answer, then which of a pair's two wins and by how much
+            wins, margin = reward_comparison(implicit_rewards(policy[0], ref[0], args.beta),
+                                             implicit_rewards(policy[1], ref[1], args.beta))
+            correct += wins.int().tolist()
+            margins += margin.tolist()
     accuracy = sum(correct) / max(len(correct), 1)
     result = headline("preference", accuracy, "mean", correct, margin=sum(margins) / max(len(margins), 1),
                       margins=margins, reference=str(args.reference), beta=args.beta)
@@ -547,8 +547,6 @@ def parse(argv=None):
             a("--beta", type=positive, default=0.1)
     args = p.parse_args(argv)
     if args.command != "report" and args.device is None:
-        import torch
-
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
 
@@ -560,7 +558,7 @@ def main(argv=None):
         return None
     try:
         return BENCHMARKS[args.command](args)
-    except (bench.BenchmarkError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError) as e:  # a benchmark's files, named with what is wrong
         sys.exit(f"error: {e}")
 
 

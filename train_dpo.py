@@ -15,22 +15,20 @@ batch 8 x 4 accumulation per device.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
 from pathlib import Path
 
 import torch
 
 from tinyalign import Processor, demo, load_model
-from tinyalign.arguments import non_negative, number, positive
-from tinyalign.data import file_digest, load_pairs, pair_examples
-from tinyalign.losses import PREFERENCE_LOSSES
-from tinyalign.packing import batch_maker, model_inputs, pair_logps, real_tokens, supervised_counts
-from tinyalign.training import (Run, autocast, common_arguments, cosine_schedule, describe_trainable,
-                                finish_distributed, init_distributed, mean_over_ranks, micro_batches, my_share,
-                                optimizer_step, optimizer_steps, parse_recipe, seed_everything, split_held_out,
-                                shard_fsdp, train_decoder, train_projector, trainable, wrap_ddp)
+from tinyalign.data import PairBatch, load_pairs, mean_per_token, pair_examples, pair_logps
+from tinyalign.infra.arguments import add_loss_options, common_arguments, loss_hyperparameters, non_negative, parse_recipe
+from tinyalign.infra.processes import (distribute, finish_distributed, init_distributed, mean_over_ranks, my_share,
+                                       refuse_unsupported)
+from tinyalign.infra.reference import ReferenceCache
+from tinyalign.infra.run import Run
+from tinyalign.losses import PREFERENCE_LOSSES, PreferenceLoss, reward_metrics
+from tinyalign.packing import pair_batch
+from tinyalign.training import autocast, optimizer_and_schedule, optimizer_step, paper_recipe, seed_everything, split_held_out
 
 PAPER = dict(epochs=3, batch_size=8, grad_accum=4, lr=5e-5, projector_lr=2e-5, lora_r=128, lora_alpha=256,
              max_length=3000, eval_every=100, save_every=200, eval_fraction=0.02, sft_weight=0.0,
@@ -47,15 +45,8 @@ DEMO = dict(epochs=6, batch_size=16, grad_accum=1, lr=1e-3, projector_lr=3e-3, l
 
 def parse(argv=None):
     parser = common_arguments(__doc__.split("\n\n")[0])
+    add_loss_options(parser, PREFERENCE_LOSSES)  # --loss-type, and each loss's hyperparameters (--beta, ...)
     a = parser.add_argument
-    a("--beta", type=positive, default=0.1, help="DPO: strength of the KL constraint to the reference; SimPO: the "
-      "reward scale (its paper uses 2-2.5); ORPO: the weight of the odds-ratio term (its lambda)")
-    a("--loss-type", default="sigmoid", choices=list(PREFERENCE_LOSSES),
-      help="; ".join(f"{name}: {loss.paper}" + ("" if loss.reference else ", no reference model")
-                     for name, loss in PREFERENCE_LOSSES.items()))
-    a("--simpo-gamma", type=float, default=0.5, help="SimPO's target reward margin gamma")
-    a("--label-smoothing", type=number(0, 0.5), default=0.0, help="conservative DPO: assumed rate of flipped "
-      "labels (0.5: no preference left)")
     a("--sft-weight", type=non_negative, help="the authors' SFT_weight: adds -w * mean log p(chosen), summed or averaged "
       "as the DPO term's log-probs are")
     a("--chosen-nll-weight", type=non_negative, help="adds w * the chosen answer's NLL per token (the demo's stabiliser)")
@@ -74,15 +65,12 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
+    preference = PREFERENCE_LOSSES[args.loss_type]  # the loss and what it needs (tinyalign/losses.py)
+    hyperparameters = loss_hyperparameters(preference, args)  # its keyword arguments: {"beta": 0.1, ...}
     rank, world = init_distributed(args)
-    if world > 1 and args.fsdp and (args.demo or args.ref == "live"):
-        raise SystemExit("--fsdp: the demo's report and --ref live run the model on rank 0 alone, which a sharded "
-                         "model cannot do; use --ref precomputed and a --model")
-    if world > 1 and PREFERENCE_LOSSES[args.loss_type].image_conditional:
-        raise SystemExit(f"--loss-type {args.loss_type} runs in one process for now: its step has two forwards "
-                         "(the corrupted image's too), and DDP allows one per backward")
+    refuse_unsupported(args, world, preference.image_conditional)
     if args.demo:
-        demo.dpo_start(args)  # no --model: the SFT demo's model and its own rated samples (tinyalign/demo.py)
+        demo.dpo_start(args)  # no --model: the SFT demo's model and its own rated samples (tinyalign/demo/)
     # Seeded after the demo's setup, which may have made the SFT demo's model first: the run is the
     # same draw whether or not that model was already there.
     seed_everything(args.seed)
@@ -106,70 +94,48 @@ def main(argv=None):
     if not train:
         raise SystemExit(f"{args.data}: no usable pairs")
 
+    def batch_of(examples) -> PairBatch:  # B pairs -> 2B answers: plain rows, or packed ones with --packing
+        return pair_batch(examples, processor, args.packing, args.pack_tokens, preference.image_conditional).to(args.device)
+
     # ---- the reference: the starting model's log-probs, then (unless --ref live) no reference model --
-    ref_model = None
-    if not PREFERENCE_LOSSES[args.loss_type].reference:
+    reference = None
+    if not preference.reference:
         print(f"reference log-probs: not needed by --loss-type {args.loss_type}")
     elif args.ref == "live":
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
     else:
-        cache = Path(args.cache_dir) / "ref_logps" / f"{cache_key(args, model_fingerprint(args.model))}.json"
-        print("reference log-probs:", fill_reference(model, train + held, processor, args, cache))
-    start_metrics = evaluate(model, held, processor, args, ref_model) if held else {}
+        print("reference log-probs:", precompute_reference(model, train + held, batch_of, preference, args))
+    step_of = dict(preference=preference, hyperparameters=hyperparameters, args=args, reference=reference)
+    start_metrics = evaluate(model, held, batch_of, step_of, args) if held else {}
 
     # ---- the recipe (paper section 3.3): what trains, at which rate, on which schedule ---------------
-    model.requires_grad_(False)  # everything frozen to begin with; the CLIP tower stays so
-    train_projector(model)  # the projector trains fully...
-    train_decoder(model, args.lora_r, args.lora_alpha, args.lora_dropout)  # ...the decoder via LoRA
-    print(describe_trainable(model))
-    model.language_model.gradient_checkpointing = args.gradient_checkpointing
-    if args.compile:
-        model.language_model.compile_blocks()  # after LoRA is in place: the adapters compile with each block
-    # The model itself; with several processes its DDP wrapper, or (--fsdp) the model sharded in place,
-    # its parameters replaced by sharded ones: so the optimizer is made after this, from what trains now.
-    trainer = shard_fsdp(model, world, args.device) if args.fsdp else wrap_ddp(model, world, args.device)
-    optimizer = torch.optim.AdamW([{"params": trainable(model.language_model, model.lm_head), "lr": args.lr,
-                                    "name": "decoder"},
-                                   {"params": trainable(model.multi_modal_projector), "lr": args.projector_lr,
-                                    "name": "projector"}], weight_decay=args.weight_decay)
-    # --batch-size is per process: a micro-batch of the whole run holds batch_size x world pairs.
-    batches = micro_batches(len(train), args.batch_size * world, args.epochs, args.seed, drop_last=world > 1)
-    total_steps = optimizer_steps(len(batches), args.grad_accum, args.max_steps)
-    scheduler = cosine_schedule(optimizer, total_steps, args.warmup_ratio)  # linear warmup, then cosine to 0
-    run = Run(args.out, args, total_steps, rank)  # metrics.jsonl, resumable checkpoints, the progress bar
+    paper_recipe(model, args)  # the tower frozen, the projector fully, the decoder via LoRA (--lora-r 0: fully)
+    trainer = distribute(model, args, world)  # compiled blocks; with several processes DDP, or FSDP2 shards
+    optimizer, scheduler, steps = optimizer_and_schedule(model, args, len(train), world)  # AdamW, warmup + cosine
+    run = Run(args.out, args, len(steps), rank)  # metrics.jsonl, resumable checkpoints, the progress bar
     step = run.load_state(model, optimizer, scheduler) if args.resume else 0
     if held and not args.resume:
         run.log(0, start_metrics, split="eval")
-    make_batch = batch_maker(args, processor, "pairs")  # plain rows, or packed ones with --packing
     run.start_progress(step)
     model.train()
 
     # ---- the DPO loop ------------------------------------------------------------------------------
     while step < run.total_steps:
-        group = batches[step * args.grad_accum:(step + 1) * args.grad_accum]
         logged = {}
-        for micro in group:
-            # B pairs -> 2B answers: plain rows (the B chosen, then the B rejected) or, with --packing,
-            # B rows [prompt | chosen | rejected] whose prompt and image are computed once.
-            batch = make_batch([train[i] for i in my_share(micro, rank, world)])
+        for micro in steps[step]:  # --grad-accum micro-batches of B pairs each
+            batch = batch_of([train[i] for i in my_share(micro, rank, world)])
             with autocast(args.device):
-                # One forward over both answers of every pair -> log p(answer | image, question) [2B].
-                logps = trainer(**model_inputs(batch, args.device), average_logps=args.average_logps)
-                policy_chosen, policy_rejected = logps.chunk(2)  # [B], [B]
-                policy_corrupted = corrupted_logps(trainer, batch, args)  # mDPO only: chosen, image corrupted [B]
-                reference = reference_of(batch, ref_model, args)  # the same three under the start model
-                loss, metrics = preference_loss(policy_chosen, policy_rejected, policy_corrupted, *reference, batch,
-                                                args)
+                loss, metrics = dpo_step(trainer, batch, **step_of)
             run.check_finite(loss, step + 1)
-            (loss / len(group)).backward()
+            (loss / len(steps[step])).backward()
             for k, v in metrics.items():
-                logged[k] = logged.get(k, 0.0) + v / len(group)
-            run.count_tokens(real_tokens(batch))
+                logged[k] = logged.get(k, 0.0) + v / len(steps[step])
+            run.count_tokens(batch.real_tokens)
         optimizer_step(model, optimizer, scheduler, args.max_grad_norm)  # clip, step, schedule, zero grads
         step += 1
         logged = {**mean_over_ranks(logged, world), "lr": scheduler.get_last_lr()[0]}
         if run.after_step(step, logged, model, optimizer, scheduler,
-                          (lambda: evaluate(model, held, processor, args, ref_model)) if held else None):
+                          (lambda: evaluate(model, held, batch_of, step_of, args)) if held else None):
             finish_distributed(world)
             return {}
     # -------------------------------------------------------------------------------------------------
@@ -177,7 +143,7 @@ def main(argv=None):
     run.save_state(step, model, optimizer, scheduler)
     final = {}
     if rank == 0 or run.sharded:  # --fsdp: every process holds a share of the weights, so all take part
-        final = evaluate(model, held, processor, args, ref_model) if held else {}
+        final = evaluate(model, held, batch_of, step_of, args) if held else {}
         if args.demo:
             final.update(demo.dpo_report(model, processor, args, start_metrics, final, len(held)))
         run.log(step, final, split="eval")
@@ -189,67 +155,73 @@ def main(argv=None):
     return final
 
 
-def corrupted_logps(model, batch, args):
-    """log p(chosen answer | corrupted image) [B], for a loss that compares images (mDPO); else None."""
-    if "corrupted" not in batch:
-        return None
-    return model(**model_inputs(batch["corrupted"], args.device), average_logps=args.average_logps)
+def dpo_step(policy, batch: PairBatch, preference: PreferenceLoss, hyperparameters: dict, args, reference=None):
+    """One micro-batch of DPO, the whole computation: a forward over the chosen and the rejected
+    answers, their log-probs, the reference's, the loss (--loss-type; DPO is Rafailov et al. 2023,
+    eq. 7) with the optional NLL terms, and the numbers to log. -> (loss, metrics).
 
+    reference: a frozen copy of the start model (--ref live); None: the batch carries the reference
+    log-probs, computed once before training (`precompute_reference`) or read from the data file."""
+    # log pi(answer | image, question) for the 2B answers in one forward: the B chosen, then the B rejected
+    logps = policy(**batch.inputs)  # [2B]
+    if args.average_logps:  # SimPO and ORPO compare mean log-probs per token (or --average-logps)
+        logps = mean_per_token(logps, batch.inputs)
+    chosen, rejected = batch.chosen_and_rejected(logps)  # [B], [B]
 
-def reference_of(batch, ref_model, args):
-    """The reference log-probs of a micro-batch: (chosen, rejected, chosen under a corrupted image or
-    None), [B] each. From the frozen copy with --ref live, else the precomputed ones the batch
-    carries; all None when the loss needs no reference (losses.PREFERENCE_LOSSES)."""
-    if not PREFERENCE_LOSSES[args.loss_type].reference:
-        return None, None, None
-    if ref_model is not None:
+    # log pi_ref of the same answers: the start model's (none for SimPO and ORPO)
+    if not preference.reference:
+        references = ()
+    elif reference is not None:
         with torch.no_grad():
-            return (*pair_logps(ref_model, batch, args.device, args.average_logps),
-                    corrupted_logps(ref_model, batch, args))
-    corrupted = batch["ref_corrupted"].to(args.device) if "corrupted" in batch else None
-    return batch["ref_chosen"].to(args.device), batch["ref_rejected"].to(args.device), corrupted
+            references = pair_logps(reference, batch, args.average_logps)
+    else:
+        references = (batch.ref_chosen, batch.ref_rejected)
 
-
-def preference_loss(policy_chosen, policy_rejected, policy_corrupted, ref_chosen, ref_rejected, ref_corrupted, batch,
-                    args):
-    """The loss of one micro-batch (--loss-type, an entry of losses.PREFERENCE_LOSSES; DPO is
-    Rafailov et al. 2023, eq. 7) plus the optional NLL terms, and the numbers worth logging."""
-    preference = PREFERENCE_LOSSES[args.loss_type]
-    images = dict(policy_corrupted=policy_corrupted, ref_corrupted=ref_corrupted) if preference.image_conditional else {}
-    losses, chosen_rewards, rejected_rewards = preference.compute(policy_chosen, policy_rejected, ref_chosen,
-                                                                  ref_rejected, args, **images)
+    if preference.image_conditional:  # mDPO: a second forward, the chosen answers under a corrupted image
+        corrupted = corrupted_logps(policy, reference, batch, args.average_logps)
+        losses, chosen_rewards, rejected_rewards = preference.compute(chosen, rejected, *references, *corrupted,
+                                                                      **hyperparameters)
+    else:
+        losses, chosen_rewards, rejected_rewards = preference.compute(chosen, rejected, *references, **hyperparameters)
     loss = losses.mean()
     if args.sft_weight:  # the authors' term as written (mllm-dpo llava/train/llava_trainer.py:453-455)
-        loss = loss - args.sft_weight * policy_chosen.mean()
+        loss = loss - args.sft_weight * chosen.mean()
     if args.chosen_nll_weight:  # the same, per token of the chosen answer
-        per_token = policy_chosen if args.average_logps else \
-            policy_chosen / supervised_counts(batch)[: len(losses)].clamp(min=1).to(args.device)
-        loss = loss - args.chosen_nll_weight * per_token.mean()
-    metrics = {"loss": loss.item(), "rewards/chosen": chosen_rewards.mean().item(),
-               "rewards/rejected": rejected_rewards.mean().item(),
-               "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
-               "rewards/margin": (chosen_rewards - rejected_rewards).mean().item(),
-               "logps/chosen": policy_chosen.mean().item(), "logps/rejected": policy_rejected.mean().item(),
-               "logps/accuracy": (policy_chosen > policy_rejected).float().mean().item()}
-    if images:  # how much likelier the chosen answer is with its own image than with the corrupted one
-        corrupted_rewards = args.beta * (policy_corrupted - ref_corrupted)
+        chosen_tokens, _ = batch.chosen_and_rejected(batch.answer_tokens)
+        loss = loss - args.chosen_nll_weight * (chosen if args.average_logps else chosen / chosen_tokens.clamp(min=1)).mean()
+
+    metrics = {"loss": loss.item(), **reward_metrics(chosen_rewards, rejected_rewards),
+               "logps/chosen": chosen.mean().item(), "logps/rejected": rejected.mean().item(),
+               "logps/accuracy": (chosen > rejected).float().mean().item()}
+    if preference.image_conditional:  # how much likelier the chosen answer is with its own image than a corrupted one
+        corrupted_rewards = hyperparameters["beta"] * (corrupted[0] - corrupted[1])
         metrics["rewards/corrupted_image"] = corrupted_rewards.mean().item()
         metrics["rewards/image_accuracy"] = (chosen_rewards > corrupted_rewards).float().mean().item()
     return loss, metrics
 
 
+def corrupted_logps(policy, reference, batch: PairBatch, average: bool):
+    """mDPO: log pi and log pi_ref of the chosen answers, each under a corrupted image ([B], [B])."""
+    def logps(model):
+        per_answer = model(**batch.corrupted)
+        return mean_per_token(per_answer, batch.corrupted) if average else per_answer
+
+    if reference is None:  # precomputed before training, like the other reference log-probs
+        return logps(policy), batch.ref_corrupted
+    with torch.no_grad():
+        ref = logps(reference)
+    return logps(policy), ref
+
+
 @torch.no_grad()
-def evaluate(model, examples, processor, args, ref_model=None) -> dict:
-    """Held-out metrics, the training step's own numbers: loss, reward accuracy and margin."""
+def evaluate(model, examples, batch_of, step_of: dict, args) -> dict:
+    """Held-out metrics: the training step's own numbers (loss, reward accuracy and margin, ...)."""
     model.eval()
     totals, n = {}, 0
     for start in range(0, len(examples), args.batch_size):
         chunk = examples[start:start + args.batch_size]
-        batch = batch_maker(args, processor, "pairs")(chunk)
         with autocast(args.device):
-            policy_chosen, policy_rejected = pair_logps(model, batch, args.device, args.average_logps)
-            metrics = preference_loss(policy_chosen, policy_rejected, corrupted_logps(model, batch, args),
-                                      *reference_of(batch, ref_model, args), batch, args)[1]
+            metrics = dpo_step(model, batch_of(chunk), **step_of)[1]
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v * len(chunk)
         n += len(chunk)
@@ -257,60 +229,32 @@ def evaluate(model, examples, processor, args, ref_model=None) -> dict:
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# Reference log-probs computed before training (the default, --ref precomputed)
-# ---------------------------------------------------------------------------------------------
-
-
-def fill_reference(model, examples, processor, args, cache_path: Path):
-    """Reference log-probs: from the data file, else the disk cache, else one pass now (then cached)."""
-    images = PREFERENCE_LOSSES[args.loss_type].image_conditional  # mDPO: the corrupted image's too
+@torch.no_grad()
+def precompute_reference(model, examples, batch_of, preference: PreferenceLoss, args) -> str:
+    """The reference log-probs of every pair (and, for mDPO, of its chosen answer under a corrupted
+    image): from the data file, else the disk cache (infra/reference.py), else one no-grad pass of the
+    start model now, then cached. The reference model is then not needed any more."""
+    images = preference.image_conditional
     missing = [e for e in examples if e.ref_chosen is None or e.ref_rejected is None
                or (images and e.ref_corrupted is None)]
     if not missing:
         return "from the data file"
-    cached = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    if all(len(cached.get(e.id, [])) >= 2 + images for e in missing):  # [chosen, rejected(, corrupted)]
-        for e in missing:
-            e.ref_chosen, e.ref_rejected, e.ref_corrupted = (cached[e.id] + [None])[:3]
-        return f"from the cache {cache_path}"
-    reference_logps(model, missing, processor, args)
-    cached.update({e.id: [e.ref_chosen, e.ref_rejected] + ([e.ref_corrupted] if images else []) for e in missing})
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_suffix(f".tmp-{os.getpid()}")  # written whole, then renamed: never half a file
-    tmp.write_text(json.dumps(cached))
-    os.replace(tmp, cache_path)
-    return f"computed now, cached in {cache_path}"
-
-
-@torch.no_grad()
-def reference_logps(model, examples, processor, args) -> None:
-    """Fill ref_chosen / ref_rejected (and, for mDPO, ref_corrupted) of every example with the starting
-    model's log-probs."""
+    cache = ReferenceCache(args)
+    if cache.fill(missing, images):
+        return f"from the cache {cache.path}"
     model.eval()
-    for start in range(0, len(examples), args.batch_size):
-        chunk = examples[start:start + args.batch_size]
-        batch = batch_maker(args, processor, "pairs")(chunk)
+    for start in range(0, len(missing), args.batch_size):
+        chunk = missing[start:start + args.batch_size]
+        batch = batch_of(chunk)
         with autocast(args.device):
-            chosen, rejected = pair_logps(model, batch, args.device, args.average_logps)
-            corrupted = corrupted_logps(model, batch, args)
-        corrupted = corrupted.tolist() if corrupted is not None else [None] * len(chunk)
+            chosen, rejected = pair_logps(model, batch, args.average_logps)
+            corrupted = corrupted_logps(model, None, batch, args.average_logps)[0].tolist() if images else [None] * len(chunk)
         for e, c, r, cc in zip(chunk, chosen.tolist(), rejected.tolist(), corrupted):
             if e.ref_chosen is None or e.ref_rejected is None:  # a data file's own values stay
                 e.ref_chosen, e.ref_rejected = c, r
             e.ref_corrupted = cc
-
-
-def cache_key(args, model_fingerprint: str) -> str:
-    parts = [model_fingerprint, file_digest(args.data), args.eval_data and file_digest(args.eval_data),
-             args.max_length, args.template, args.image_mode, args.average_logps, args.pair_seed, args.image_folder]
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
-
-
-def model_fingerprint(path) -> str:
-    """Names, sizes and modification times of a checkpoint folder's files: cheap, and changes when they do."""
-    files = sorted(Path(path).iterdir())
-    return json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()])
+    cache.save(missing, images)
+    return f"computed now, cached in {cache.path}"
 
 
 if __name__ == "__main__":

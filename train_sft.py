@@ -16,12 +16,13 @@ import torch
 
 from tinyalign import Processor, demo, load_model
 from tinyalign.data import read_conversations, read_scored, select_best, sft_examples
+from tinyalign.infra.arguments import common_arguments, parse_recipe
+from tinyalign.infra.processes import (distribute, finish_distributed, init_distributed, mean_over_ranks, my_share,
+                                       refuse_unsupported, sum_over_ranks)
+from tinyalign.infra.run import Run
 from tinyalign.losses import sft_loss
-from tinyalign.packing import batch_maker, model_inputs, real_tokens, supervised_counts
-from tinyalign.training import (Run, autocast, common_arguments, cosine_schedule, describe_trainable,
-                                finish_distributed, init_distributed, mean_over_ranks, micro_batches, my_share,
-                                optimizer_step, optimizer_steps, parse_recipe, seed_everything, split_held_out,
-                                sum_over_ranks, shard_fsdp, train_decoder, train_projector, trainable, wrap_ddp)
+from tinyalign.packing import sft_batch
+from tinyalign.training import autocast, optimizer_and_schedule, optimizer_step, paper_recipe, seed_everything, split_held_out
 
 PAPER = dict(epochs=3, batch_size=16, grad_accum=2, lr=4e-4, projector_lr=2e-5, lora_r=128, lora_alpha=256,
              max_length=2048, eval_every=200, save_every=500, eval_fraction=0.02, packing=True)
@@ -51,9 +52,7 @@ def load_records(args):
 def main(argv=None):
     args = parse(argv)
     rank, world = init_distributed(args)
-    if world > 1 and args.fsdp and args.demo:
-        raise SystemExit("--fsdp: the demo's report runs the model on rank 0 alone, which a sharded model cannot "
-                         "do; give a --model")
+    refuse_unsupported(args, world, image_conditional=False)
     seed_everything(args.seed)
     if args.demo:  # no --model: the shapes world and a tiny LLaVA with random weights (tinyalign/demo.py)
         model, processor = demo.sft_start(args)
@@ -86,59 +85,45 @@ def train(args, model, processor, train_records, held_records, rank=0, world=1) 
     if not examples:
         raise SystemExit(f"{args.data}: no usable training examples")
 
+    def batch_of(examples):  # plain rows, or packed ones with --packing
+        return sft_batch(examples, processor, args.packing, args.pack_tokens, pixel_cache if args.demo else None)
+
     # ---- the recipe (paper section 3.3): what trains, at which rate, on which schedule ---------------
-    model.requires_grad_(False)  # everything frozen to begin with; the CLIP tower stays so
-    train_projector(model)  # the projector trains fully...
-    train_decoder(model, args.lora_r, args.lora_alpha, args.lora_dropout)  # ...the decoder via LoRA
-    print(describe_trainable(model))
-    model.language_model.gradient_checkpointing = args.gradient_checkpointing
-    if args.compile:
-        model.language_model.compile_blocks()  # after LoRA is in place: the adapters compile with each block
-    # The model itself; with several processes its DDP wrapper, or (--fsdp) the model sharded in place,
-    # its parameters replaced by sharded ones: so the optimizer is made after this, from what trains now.
-    trainer = shard_fsdp(model, world, args.device) if args.fsdp else wrap_ddp(model, world, args.device)
-    optimizer = torch.optim.AdamW([{"params": trainable(model.language_model, model.lm_head), "lr": args.lr,
-                                    "name": "decoder"},
-                                   {"params": trainable(model.multi_modal_projector), "lr": args.projector_lr,
-                                    "name": "projector"}], weight_decay=args.weight_decay)
-    # --batch-size is per process: a micro-batch of the whole run holds batch_size x world examples.
-    batches = micro_batches(len(examples), args.batch_size * world, args.epochs, args.seed, drop_last=world > 1)
-    total_steps = optimizer_steps(len(batches), args.grad_accum, args.max_steps)
-    scheduler = cosine_schedule(optimizer, total_steps, args.warmup_ratio)  # linear warmup, then cosine to 0
-    run = Run(args.out, args, total_steps, rank)  # metrics.jsonl, resumable checkpoints, the progress bar
+    paper_recipe(model, args)  # the tower frozen, the projector fully, the decoder via LoRA (--lora-r 0: fully)
+    trainer = distribute(model, args, world)  # compiled blocks; with several processes DDP, or FSDP2 shards
+    optimizer, scheduler, steps = optimizer_and_schedule(model, args, len(examples), world)  # AdamW, warmup + cosine
+    run = Run(args.out, args, len(steps), rank)  # metrics.jsonl, resumable checkpoints, the progress bar
     step = run.load_state(model, optimizer, scheduler) if args.resume else 0
     pixel_cache = {}  # the demo's images are tiny: decode each once
-    make_batch = batch_maker(args, processor, "sft")  # plain rows, or packed ones with --packing
     run.start_progress(step)
     model.train()
 
     # ---- the SFT loop ------------------------------------------------------------------------------
     while step < run.total_steps:
-        group = batches[step * args.grad_accum:(step + 1) * args.grad_accum]
         step_loss = 0.0
-        for micro in group:
-            batch = make_batch([examples[i] for i in my_share(micro, rank, world)], pixel_cache if args.demo else None)
+        for micro in steps[step]:  # --grad-accum micro-batches
+            batch = batch_of([examples[i] for i in my_share(micro, rank, world)]).to(args.device)
             # Token-mean over the whole micro-batch (all processes), whatever each process holds.
-            n_tokens = sum_over_ranks(supervised_counts(batch).sum().to(args.device), world).clamp(min=1)
+            n_tokens = sum_over_ranks(batch.answer_tokens.sum(), world).clamp(min=1)
             with autocast(args.device):
-                answer_logps = trainer(**model_inputs(batch, args.device))  # [B]: log p(answer | image, question)
-                loss = sft_loss(answer_logps, n_tokens) * world / len(group)  # x world: DDP averages over processes
+                answer_logps = trainer(**batch.inputs)  # [B]: log p(answer | image, question)
+                loss = sft_loss(answer_logps, n_tokens) * world / len(steps[step])  # x world: DDP averages over processes
             run.check_finite(loss, step + 1)
             loss.backward()
             step_loss += loss.item()
-            run.count_tokens(real_tokens(batch))
+            run.count_tokens(batch.real_tokens)
         optimizer_step(model, optimizer, scheduler, args.max_grad_norm)  # clip, step, schedule, zero grads
         step += 1
         logged = {**mean_over_ranks({"loss": step_loss}, world), "lr": scheduler.get_last_lr()[0]}
         if run.after_step(step, logged, model, optimizer, scheduler,
-                          (lambda: evaluate(model, held, processor, args)) if held else None):
+                          (lambda: evaluate(model, held, batch_of, args)) if held else None):
             return {}
     # -------------------------------------------------------------------------------------------------
 
     run.save_state(step, model, optimizer, scheduler)
     final = {}
     if rank == 0 or run.sharded:  # --fsdp: every process holds a share of the weights, so all take part
-        final = evaluate(model, held, processor, args) if held else {}
+        final = evaluate(model, held, batch_of, args) if held else {}
         run.log(step, final, split="eval")
         saved = run.save_final(model, processor)
         if rank == 0:
@@ -149,15 +134,15 @@ def train(args, model, processor, train_records, held_records, rank=0, world=1) 
 
 
 @torch.no_grad()
-def evaluate(model, examples, processor, args) -> dict:
+def evaluate(model, examples, batch_of, args) -> dict:
     """Held-out token cross-entropy on the answers."""
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(examples), args.batch_size):
-        batch = batch_maker(args, processor, "sft")(examples[start:start + args.batch_size])
+        batch = batch_of(examples[start:start + args.batch_size]).to(args.device)
         with autocast(args.device):
-            total -= model(**model_inputs(batch, args.device)).sum().item()  # the answers' summed log-probs
-        tokens += int(supervised_counts(batch).sum())
+            total -= model(**batch.inputs).sum().item()  # the answers' summed log-probs
+        tokens += int(batch.answer_tokens.sum())
     model.train()
     return {"loss": total / max(tokens, 1)}
 

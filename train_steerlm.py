@@ -15,8 +15,9 @@ from __future__ import annotations
 from tinyalign import Processor, demo, load_model
 from tinyalign.data import Conversation, read_scored
 from tinyalign.steer import STEER_TEMPLATES, check_ratings, steer_prompt
-from tinyalign.training import (common_arguments, finish_distributed, init_distributed, parse_recipe, seed_everything,
-                                split_held_out)
+from tinyalign.infra.arguments import common_arguments, parse_recipe
+from tinyalign.infra.processes import finish_distributed, init_distributed
+from tinyalign.training import seed_everything, split_held_out
 
 import train_sft  # SteerLM is SFT on rated answers: the same loss and loop (train_sft.train)
 
@@ -57,7 +58,7 @@ def main(argv=None):
     args = parse(argv)
     rank, world = init_distributed(args)
     if args.demo:
-        demo.steerlm_start(args)  # no --model: the SFT demo's model, every answer style rated (tinyalign/demo.py)
+        demo.steerlm_start(args)  # no --model: the SFT demo's model, every answer style rated (tinyalign/demo/)
     seed_everything(args.seed)  # after the demo's setup (which may train the SFT demo first): the same draw either way
     model = load_model(args.model, device=args.device, vision_tower=args.vision_tower)
     processor = Processor.from_pretrained(args.model, template=args.template, image_mode=args.image_mode,

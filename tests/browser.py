@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tinyalign import page
+from tinyalign.lab import page
 
 
 def rendered_dom(path) -> str:

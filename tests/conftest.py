@@ -90,7 +90,7 @@ def make_tiny_world(root: Path) -> dict:
     """A small shapes world on disk and a randomly initialised tiny checkpoint (with its tokenizer)
     that the training scripts can be pointed at like any real checkpoint."""
     import tinyalign
-    from tinyalign.demo import demo_config, demo_processor, make_world
+    from tinyalign.demo.world import demo_config, demo_processor, make_world
 
     files = make_world(root / "data", seed=1, n_sft=96, n_prompts=48, n_heldout=16, n_heldout_prompts=0)
     model = tinyalign.random_model(demo_config(), seed=1)

@@ -1,4 +1,4 @@
-"""The ablations (`python -m tinyalign.ablations NAME`) end to end at toy scale: the tiny world stands
+"""The ablations (`python -m tinyalign.lab.ablations NAME`) end to end at toy scale: the tiny world stands
 in for the demo's, a two-step recipe for the demo's three epochs."""
 
 import json
@@ -7,8 +7,10 @@ import shutil
 import pytest
 
 import train_dpo
-from tinyalign import ablations, demo
-from tinyalign.data import Pair, file_digest, load_pairs
+from tinyalign.data import Pair, file_digest, load_pairs, read_jsonl
+from tinyalign.demo import world
+from tinyalign.demo.runs import DEMO_DATA, DEMO_SFT
+from tinyalign.lab import ablations
 
 TINY_RECIPE = ["--max-steps", "2", "--batch-size", "8", "--grad-accum", "1", "--lr", "1e-3", "--projector-lr", "1e-3",
                "--lora-r", "4", "--lora-alpha", "8", "--max-length", "256", "--no-packing", "--eval-every", "0",
@@ -19,16 +21,16 @@ TINY_RECIPE = ["--max-steps", "2", "--batch-size", "8", "--grad-accum", "1", "--
 def demo_folders(tiny_world, tmp_path, monkeypatch):
     """The tiny world where the demo keeps its files: runs/demo-data and runs/demo-sft/model."""
     monkeypatch.chdir(tmp_path)
-    shutil.copytree(tiny_world["root"] / "data", demo.DEMO_DATA)
-    shutil.copytree(tiny_world["checkpoint"], demo.DEMO_SFT / "model")
+    shutil.copytree(tiny_world["root"] / "data", DEMO_DATA)
+    shutil.copytree(tiny_world["checkpoint"], DEMO_SFT / "model")
     # Rated samples with a spread (a random model's own samples all rate alike: no pairs), marked as
     # this model's, so the demo's setup takes them as they are.
-    prompts = demo.read_heldout(demo.DEMO_DATA / "prompts.jsonl")
-    rated = "".join(json.dumps(r) + "\n" for r in demo.rated_styles(prompts))
-    digest = file_digest(demo.DEMO_SFT / "model" / "model.safetensors")
+    prompts = read_jsonl(DEMO_DATA / "prompts.jsonl")
+    rated = "".join(json.dumps(r) + "\n" for r in world.rated_styles(prompts))
+    digest = file_digest(DEMO_SFT / "model" / "model.safetensors")
     for name in ("samples.jsonl", "samples_heldout.jsonl"):
-        (demo.DEMO_SFT / name).write_text(rated)
-        (demo.DEMO_SFT / f"{name}.model").write_text(digest + "\n")
+        (DEMO_SFT / name).write_text(rated)
+        (DEMO_SFT / f"{name}.model").write_text(digest + "\n")
     for other in ("transfer/other-samples.jsonl", "irrelevant-image/text-samples.jsonl"):  # their start models'
         (tmp_path / "runs/ablations" / other).parent.mkdir(parents=True)
         (tmp_path / "runs/ablations" / other).write_text(rated)
@@ -53,7 +55,7 @@ def test_each_ablation_runs_end_to_end(demo_folders, name):
     results = json.loads((demo_folders / "runs/ablations" / name / "results.json").read_text())
     arms = [label for label, _, _ in ablations.ABLATIONS[name][1]]
     assert list(results) == arms and all(f"| {label} |" in text for label in arms)
-    total = len(load_pairs(demo.DEMO_SFT / "samples.jsonl")[0])
+    total = len(load_pairs(DEMO_SFT / "samples.jsonl")[0])
     for label, runs in results.items():
         assert 0 <= runs[0]["reward accuracy"] <= 1 and 0 <= runs[0]["exact answer"] <= 1
         assert len(runs[0]["curve"]) == 2  # one point per training step
@@ -62,33 +64,33 @@ def test_each_ablation_runs_end_to_end(demo_folders, name):
         else:
             assert runs[0]["pairs"] == total
     # The figure command draws from these files, and names what is missing instead of drawing it.
-    from tinyalign import figures
+    from tinyalign.lab import figures
 
     done = figures.draw_all(demo_folders / "runs", demo_folders / "figures")
     assert done[name] == demo_folders / "figures" / f"ablation-{name}.png"
     assert done[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert done["study"].startswith("skipped: no ") and "python -m tinyalign.study" in done["study"]
+    assert done["study"].startswith("skipped: no ") and "python -m tinyalign.lab.study" in done["study"]
 
 
 def test_unconditional_preference_on_a_trained_policy(demo_folders):
-    samples, start = demo.DEMO_SFT / "samples.jsonl", demo.DEMO_SFT / "model"
+    samples, start = DEMO_SFT / "samples.jsonl", DEMO_SFT / "model"
     # The start against itself: every margin is exactly 0, with any image.
-    same = ablations.unconditional(start, start, samples, demo.DEMO_DATA)
+    same = ablations.unconditional(start, start, samples, DEMO_DATA)
     assert same["mean margin, true image"] == 0 and same["told apart without the image"] == 0
     final = train_dpo.main(["--model", str(start), "--data", str(samples), "--eval-data", str(samples),
-                            "--image-folder", str(demo.DEMO_DATA), "--out", "runs/dpo", "--cache-dir", "cache",
+                            "--image-folder", str(DEMO_DATA), "--out", "runs/dpo", "--cache-dir", "cache",
                             *TINY_RECIPE])
-    result = ablations.unconditional(demo_folders / "runs/dpo/model", start, samples, demo.DEMO_DATA)
+    result = ablations.unconditional(demo_folders / "runs/dpo/model", start, samples, DEMO_DATA)
     # With the true image the measure is DPO's own held-out reward accuracy (the margin's sign does
     # not depend on beta); batches padded differently may move a margin that sits at 0 by rounding.
     assert result["reward accuracy, true image"] == pytest.approx(final["rewards/accuracy"], abs=2 / result["pairs"])
     assert 0 <= result["told apart without the image"] <= 1
     assert result["told apart without the image"] == sum(m > 0 for m in result["margins"]["swapped image"]) / result["pairs"]
-    # The command: its table, its JSON and the figure of the margins (python -m tinyalign.figures draws it too)
+    # The command: its table, its JSON and the figure of the margins (python -m tinyalign.lab.figures draws it too)
     text = ablations.main(["unconditional", "--dpo", "runs/dpo/model", "--out", "runs/ablations"])
     assert f"| told apart without the image | {result['told apart without the image']:.3f} |" in text
     assert "margins" not in text
-    from tinyalign import figures
+    from tinyalign.lab import figures
 
     done = figures.draw_all(demo_folders / "runs", demo_folders / "figures")
     assert done["unconditional"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -106,12 +108,12 @@ def test_irrelevant_image_teaches_the_sums_then_asks_them_with_and_without_a_pic
     sft = json.loads((folder / "sft-with-sums.json").read_text())
     sums = [r for r in sft if r["id"].startswith("text-")]
     assert len(sums) == 24 and all("image" not in r and "<image>" not in r["conversations"][0]["value"] for r in sums)
-    assert len(sft) - 24 == len(json.loads((demo.DEMO_DATA / "sft.json").read_text()))
+    assert len(sft) - 24 == len(json.loads((DEMO_DATA / "sft.json").read_text()))
     # Its vocabulary has the sums' words (no <unk> in them), the demo's does not.
-    processor = demo.demo_processor(extra_texts=ablations.SUM_TEXTS)
+    processor = world.demo_processor(extra_texts=ablations.SUM_TEXTS)
     question, answer = ablations.SUMS[-1]
     assert (question, answer) == ("What is four plus four ?", "It is eight .")
-    assert processor.decode(processor.tokenize(answer)) == answer and "plus" not in demo.demo_vocabulary()
+    assert processor.decode(processor.tokenize(answer)) == answer and "plus" not in world.demo_vocabulary()
     results = json.loads((folder / "results.json").read_text())
     assert list(results) == [ablations.TEXT_START, "DPO + NLL", "DPO", ablations.WITH_SUMS]
     # the added pairs: a sum asked with a picture, the sum chosen, the picture's answer rejected
@@ -129,7 +131,7 @@ def test_irrelevant_image_teaches_the_sums_then_asks_them_with_and_without_a_pic
         assert row["sums, irrelevant image"] * 160 == pytest.approx(round(row["sums, irrelevant image"] * 160))
         assert 0 <= row["answers the picture instead"] <= 1 and 0 <= row["exact answer"] <= 1
     assert "reward accuracy" not in results[ablations.TEXT_START][0] and "| - |" in text
-    from tinyalign import figures
+    from tinyalign.lab import figures
 
     done = figures.draw_all(demo_folders / "runs", demo_folders / "figures")
     assert done["irrelevant-image"] == demo_folders / "figures" / "ablation-irrelevant-image.png"

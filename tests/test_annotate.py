@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 from conftest import ChatStub, serve
 
-from tinyalign import annotate
-from tinyalign.annotate import JudgeError, OpenAIJudge, annotate_prompts, parse_ratings
+from tinyalign.evaluation import annotate
+from tinyalign.evaluation.annotate import JudgeError, OpenAIJudge, annotate_prompts, parse_ratings
 
 GOOD = ('The answer names the right colour and is short.\n'
         '{"helpfulness": 4, "correctness": 3, "coherence": 4, "complexity": 1, "verbosity": 2}')
@@ -176,7 +176,7 @@ def test_a_torn_last_line_is_dropped_and_its_prompt_rated_again(tmp_path):
 
 
 def test_a_second_annotator_on_the_same_output_is_refused_and_nothing_is_lost(tmp_path):
-    from tinyalign.checkpoint import RunInUse
+    from tinyalign.infra.files import RunInUse
 
     out = tmp_path / "scored.jsonl"
     prompts = [{"id": f"p{i}", "prompt": "q"} for i in range(40)]
@@ -221,7 +221,7 @@ class RandomVerdicts:
 def test_two_processes_sharing_a_judge_cache_score_with_the_first_verdict(tmp_path):
     """Two eval processes judge the same 24 answers through one cache: each key is written once,
     both score with that first verdict, and a rerun reproduces it without asking the judge."""
-    from tinyalign.judge import Judge
+    from tinyalign.evaluation.judge import Judge
 
     cache = tmp_path / "judgments.jsonl"
     items = [{"id": i, "system": "", "prompt": f"grade {i}", "version": "v1", "answer": f"answer {i}", "images": []}

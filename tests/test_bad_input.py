@@ -11,7 +11,7 @@ from conftest import IMAGES
 from safetensors.torch import load_file, save_file
 
 import tinyalign
-from tinyalign.weights import CheckpointError
+from tinyalign.infra.weights import CheckpointError
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def test_config_problems(hf_checkpoint, tmp_path):
 
 
 def test_unreadable_bin_shard(tmp_path):
-    from tinyalign.weights import iter_tensors
+    from tinyalign.infra.weights import iter_tensors
 
     bad = tmp_path / "pytorch_model.bin"
     bad.write_bytes(b"this is not a torch file")
@@ -178,7 +178,7 @@ def test_a_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
     second = json.dumps({**PAIR, "chosen": "rouge é"}, ensure_ascii=False)
     path.write_bytes((json.dumps(PAIR) + "\n" + second + "\n").encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9"):
+    with pytest.raises(DataError, match=r"latin1.jsonl line 2: not UTF-8 text \(byte 0xe9"):
         read_pairs(path)
 
 
@@ -210,7 +210,7 @@ def bad_images(tmp_path):
                                            ("missing.png", "not found")])
 def test_each_bad_image_is_caught_up_front_and_named(bad_images, image, message):
     from tinyalign.data import DataError, pair_examples, read_pairs
-    from tinyalign.demo import demo_processor
+    from tinyalign.demo.world import demo_processor
 
     pairs, _ = read_pairs(bad_images / "pairs.jsonl")
     one = [p for p in pairs if p.images == [image]]
@@ -220,7 +220,7 @@ def test_each_bad_image_is_caught_up_front_and_named(bad_images, image, message)
 
 def test_skip_bad_counts_every_bad_image_and_keeps_the_good_one(bad_images):
     from tinyalign.data import pair_examples, read_pairs
-    from tinyalign.demo import demo_processor
+    from tinyalign.demo.world import demo_processor
 
     pairs, _ = read_pairs(bad_images / "pairs.jsonl")
     examples, report = pair_examples(pairs, demo_processor(), image_folder=bad_images, skip_bad=True)
@@ -266,8 +266,8 @@ A = ["--model", "m", "--prompts", "p.jsonl", "--out", "o.jsonl"]
     ("generate", ["--model", "m", "--prompt", "hi", "--top-p", "0"], "argument --top-p: must be in (0, 1], got 0"),
 ])
 def test_impossible_option_values_are_refused_by_name(script, argv, message, capsys):
-    modules = {"eval": "eval", "annotate": "tinyalign.annotate", "generate": "tinyalign.generate"}
-    main = importlib.import_module(modules.get(script, script)).main  # tinyalign.generate: the module, not the function
+    modules = {"eval": "eval", "annotate": "tinyalign.evaluation.annotate", "generate": "tinyalign.evaluation.ask"}
+    main = importlib.import_module(modules.get(script, script)).main
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 2
@@ -275,7 +275,7 @@ def test_impossible_option_values_are_refused_by_name(script, argv, message, cap
 
 
 def test_annotate_warns_that_greedy_samples_are_all_one(tmp_path, capsys):
-    from tinyalign import annotate
+    from tinyalign.evaluation import annotate
     from tinyalign.data import DataError
 
     with pytest.raises((DataError, FileNotFoundError)):  # the warning comes first, then the missing file
@@ -288,7 +288,7 @@ def test_annotate_warns_that_greedy_samples_are_all_one(tmp_path, capsys):
 def test_every_recipe_passes_its_own_command_line_checks(script):
     """The paper's and the demo's recipes, spelled as options (as the ablations pass them, e.g.
     --lora-r 0 --lora-alpha 0 for full fine-tuning), are all within what the options accept."""
-    from tinyalign.ablations import recipe_argv
+    from tinyalign.lab.ablations import recipe_argv
 
     module = importlib.import_module(script)
     for recipe in (module.PAPER, module.DEMO):

@@ -1,4 +1,4 @@
-"""The GPU benchmark's code (tinyalign/bench.py + the transformers rows of tests/reference_bench.py),
+"""The GPU benchmark's code (tinyalign/benchmark.py + the transformers rows of tests/reference_bench.py),
 run end to end on a CPU with --preset tiny."""
 
 import json
@@ -7,12 +7,12 @@ import re
 import reference_bench
 from conftest import ROOT
 
-from tinyalign import bench
+from tinyalign.speed import benchmark
 from tinyalign.config import preset
 
 
 def test_bench_tiny_runs_every_row(tmp_path):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "benchmark.json"
     results = reference_bench.main(["--preset", "tiny", "--steps", "1", "--decode-tokens", "8", "--skip", "compile",
                                     "--prompt-tokens", "16", "--answer-tokens", "24", "--gen-prompts", "3",
                                     "--gen-rows", "8", "--eval-prompts", "5", "--eval-rows", "2", "--answers", "2,9",
@@ -28,7 +28,7 @@ def test_bench_tiny_runs_every_row(tmp_path):
     assert results["gen_eval_continuous"]["samples"] == results["hf_gen_eval"]["samples"] == 5
     assert "hf_lora" in results  # measured where peft is installed, else recorded as failed with the reason
     # Packed pairs compute each pair's image and question once: exactly prompt + chosen + rejected.
-    pairs = bench.synthetic_pairs(preset("tiny"), 4, prompt_tokens=16, answer_tokens=24)
+    pairs = benchmark.synthetic_pairs(preset("tiny"), 4, prompt_tokens=16, answer_tokens=24)
     prompt = [len(e.chosen.input_ids) - e.chosen.num_supervised for e in pairs]
     packed = sum(len(e.chosen.input_ids) + len(e.rejected.input_ids) - p for e, p in zip(pairs, prompt))
     assert results["ours_lora"]["tokens_per_step"] == packed
@@ -39,19 +39,21 @@ def test_bench_tiny_runs_every_row(tmp_path):
 
 def test_flop_count_by_hand():
     cfg = preset("tiny")
-    pairs = bench.synthetic_pairs(cfg, 1, prompt_tokens=10, answer_tokens=20)
+    pairs = benchmark.synthetic_pairs(cfg, 1, prompt_tokens=10, answer_tokens=20)
     e = pairs[0]
     p = next(i for i, x in enumerate(e.chosen.labels) if x != -100)
     c, r = len(e.chosen.input_ids) - p, len(e.rejected.input_ids) - p
-    assert bench.visible_pairs(p, c, r) == p * (p + 1) // 2 + c * p + c * (c + 1) // 2 + r * p + r * (r + 1) // 2
-    full, lora = bench.dpo_step_flops(cfg, pairs, True, 0), bench.dpo_step_flops(cfg, pairs, False, 0)
+    assert benchmark.visible_pairs(p, c, r) == p * (p + 1) // 2 + c * p + c * (c + 1) // 2 + r * p + r * (r + 1) // 2
+    full, lora = benchmark.dpo_step_flops(cfg, pairs, True, 0), benchmark.dpo_step_flops(cfg, pairs, False, 0)
     # Full fine-tuning adds exactly the weight gradients of the decoder's linear layers: 2 N per token.
-    assert full - lora == 2 * bench.decoder_linear_params(cfg) * (p + c + r)
+    assert full - lora == 2 * benchmark.decoder_linear_params(cfg) * (p + c + r)
 
 
 def test_tinyalign_never_imports_transformers_or_peft():
     """The reference path lives in tests/; the package itself needs neither."""
-    for path in sorted((ROOT / "tinyalign").glob("*.py")):
+    paths = sorted((ROOT / "tinyalign").rglob("*.py"))
+    assert len(paths) > 30  # every folder is read
+    for path in paths:
         found = re.findall(r"^\s*(?:from|import)\s+(transformers|peft|trl|accelerate)\b", path.read_text(), re.M)
         assert not found, f"{path.name} imports {found}"
 
@@ -74,7 +76,7 @@ def test_profile_bench_decode_ab_runs_both_arms(tmp_path, monkeypatch):
     original = LlamaModel.forward
 
     def spy(self, *args, **kwargs):  # which products each decoder call runs
-        seen.append(self.layers[0].self_attn.fused_qkv is not None)
+        seen.append("qkv" in vars(self.layers[0].self_attn))  # speed/fused.py's one product in place
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(LlamaModel, "forward", spy)

@@ -8,8 +8,8 @@ import math
 import pytest
 from PIL import Image
 
-from tinyalign import benchmarks as bench
-from tinyalign.evaluation import bootstrap_ci, f1_of, relative_of
+from tinyalign.evaluation import benchmarks
+from tinyalign.evaluation.report import bootstrap_ci, f1_of, relative_of
 
 
 # ---- POPE ---------------------------------------------------------------------------------------
@@ -29,7 +29,7 @@ def test_pope_yes_no_is_the_official_rule(answer, expected):
     """LLaVA's llava/eval/eval_pope.py lines 11-20 (c121f04) and POPE's evaluate.py lines 12-21
     (AoiDragon/POPE f3ec604): text before the first ".", commas removed, split on " ", "no" iff a word
     is exactly "No", "not" or "no"."""
-    assert bench.yes_or_no(answer) == expected
+    assert benchmarks.yes_or_no(answer) == expected
 
 
 def test_pope_accuracy_on_answers_the_old_rule_got_wrong():
@@ -38,33 +38,33 @@ def test_pope_accuracy_on_answers_the_old_rule_got_wrong():
     answers = ["No!", "NO", "Not at all.", "(no)", "No;", "NO.", "Nope", "No:", "No?", "NOT", "Not really",
                "no!", "(No)"] + ["Yes"] * 8 + ["No"] * 4 + ["Yes."]
     labels = ["no"] * 13 + ["yes"] * 8 + ["no"] * 4 + ["no"]
-    predictions = [bench.yes_or_no(a) for a in answers]
+    predictions = [benchmarks.yes_or_no(a) for a in answers]
     assert predictions[:13] == ["yes"] * 13 and predictions[-5:] == ["no"] * 4 + ["yes"]
-    assert bench.pope_metrics(predictions, labels)["accuracy"] == pytest.approx(12 / 26)
+    assert benchmarks.pope_metrics(predictions, labels)["accuracy"] == pytest.approx(12 / 26)
 
 
 def test_pope_metrics_by_hand():
     predictions = ["yes", "yes", "no", "no", "yes", "no", "yes", "no"]
     labels = ["yes", "no", "yes", "no", "yes", "no", "yes", "yes"]
     # TP 3 (0,4,6), FP 1 (1), FN 2 (2,7), TN 2 (3,5)
-    m = bench.pope_metrics(predictions, labels)
+    m = benchmarks.pope_metrics(predictions, labels)
     assert m["accuracy"] == pytest.approx(5 / 8)
     assert m["precision"] == pytest.approx(3 / 4)
     assert m["recall"] == pytest.approx(3 / 5)
     assert m["f1"] == pytest.approx(2 * 0.75 * 0.6 / 1.35)
     assert m["yes_ratio"] == pytest.approx(4 / 8)
-    assert bench.pope_metrics(["no", "no"], ["yes", "no"])["f1"] == 0.0  # no positive prediction: 0, no crash
+    assert benchmarks.pope_metrics(["no", "no"], ["yes", "no"])["f1"] == 0.0  # no positive prediction: 0, no crash
 
 
 def test_pope_reader_names_a_bad_label(tmp_path):
     path = tmp_path / "coco_pope_random.json"
     path.write_text(json.dumps({"question_id": 1, "image": "a.jpg", "text": "Is there a cat?", "label": "yes"}) + "\n"
                     + json.dumps({"question_id": 2, "image": "b.jpg", "text": "Is there a dog?", "label": "maybe"}) + "\n")
-    with pytest.raises(bench.BenchmarkError, match=r"coco_pope_random.json record 2 \(question 2\).*maybe"):
-        bench.read_pope(path)
+    with pytest.raises(benchmarks.BenchmarkError, match=r"coco_pope_random.json record 2 \(question 2\).*maybe"):
+        benchmarks.read_pope(path)
     path.write_text('{"question_id": 1, "image": "a.jpg"\n')
-    with pytest.raises(bench.BenchmarkError, match="line 1: not valid JSON"):
-        bench.read_pope(path)
+    with pytest.raises(benchmarks.BenchmarkError, match="line 1: not valid JSON"):
+        benchmarks.read_pope(path)
 
 
 def test_llava_pope_question_file_takes_labels_by_position(tmp_path):
@@ -73,18 +73,18 @@ def test_llava_pope_question_file_takes_labels_by_position(tmp_path):
     for split, labels in [("random", ["yes", "no"]), ("popular", ["no"])]:
         (tmp_path / f"coco_pope_{split}.json").write_text("".join(json.dumps(
             {"question_id": i + 1, "image": "x.jpg", "text": "?", "label": lab}) + "\n" for i, lab in enumerate(labels)))
-    suffix = bench.POPE_SUFFIX
+    suffix = benchmarks.POPE_SUFFIX
     questions = [{"question_id": 10, "image": "a.jpg", "text": "Is there a cat?" + suffix, "category": "random"},
                  {"question_id": 11, "image": "b.jpg", "text": "Is there a dog?" + suffix, "category": "popular"},
                  {"question_id": 12, "image": "c.jpg", "text": "Is there a cow?" + suffix, "category": "random"}]
     path = tmp_path / "llava_pope_test.jsonl"
     path.write_text("".join(json.dumps(q) + "\n" for q in questions))
-    splits = bench.read_llava_pope(path, tmp_path)
+    splits = benchmarks.read_llava_pope(path, tmp_path)
     assert [(q["question_id"], q["label"]) for q in splits["random"]] == [(10, "yes"), (12, "no")]
     assert [(q["question_id"], q["label"]) for q in splits["popular"]] == [(11, "no")]
     path.write_text("".join(json.dumps(q) + "\n" for q in questions[:2]))
-    with pytest.raises(bench.BenchmarkError, match=r"1 questions of category 'random' but 2 labels"):
-        bench.read_llava_pope(path, tmp_path)
+    with pytest.raises(benchmarks.BenchmarkError, match=r"1 questions of category 'random' but 2 labels"):
+        benchmarks.read_llava_pope(path, tmp_path)
 
 
 # ---- MMBench ------------------------------------------------------------------------------------
@@ -109,12 +109,12 @@ def test_mmbench_option_extraction_is_vlmevalkits_exact_matching(answer, expecte
     option letter among the last four words of the answer with .()[],:;!*#{} made spaces; "Z" for a
     refusal; else "answer is X"), then `can_infer_text` (lines 107-121: the one option whose text the
     answer contains, if the answer is at most twice as long as all options)."""
-    assert bench.extract_option(answer, OPTIONS) == expected
+    assert benchmarks.extract_option(answer, OPTIONS) == expected
 
 
 def test_mmbench_letter_beyond_the_options_is_not_an_answer():
-    assert bench.extract_option("D", ["yes", "no", "maybe"]) is None
-    assert bench.extract_option("C", ["yes", "no", "maybe"]) == "C"
+    assert benchmarks.extract_option("D", ["yes", "no", "maybe"]) is None
+    assert benchmarks.extract_option("C", ["yes", "no", "maybe"]) == "C"
 
 
 def circular_rows(question_answers):
@@ -136,7 +136,7 @@ def test_circular_groups_by_index_modulo_a_million():
     predictions = {r["index"]: r["answer"] for r in rows}
     predictions[2_000_003] = "C"  # question 3, third rotation: wrong
     predictions[1_000_003] = None  # ... and its second rotation had no readable option: still one group
-    s = bench.mmbench_scores(rows, predictions)
+    s = benchmarks.mmbench_scores(rows, predictions)
     assert len(rows) == 15 and s["accuracy"] == pytest.approx(0.8) and s["row_accuracy"] == pytest.approx(13 / 15)
     assert s["by_category"] == pytest.approx({"x": 1.0, "y": 2 / 3})
     assert s["by_l2_category"] == pytest.approx({"perception": 0.8})
@@ -146,7 +146,7 @@ def test_circular_groups_by_index_modulo_a_million():
 def test_a_group_without_its_main_row_is_left_out():
     rows = circular_rows([("x", "BA")])
     rows.append({"index": 1_000_007, "options": OPTIONS, "answer": "A", "category": "x", "l2_category": None})
-    s = bench.mmbench_scores(rows, {r["index"]: r["answer"] for r in rows})
+    s = benchmarks.mmbench_scores(rows, {r["index"]: r["answer"] for r in rows})
     assert [q["index"] for q in s["per_question"]] == [0]
 
 
@@ -164,35 +164,35 @@ def test_mmbench_reader(tmp_path):
     mmbench_tsv(path, [("0", "What is it?", "nan", "cat", "dog", "", "", "B", "animals"),
                        ("1", "Which colour?", "Look closely.", "red", "green", "blue", "yellow", "A", "colour"),
                        ("1000001", "Which colour?", "Look closely.", "green", "blue", "yellow", "red", "D", "colour")])
-    q = bench.read_mmbench(path)
+    q = benchmarks.read_mmbench(path)
     assert q[0]["options"] == ["cat", "dog"] and q[0]["hint"] == "" and q[0]["answer"] == "B" and q[0]["index"] == 0
     assert q[1]["options"] == ["red", "green", "blue", "yellow"] and q[1]["hint"] == "Look closely."
     assert q[2]["index"] == 1_000_001 and q[2]["answer"] == "D"
     assert Image.open(io.BytesIO(q[1]["image"])).size == (8, 8)
     # LLaVA's llava/eval/model_vqa_mmbench.py lines 86-99: hint, question, "A. ..." lines, the instruction.
-    assert bench.mmbench_prompt(q[1]) == (
-        "<image>\nLook closely.\nWhich colour?\nA. red\nB. green\nC. blue\nD. yellow\n" + bench.MMBENCH_SUFFIX)
+    assert benchmarks.mmbench_prompt(q[1]) == (
+        "<image>\nLook closely.\nWhich colour?\nA. red\nB. green\nC. blue\nD. yellow\n" + benchmarks.MMBENCH_SUFFIX)
     mmbench_tsv(path, [("7", "What is it?", "", "cat", "dog", "", "", "C", "animals")])
-    with pytest.raises(bench.BenchmarkError, match=r"line 2 \(index 7\): answer 'C'"):
-        bench.read_mmbench(path)
+    with pytest.raises(benchmarks.BenchmarkError, match=r"line 2 \(index 7\): answer 'C'"):
+        benchmarks.read_mmbench(path)
     mmbench_tsv(path, [("seven", "What is it?", "", "cat", "dog", "", "", "A", "animals")])
-    with pytest.raises(bench.BenchmarkError, match=r"line 2: index 'seven' is not a number"):
-        bench.read_mmbench(path)
+    with pytest.raises(benchmarks.BenchmarkError, match=r"line 2: index 'seven' is not a number"):
+        benchmarks.read_mmbench(path)
 
 
 # ---- judged benchmarks --------------------------------------------------------------------------
 
 def test_judge_reply_parsers():
-    assert bench.parse_unit_score("The unit is missing.\n0.5") == 0.5
-    assert bench.parse_unit_score("Correct.\nScore: 1.0") == 1.0
+    assert benchmarks.parse_unit_score("The unit is missing.\n0.5") == 0.5
+    assert benchmarks.parse_unit_score("Correct.\nScore: 1.0") == 1.0
     with pytest.raises(ValueError):
-        bench.parse_unit_score("I think 0.5 fits.\nThis answer is good")
+        benchmarks.parse_unit_score("I think 0.5 fits.\nThis answer is good")
     with pytest.raises(ValueError):
-        bench.parse_unit_score("7")
-    assert bench.parse_preference("Output (b) is clearer.\nb") == "b"
-    assert bench.parse_preference("Reasoning...\nOutput (a)") == "a"
+        benchmarks.parse_unit_score("7")
+    assert benchmarks.parse_preference("Output (b) is clearer.\nb") == "b"
+    assert benchmarks.parse_preference("Reasoning...\nOutput (a)") == "a"
     with pytest.raises(ValueError):
-        bench.parse_preference("Both are fine: a and b")
+        benchmarks.parse_preference("Both are fine: a and b")
 
 
 @pytest.mark.parametrize("reply, rating", [
@@ -206,7 +206,7 @@ def test_mtbench_rating_is_fastchats(reply, rating):
     """FastChat fastchat/llm_judge/common.py at 0e6d3e4: one_score_pattern "\\[\\[(\\d+\\.?\\d*)\\]\\]", then
     one_score_pattern_backup "\\[(\\d+\\.?\\d*)\\]" (lines 36-37), re.search (the first match), -1 when
     neither matches (lines 175-183)."""
-    assert bench.parse_rating(reply) == rating
+    assert benchmarks.parse_rating(reply) == rating
 
 
 @pytest.mark.parametrize("reply, scores", [
@@ -218,15 +218,15 @@ def test_llava_bench_scores_are_llavas_parse(reply, scores):
     split(" "), exactly two numbers ("8, 6" splits into three parts: not parsed, as there)."""
     if scores is None:
         with pytest.raises(ValueError):
-            bench.parse_pair_scores(reply)
+            benchmarks.parse_pair_scores(reply)
     else:
-        assert bench.parse_pair_scores(reply) == scores
+        assert benchmarks.parse_pair_scores(reply) == scores
 
 
 def test_mmvet_scores_by_hand():
     questions = {"v1_0": {"capability": ["ocr", "math"]}, "v1_1": {"capability": ["ocr"]},
                  "v1_2": {"capability": ["rec"]}}
-    s = bench.mmvet_scores(questions, {"v1_0": 1.0, "v1_1": 0.5, "v1_2": 0.0})
+    s = benchmarks.mmvet_scores(questions, {"v1_0": 1.0, "v1_1": 0.5, "v1_2": 0.0})
     assert s["total"] == pytest.approx(50.0)
     assert s["by_capability"] == pytest.approx({"math": 100.0, "ocr": 75.0, "rec": 0.0})
 
@@ -234,7 +234,7 @@ def test_mmvet_scores_by_hand():
 def test_relative_scores_by_hand():
     reviews = [{"category": "conv", "reference": 8, "model": 6}, {"category": "conv", "reference": 8, "model": 8},
                {"category": "detail", "reference": 5, "model": 6}]
-    s = bench.relative_scores(reviews)
+    s = benchmarks.relative_scores(reviews)
     assert s["by_category"] == pytest.approx({"conv": 87.5, "detail": 120.0})
     assert s["overall"] == pytest.approx(100 * 20 / 21)
 
@@ -245,14 +245,14 @@ def test_mtbench_averages_by_hand():
                {"question_id": 111, "turn": 1, "category": "math", "rating": 3},
                {"question_id": 111, "turn": 2, "category": "math", "rating": 2},
                {"question_id": 112, "turn": 1, "category": "math", "rating": 10}]
-    s = bench.mtbench_scores(ratings + [{"question_id": 112, "turn": 2, "category": "math", "rating": -1}])
+    s = benchmarks.mtbench_scores(ratings + [{"question_id": 112, "turn": 2, "category": "math", "rating": -1}])
     assert s["turn_1"] == pytest.approx(7.0) and s["turn_2"] == pytest.approx(4.0)
     assert s["overall"] == pytest.approx(29 / 5)  # the unrated judgment (-1) left out, as show_result.py does
     assert s["by_category"] == pytest.approx({"math": 5.0, "writing": 7.0}) and s["unrated"] == 1
 
 
 def test_win_rate_by_hand():
-    assert bench.win_rate([1, 0, 1, 0.5]) == pytest.approx(62.5)
+    assert benchmarks.win_rate([1, 0, 1, 0.5]) == pytest.approx(62.5)
 
 
 def test_bootstrap_intervals_contain_the_estimate_and_are_reproducible():

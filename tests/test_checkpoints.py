@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from test_parity import make_batch
 
 import tinyalign
-from tinyalign import weights
+from tinyalign.infra import weights
 
 TOL = 1e-4
 ORIGINAL_VOCAB = IMAGE_ID  # the original layout's vocabulary ends where the image id starts

@@ -1,7 +1,7 @@
 """Crash-proof runs: a training run killed at every named point of its writes resumes to the same
 result, with one metrics line per step and nothing left behind.
 
-The crash is injected, not timed: TINYALIGN_CRASH_AT names a `crash_point` (tinyalign/checkpoint.py,
+The crash is injected, not timed: TINYALIGN_CRASH_AT names a `crash_point` (tinyalign/infra/files.py,
 weights.py, training.py) and the process dies there with os._exit, as under kill -9: no `finally`,
 no cleanup. The run goes in a forked child (no second torch import; one thread, since OpenMP's
 thread pool does not survive a fork), the resume in this process.
@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 import train_dpo
 import train_sft
-from tinyalign.checkpoint import CRASH_ENV, CRASH_EXIT_CODE, KEEP, RunInUse, latest_checkpoint
+from tinyalign.infra.checkpoints import KEEP, latest_checkpoint
+from tinyalign.infra.files import CRASH_ENV, CRASH_EXIT_CODE, RunInUse
 from test_training import dpo_args, sft_args, write_pairs
 
 STEPS = ["--max-steps", "4", "--save-every", "1", "--eval-every", "2"]
@@ -130,7 +131,7 @@ def test_killed_while_replacing_the_final_model_puts_the_previous_one_back(tiny_
 def test_a_second_training_on_a_live_folder_is_refused_naming_the_live_one(tiny_world, uninterrupted, tmp_path):
     """A real training, paused after its second step (in a forked child), holds its folder: a second
     training there is refused and named; the first then finishes as if alone."""
-    import tinyalign.training
+    import tinyalign.infra.run
 
     out = tmp_path / "run"
     argv = sft_args(tiny_world, out, *STEPS)
@@ -144,7 +145,7 @@ def test_a_second_training_on_a_live_folder_is_refused_naming_the_live_one(tiny_
                     os.write(ready[1], b"1")
                     os.read(go_on[0], 1)
 
-            tinyalign.training.crash_point = pause_after_step_two
+            tinyalign.infra.run.crash_point = pause_after_step_two
             train_sft.main(argv)
             code = 0
         finally:
@@ -228,19 +229,19 @@ def disk_full(*args, **kwargs):
 
 
 def test_a_full_disk_names_the_file_and_leaves_no_temporary_folders(tiny_world, tmp_path, monkeypatch):
-    import tinyalign.checkpoint
-    import tinyalign.weights
+    import tinyalign.infra.checkpoints
+    import tinyalign.infra.weights
 
     out = tmp_path / "run"
     argv = sft_args(tiny_world, out, *STEPS)
     with monkeypatch.context() as m:
-        m.setattr(tinyalign.checkpoint, "save_file", disk_full)
+        m.setattr(tinyalign.infra.checkpoints, "save_file", disk_full)
         with pytest.raises(OSError, match=r"no space left on device while writing .*/checkpoints/\.tmp-step-0+1-\d+/"
                                           r"tensors.safetensors"):
             train_sft.main(argv)
     assert not [p for p in (out / "checkpoints").iterdir()]  # nothing half-written, nothing published
     with monkeypatch.context() as m:
-        m.setattr(tinyalign.weights, "save_file", disk_full)
+        m.setattr(tinyalign.infra.weights, "save_file", disk_full)
         with pytest.raises(OSError, match=rf"no space left on device while writing {re.escape(str(out))}/\.model\.tmp-"):
             train_sft.main(argv + ["--overwrite"])
     assert not list(out.glob(".model*")) and not (out / "model").exists()
@@ -266,7 +267,8 @@ def test_the_dpo_demo_never_reuses_samples_of_another_sft_model(tiny_world, tmp_
     from types import SimpleNamespace
 
     import tinyalign
-    from tinyalign import demo
+    from tinyalign.demo import runs as demo
+    from tinyalign.demo.world import demo_config, demo_processor
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(tiny_world["root"] / "data", demo.DEMO_DATA)
@@ -278,8 +280,8 @@ def test_the_dpo_demo_never_reuses_samples_of_another_sft_model(tiny_world, tmp_
     modified = samples.stat().st_mtime_ns
     demo.dpo_start(args)  # the same model: the samples are reused
     assert samples.stat().st_mtime_ns == modified
-    tinyalign.save_model(tinyalign.random_model(demo.demo_config(), seed=5), demo.DEMO_SFT / "model",
-                         processor=demo.demo_processor())  # another SFT model in the same place
+    tinyalign.save_model(tinyalign.random_model(demo_config(), seed=5), demo.DEMO_SFT / "model",
+                         processor=demo_processor())  # another SFT model in the same place
     demo.dpo_start(args)
     assert samples.read_text() != first  # sampled anew, from the new model
 

@@ -8,7 +8,7 @@ from conftest import IMAGES
 from tinyalign import IGNORE_INDEX
 from tinyalign.data import (DataError, Scored, build_pairs, pair_examples, read_conversations, read_pairs,
                             read_scored, select_best, sft_examples)
-from tinyalign.demo import demo_processor
+from tinyalign.demo.world import demo_processor
 
 
 def write(path, records, jsonl=False):
@@ -89,7 +89,7 @@ def test_plain_pairs_jsonl(tmp_path):
 def test_malformed_line_is_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": oops}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl line 2: not valid JSON"):
         read_pairs(path)
 
 

@@ -3,7 +3,7 @@
 About four minutes on two CPU cores.
 
 The bars below sit under the smallest value measured over 10 runs of this same demo: seeds 0-4,
-each with the CPU's vector instructions on and off (`python -m tinyalign.seeds --simd native off`:
+each with the CPU's vector instructions on and off (`python -m tinyalign.lab.seeds --simd native off`:
 another float rounding, as another CPU has, which changes every sampled answer and so every pair;
 1 thread and 2 threads gave bit-identical runs). The table is in the README ("How the demo's
 figures were measured"). The margins leave room for a draw worse than the worst of those 10."""
@@ -14,7 +14,7 @@ import pytest
 
 import train_dpo
 import train_sft
-from tinyalign.seeds import figures
+from tinyalign.lab.seeds import figures
 
 # Measured minimum over the 10 runs -> the bar, and why the gap.
 SFT_EXACT_BAR = 0.4          # measured 0.580-0.712; chance is about 0.3

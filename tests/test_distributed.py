@@ -54,7 +54,7 @@ def test_fsdp_two_processes_match_one_and_resume_from_a_sharded_checkpoint(tiny_
     final checkpoint and model equal the one-process run's."""
     from safetensors.torch import load_file
 
-    from tinyalign.checkpoint import latest_checkpoint
+    from tinyalign.infra.checkpoints import latest_checkpoint
 
     pairs = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
     make = lambda out, *more: dpo_args(tiny_world, pairs, out, "--max-steps", "2", "--lora-dropout", "0",  # noqa: E731

@@ -10,9 +10,10 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 from conftest import ChatStub, serve
 
-from tinyalign import benchmarks as bench
-from tinyalign import evaluation
-from tinyalign.demo import make_benchmarks
+from tinyalign.demo.world import make_benchmarks
+from tinyalign.evaluation import benchmarks, report
+from tinyalign.evaluation.answers import generate_answers, read_generations
+from tinyalign.infra.files import write_json
 
 eval_cli = importlib.import_module("eval")  # the top-level eval.py
 
@@ -77,11 +78,11 @@ def test_pope_writes_llava_answers_and_scores_them(tiny_world, bench_files, tmp_
     result = run("pope", "--model", tiny_world["checkpoint"], "--pope-dir", bench_files["pope_dir"],
                  "--image-folder", bench_files["image_folder"], "--out", tmp_path, "--max-new-tokens", 4)
     lines = [json.loads(x) for x in (tmp_path / "pope" / "answers.jsonl").read_text().splitlines()]
-    questions = bench.read_pope(bench_files["pope_dir"] / "coco_pope_random.json")
+    questions = benchmarks.read_pope(bench_files["pope_dir"] / "coco_pope_random.json")
     assert [x["question_id"] for x in lines] == [q["question_id"] for q in questions]
     assert {x["category"] for x in lines} == {"random"}
     # The score is recomputed here from the answer file alone.
-    expected = bench.pope_metrics([bench.yes_or_no(x["text"]) for x in lines], [q["label"] for q in questions])
+    expected = benchmarks.pope_metrics([benchmarks.yes_or_no(x["text"]) for x in lines], [q["label"] for q in questions])
     saved = json.loads((tmp_path / "pope" / "results.json").read_text())
     assert saved["splits"]["random"] == pytest.approx(expected) and saved["score"] == pytest.approx(expected["f1"])
     assert result["score"] == saved["score"] and saved["model"] == str(tiny_world["checkpoint"])
@@ -90,16 +91,16 @@ def test_pope_writes_llava_answers_and_scores_them(tiny_world, bench_files, tmp_
 def test_pope_grades_an_answers_file_with_llavas_question_file(bench_files, tmp_path):
     """LLaVA's llava_pope_test.jsonl (ids + category, its texts already ending in the short-answer
     instruction) and an answer file made elsewhere: graded, no model loaded (the --model does not exist)."""
-    questions = bench.read_pope(bench_files["pope_dir"] / "coco_pope_random.json")
+    questions = benchmarks.read_pope(bench_files["pope_dir"] / "coco_pope_random.json")
     llava = tmp_path / "llava_pope_test.jsonl"
     llava.write_text("".join(json.dumps({"question_id": 500 + i, "image": q["image"], "category": "random",
-                                         "text": q["text"] + bench.POPE_SUFFIX}) + "\n" for i, q in enumerate(questions)))
+                                         "text": q["text"] + benchmarks.POPE_SUFFIX}) + "\n" for i, q in enumerate(questions)))
     texts = ["No!" if i % 3 == 0 else ("No, there is none." if i % 3 == 1 else "Yes") for i in range(len(questions))]
     answers = tmp_path / "answers.jsonl"
     answers.write_text("".join(json.dumps({"question_id": 500 + i, "text": t}) + "\n" for i, t in enumerate(texts)))
     result = run("pope", "--model", tmp_path / "no-such-model", "--pope-dir", bench_files["pope_dir"],
                  "--questions", llava, "--answers", answers, "--out", tmp_path / "run")
-    expected = bench.pope_metrics(["yes" if i % 3 != 1 else "no" for i in range(len(questions))],
+    expected = benchmarks.pope_metrics(["yes" if i % 3 != 1 else "no" for i in range(len(questions))],
                                   [q["label"] for q in questions])
     assert result["splits"]["random"] == pytest.approx(expected)
     answers.write_text(json.dumps({"question_id": 999, "text": "Yes"}) + "\n")
@@ -111,13 +112,13 @@ def test_pope_grades_an_answers_file_with_llavas_question_file(bench_files, tmp_
 def test_mmbench_answers_each_row_once_scores_groups_and_submits_raw_text(tiny_world, bench_files, tmp_path):
     run("mmbench", "--model", tiny_world["checkpoint"], "--tsv", bench_files["mmbench"], "--out", tmp_path,
         "--max-new-tokens", 4)
-    generations = evaluation.read_generations(tmp_path / "mmbench" / "generations.jsonl")
-    rows = bench.read_mmbench(bench_files["mmbench"])
+    generations = read_generations(tmp_path / "mmbench" / "generations.jsonl")
+    rows = benchmarks.read_mmbench(bench_files["mmbench"])
     assert len(rows) == 4 * 4 + 8 * 3  # colour questions: 4 rotations; shape and count: 3
     assert sorted(generations) == sorted(str(r["index"]) for r in rows)  # each row asked once
-    predictions = {r["index"]: bench.extract_option(generations[str(r["index"])], r["options"]) for r in rows}
+    predictions = {r["index"]: benchmarks.extract_option(generations[str(r["index"])], r["options"]) for r in rows}
     saved = json.loads((tmp_path / "mmbench" / "results.json").read_text())
-    assert saved["score"] == pytest.approx(100 * bench.mmbench_scores(rows, predictions)["accuracy"])
+    assert saved["score"] == pytest.approx(100 * benchmarks.mmbench_scores(rows, predictions)["accuracy"])
     assert saved["questions"] == 12 and saved["rows"] == 40
     submission = (tmp_path / "mmbench" / "submission.tsv").read_text().splitlines()
     header = submission[0].split("\t")
@@ -141,7 +142,7 @@ def test_mmbench_answers_each_row_once_scores_groups_and_submits_raw_text(tiny_w
 
 def test_mmbench_grades_an_answers_file(bench_files, tmp_path):
     """LLaVA's answer lines {question_id, text} for every row: graded as they are, no model loaded."""
-    rows = bench.read_mmbench(bench_files["mmbench"])
+    rows = benchmarks.read_mmbench(bench_files["mmbench"])
     letters = {r["index"]: r["answer"] for r in rows}
     wrong = rows[3]["index"]  # a rotation of question 0 wrong: question 0 fails, the other 11 pass
     lines = [{"question_id": i, "text": f"I think {letter if i != wrong else 'Z'}"} for i, letter in letters.items()]
@@ -158,15 +159,15 @@ def test_interrupted_generation_resumes_where_it_stopped(tiny_world, bench_files
 
     from tinyalign import Processor, load_model
 
-    generate = sys.modules["tinyalign.generate"]  # the module (the package exports its function by that name)
+    decoding = sys.modules["tinyalign.speed.decoding"]
 
     model, processor = load_model(tiny_world["checkpoint"]), Processor.from_pretrained(tiny_world["checkpoint"])
-    questions = bench.read_pope(bench_files["pope_dir"] / "coco_pope_random.json")
+    questions = benchmarks.read_pope(bench_files["pope_dir"] / "coco_pope_random.json")
     items = [{"id": str(q["question_id"]), "images": [bench_files["image_folder"] / q["image"]],
               "turns": [{"from": "human", "value": "<image>\n" + q["text"]}]} for q in questions]
-    full = evaluation.generate_answers(model, processor, items, tmp_path / "full.jsonl", 4, batch_size=4)
+    full = generate_answers(model, processor, items, tmp_path / "full.jsonl", 4, batch_size=4)
 
-    real, calls = generate.ContinuousBatch.start, Counter()  # one call per question given a row
+    real, calls = decoding.ContinuousBatch.start, Counter()  # one call per question given a row
 
     def crashes_on_fifth_question(*args, **kwargs):
         calls["n"] += 1
@@ -174,13 +175,13 @@ def test_interrupted_generation_resumes_where_it_stopped(tiny_world, bench_files
             raise KeyboardInterrupt  # Ctrl-C in the middle of the run: 4 rows, 4 answers finished
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generate.ContinuousBatch, "start", crashes_on_fifth_question)
+    monkeypatch.setattr(decoding.ContinuousBatch, "start", crashes_on_fifth_question)
     with pytest.raises(KeyboardInterrupt):
-        evaluation.generate_answers(model, processor, items, tmp_path / "part.jsonl", 4, batch_size=4)
-    assert len(evaluation.read_generations(tmp_path / "part.jsonl")) == 4  # the finished answers were kept
+        generate_answers(model, processor, items, tmp_path / "part.jsonl", 4, batch_size=4)
+    assert len(read_generations(tmp_path / "part.jsonl")) == 4  # the finished answers were kept
     calls.clear()
-    monkeypatch.setattr(generate.ContinuousBatch, "start", lambda *a, **k: (calls.update(["n"]), real(*a, **k))[1])
-    resumed = evaluation.generate_answers(model, processor, items, tmp_path / "part.jsonl", 4, batch_size=4)
+    monkeypatch.setattr(decoding.ContinuousBatch, "start", lambda *a, **k: (calls.update(["n"]), real(*a, **k))[1])
+    resumed = generate_answers(model, processor, items, tmp_path / "part.jsonl", 4, batch_size=4)
     assert calls["n"] == 8  # only the 8 missing answers were generated
     assert resumed == full
     assert len((tmp_path / "part.jsonl").read_text().splitlines()) == len(items)  # nothing duplicated
@@ -361,22 +362,22 @@ def test_mtbench_samples_with_fastchats_temperatures(tiny_world, tmp_path, monke
     """fastchat/llm_judge/common.py temperature_config (lines 40-50): writing 0.7, math greedy; --greedy: all greedy."""
     import sys
 
-    generate = sys.modules["tinyalign.generate"]
-    real, seen = generate.generate_stream, []
+    answers = sys.modules["tinyalign.evaluation.answers"]
+    real, seen = answers.generate_stream, []
 
     def stream(model, prompts, **k):
         seen.extend([(k["temperature"], k["top_k"])] * len(prompts))  # one entry per question
         return real(model, prompts, **k)
 
-    monkeypatch.setattr(generate, "generate_stream", stream)
+    monkeypatch.setattr(answers, "generate_stream", stream)
     args = eval_cli.parse(["mtbench", "--model", str(tiny_world["checkpoint"]), "--questions",
                            str(mtbench_questions(tmp_path)), "--out", str(tmp_path / "run"), "--max-new-tokens", "3",
                            "--batch-size", "1"])
-    eval_cli.mtbench_answers(args, bench.read_mtbench(args.questions))
+    eval_cli.mtbench_answers(args, benchmarks.read_mtbench(args.questions))
     assert sorted(set(seen)) == [(0.0, 50), (0.7, 50)] and len(seen) == 4
     seen.clear()
     args.greedy, args.out = True, str(tmp_path / "greedy")
-    eval_cli.mtbench_answers(args, bench.read_mtbench(args.questions))
+    eval_cli.mtbench_answers(args, benchmarks.read_mtbench(args.questions))
     assert set(seen) == {(0.0, 50)}
 
 
@@ -435,9 +436,9 @@ def test_answer_for_an_unknown_question_is_named(tiny_world, bench_files, tmp_pa
 
 def test_report_table_with_intervals(tmp_path):
     for name, correct in [("llava", [1, 0, 1, 0, 1, 1, 0, 1]), ("dpo", [1, 1, 1, 0, 1, 1, 1, 1])]:
-        evaluation.write_json(tmp_path / name / "mmbench" / "results.json", evaluation.headline(
+        write_json(tmp_path / name / "mmbench" / "results.json", report.headline(
             "mmbench", 100 * sum(correct) / 8, "mean_percent", correct))
-        evaluation.write_json(tmp_path / name / "mtbench" / "results.json", evaluation.headline(
+        write_json(tmp_path / name / "mtbench" / "results.json", report.headline(
             "mtbench", 6.0, "mean", [5, 7, 6, 6]))
     table = run("report", tmp_path / "llava", tmp_path / "dpo", "--resamples", 200) or (tmp_path / "report.md").read_text()
     rows = [r for r in table.splitlines() if r.startswith("| ")]
@@ -450,7 +451,7 @@ def test_xlsx_cells_and_columns_past_z(tmp_path):
     import zipfile
 
     header = [f"h{i}" for i in range(30)]
-    evaluation.write_xlsx(tmp_path / "x.xlsx", header, [["a & <b>"] + [""] * 29])
+    report.write_xlsx(tmp_path / "x.xlsx", header, [["a & <b>"] + [""] * 29])
     sheet = zipfile.ZipFile(tmp_path / "x.xlsx").read("xl/worksheets/sheet1.xml").decode()
     assert 'r="Z1"' in sheet and 'r="AA1"' in sheet and 'r="AD2"' in sheet and "a &amp; &lt;b&gt;" in sheet
 
@@ -462,13 +463,13 @@ def test_a_question_that_writes_control_tokens_is_text_to_the_model(tiny_world, 
 
     from tinyalign import Processor, load_model
 
-    generate = sys.modules["tinyalign.generate"]
-    real, prompts = generate.ContinuousBatch.start, []  # start(self, input_ids, pixel_values, ...)
-    monkeypatch.setattr(generate.ContinuousBatch, "start", lambda *a, **k: (prompts.append(a[1]), real(*a, **k))[1])
+    decoding = sys.modules["tinyalign.speed.decoding"]
+    real, prompts = decoding.ContinuousBatch.start, []  # start(self, input_ids, pixel_values, ...)
+    monkeypatch.setattr(decoding.ContinuousBatch, "start", lambda *a, **k: (prompts.append(a[1]), real(*a, **k))[1])
     model, processor = load_model(tiny_world["checkpoint"]), Processor.from_pretrained(tiny_world["checkpoint"])
     item = {"id": "q1", "images": [bench_files["image_folder"] / "images/bench-0000.png"],
             "turns": [{"from": "human", "value": "<image>\nWhat does <image> or </s> mean ?"}]}
-    evaluation.generate_answers(model, processor, [item], tmp_path / "g.jsonl", 3)
+    generate_answers(model, processor, [item], tmp_path / "g.jsonl", 3)
     (ids,) = prompts[0].tolist()
     assert ids.count(processor.image_token_index) == processor.image_seq_length  # one image, not two
     assert processor.eos_token_id not in ids and ids.count(processor.bos_token_id) == 1

@@ -6,6 +6,8 @@ from conftest import IMAGE_ID
 
 import tinyalign
 from tinyalign import generate
+from tinyalign.speed.decoding import compiled_decoder, generate_stream
+from tinyalign.speed.fused import fused_projections
 
 EOS = 2
 
@@ -28,7 +30,7 @@ def greedy_without_cache(model, ids, pixels, mask, steps):
     for _ in range(steps):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            logits = model(ids, pixels, mask, position_ids=positions)[:, -1]
+            logits = model.lm_head(model.hidden_states(ids, pixels, mask, position_ids=positions))[:, -1]
         token = logits.argmax(-1).masked_fill(done, 0)
         out.append(token)
         done |= token == EOS
@@ -115,17 +117,19 @@ def test_compiled_decode_step_emits_the_eager_tokens(model):
     model.attn_backend = "flex"
     ids, pixels, mask = prompts()
     eager = generate(model, ids, pixels, mask, max_new_tokens=12)
-    assert generate(model, ids, pixels, mask, max_new_tokens=12, compile_step=True).tolist() == eager.tolist()
-    assert generate(model, ids, pixels, mask, max_new_tokens=12, compile_step=True).tolist() == eager.tolist()
+    assert generate(model, ids, pixels, mask, max_new_tokens=12, decoder=compiled_decoder).tolist() == eager.tolist()
+    assert generate(model, ids, pixels, mask, max_new_tokens=12, decoder=compiled_decoder).tolist() == eager.tolist()
     assert len(model._compiled_decoders) == 1
 
 
 def test_compiled_blocks_give_the_same_logits(hf_checkpoint):
+    from tinyalign.training import compile_blocks
+
     m = tinyalign.load_model(hf_checkpoint[0])
     ids, pixels, mask = prompts()
     with torch.no_grad():
         before = m(ids, pixels, mask)
-        m.language_model.compile_blocks()
+        compile_blocks(m)
         after = m(ids, pixels, mask)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
@@ -209,8 +213,6 @@ def test_keyed_sampling_draws_from_softmax_with_top_k_and_top_p():
 def test_continuous_batching_gives_the_plain_answers(model, backend):
     """Three prompts, two samples each, through 4 rows with different budgets: rows are refilled as
     answers finish, yet each answer is generate()'s (greedy) or generate(seed=...)'s row (sampled)."""
-    from tinyalign.generate import generate_stream
-
     model.attn_backend = backend
     ids, pixels, mask = prompts()
     items = unpadded(ids, mask)
@@ -232,8 +234,6 @@ def test_continuous_batching_refills_rows_as_answers_finish(model, monkeypatch):
     import importlib
 
     from tinyalign.generate import CHECK_EVERY as C
-    from tinyalign.generate import generate_stream
-
     module = importlib.import_module("tinyalign.generate")
     model.attn_backend = "sdpa"
     ids, _, mask = prompts()
@@ -248,8 +248,6 @@ def test_continuous_batching_refills_rows_as_answers_finish(model, monkeypatch):
 
 
 def test_continuous_batching_with_the_compiled_step(model):
-    from tinyalign.generate import generate_stream
-
     model.attn_backend = "flex"
     ids, pixels, mask = prompts()
     items = unpadded(ids, mask)
@@ -261,8 +259,9 @@ def test_fused_projections_compute_the_same_and_keep_the_weights_in_place(hf_che
     """Inside fused_projections, q/k/v (and gate/up) are one product over one weight whose row blocks
     are the layers' own weights (views: no second copy). Same logits; the checkpoint's names and a
     saved model are unchanged; after .to(dtype) the weights are fused again; LoRA layers stay apart."""
+    from tinyalign.infra.weights import save_model
     from tinyalign.lora import apply_lora
-    from tinyalign.weights import save_model
+    from tinyalign.speed.fused import _FUSED
 
     model = tinyalign.load_model(hf_checkpoint[0])
     model.attn_backend = "eager"
@@ -270,35 +269,35 @@ def test_fused_projections_compute_the_same_and_keep_the_weights_in_place(hf_che
     names = sorted(model.state_dict())
     with torch.no_grad():
         separate = model(ids, pixels, mask)
-        with model.language_model.fused_projections():
+        with fused_projections(model):
             fused = model(ids, pixels, mask)
             attn, mlp = model.language_model.layers[1].self_attn, model.language_model.layers[1].mlp
-            assert attn.fused_qkv.shape == (attn.q_proj.out_features + 2 * attn.k_proj.out_features, 64)
-            assert attn.q_proj.weight.data_ptr() == attn.fused_qkv.data_ptr()
-            assert attn.v_proj.weight.data_ptr() == attn.fused_qkv[attn.q_proj.out_features + attn.k_proj.out_features].data_ptr()
-            assert mlp.up_proj.weight.data_ptr() == mlp.fused_gate_up[mlp.gate_proj.out_features].data_ptr()
-            assert attn.fused_qkv.untyped_storage().nbytes() == attn.fused_qkv.numel() * 4  # views, no copy
+            fused_qkv, fused_gate_up = _FUSED[attn], _FUSED[mlp]
+            assert "qkv" in vars(attn) and "gate_and_up" in vars(mlp)  # one product each, on these instances
+            assert fused_qkv.shape == (attn.q_proj.out_features + 2 * attn.k_proj.out_features, 64)
+            assert attn.q_proj.weight.data_ptr() == fused_qkv.data_ptr()
+            assert attn.v_proj.weight.data_ptr() == fused_qkv[attn.q_proj.out_features + attn.k_proj.out_features].data_ptr()
+            assert mlp.up_proj.weight.data_ptr() == fused_gate_up[mlp.gate_proj.out_features].data_ptr()
+            assert fused_qkv.untyped_storage().nbytes() == fused_qkv.numel() * 4  # views, no copy
     torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
-    assert attn.fused_qkv is None and mlp.fused_gate_up is None  # only inside the block
+    assert "qkv" not in vars(attn) and "gate_and_up" not in vars(mlp)  # only inside the block
     assert sorted(model.state_dict()) == names
     save_model(model, tmp_path / "m")
     again = tinyalign.load_model(tmp_path / "m")
     for name, t in model.state_dict().items():
         assert torch.equal(again.state_dict()[name], t), name
     model.to(torch.float64)
-    with torch.no_grad(), model.language_model.fused_projections():
-        assert attn.fused_qkv.dtype == torch.float64 and attn.q_proj.weight.data_ptr() == attn.fused_qkv.data_ptr()
+    with torch.no_grad(), fused_projections(model):
+        assert _FUSED[attn].dtype == torch.float64 and attn.q_proj.weight.data_ptr() == _FUSED[attn].data_ptr()
     with pytest.raises(RuntimeError, match="no gradient"):
-        with model.language_model.fused_projections():
+        with fused_projections(model):
             pass
     apply_lora(model.language_model, r=2, alpha=4, dropout=0.0)
-    with torch.no_grad(), model.language_model.fused_projections():
-        assert attn.fused_qkv is None and mlp.fused_gate_up is None
+    with torch.no_grad(), fused_projections(model):
+        assert "qkv" not in vars(attn) and "gate_and_up" not in vars(mlp)
 
 
 def test_continuous_batching_refuses_what_it_cannot_do(model):
-    from tinyalign.generate import generate_stream
-
     ids, _, mask = prompts()
     items = unpadded(ids, mask)
     with pytest.raises(ValueError, match=r"max_new_tokens: 2 budgets for 3 prompts"):
@@ -311,8 +310,6 @@ def test_continuous_batching_refuses_what_it_cannot_do(model):
 def test_impossible_decoding_settings_are_refused_by_name(model):
     """Both paths refuse what no decoding can honour before touching the model (a budget of 0 tokens
     used to fail with an IndexError in the middle of annotate)."""
-    from tinyalign.generate import generate_stream
-
     ids, _, mask = prompts()
     items = unpadded(ids, mask)
     bad = [({"max_new_tokens": 0}, r"max_new_tokens must be at least 1, got 0"),

@@ -1,13 +1,16 @@
-"""The losses, against values worked out independently (plain Python floats, loops)."""
+"""The losses, against values worked out independently (plain Python floats, loops), and what every
+entry of the loss table must satisfy, whichever loss it is."""
 
+import inspect
 import math
-from types import SimpleNamespace
+import re
 
 import pytest
 import torch
 
 import torch.nn.functional as F
 
+import train_dpo
 from tinyalign.losses import PREFERENCE_LOSSES, answer_logps, dpo_loss, orpo_loss, simpo_loss, sft_loss
 
 
@@ -24,7 +27,8 @@ CASES = [(t, beta, 0.0) for t in ("sigmoid", "ipo", "hinge") for beta in (0.1, 0
 @pytest.mark.parametrize("loss_type,beta,smoothing", CASES)  # label smoothing is a sigmoid-loss option
 def test_dpo_loss_family(loss_type, beta, smoothing):
     pc, pr, rc, rr = (torch.tensor(col) for col in zip(*PAIRS))
-    losses, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=smoothing)
+    options = {"beta": beta, **({"label_smoothing": smoothing} if loss_type == "sigmoid" else {})}
+    losses, chosen, rejected = PREFERENCE_LOSSES[loss_type].compute(pc, pr, rc, rr, **options)
     for i, (a, b, c, d) in enumerate(PAIRS):
         h = (a - c) - (b - d)  # log-ratio of chosen minus log-ratio of rejected
         expected = {
@@ -37,10 +41,13 @@ def test_dpo_loss_family(loss_type, beta, smoothing):
         assert rejected[i].item() == pytest.approx(beta * (b - d))
 
 
-def test_dpo_loss_rejects_unknown_type():
-    x = torch.zeros(2)
-    with pytest.raises(ValueError, match="loss_type must be"):
-        dpo_loss(x, x, x, x, loss_type="kto")
+def test_an_unknown_loss_type_is_refused_naming_the_choices(capsys):
+    """One dispatch for losses: the table. A name it lacks stops at the command line."""
+    with pytest.raises(SystemExit) as stopped:
+        train_dpo.parse(["--model", "m", "--out", "o", "--loss-type", "kto"])
+    assert stopped.value.code == 2
+    assert re.search(r"--loss-type: invalid choice: 'kto' \(choose from '?sigmoid'?, '?ipo'?, '?hinge'?",
+                     capsys.readouterr().err)
 
 
 def test_dpo_gradient_raises_chosen_and_lowers_rejected():
@@ -121,19 +128,60 @@ def test_orpo_by_hand():
     assert chosen.tolist() == pytest.approx([-0.05, -0.2, -0.01])
 
 
-def test_the_loss_table_says_what_each_loss_needs():
-    assert {n for n, loss in PREFERENCE_LOSSES.items() if loss.reference} == {"sigmoid", "ipo", "hinge", "mdpo"}
-    assert {n for n, loss in PREFERENCE_LOSSES.items() if loss.average} == {"simpo", "orpo"}
-    assert {n for n, loss in PREFERENCE_LOSSES.items() if loss.image_conditional} == {"mdpo"}
+def start_point(loss, n: int = 5, seed: int = 0):
+    """The arguments a loss receives at the start of training: the policy is the reference, so each
+    reference log-prob equals the policy's (and so for the corrupted image's, mDPO). Per-token means
+    (SimPO, ORPO) or sums, each < 0."""
+    g = torch.Generator().manual_seed(seed)
+    scale = 3.0 if loss.average else 30.0
+    chosen, rejected = (-(torch.rand(n, generator=g) * scale + 0.05) for _ in range(2))
+    corrupted = -(torch.rand(n, generator=g) * scale + 0.05)
+    policy = [chosen.clone().requires_grad_(), rejected.clone().requires_grad_()]
+    reference = [chosen, rejected] if loss.reference else []
+    images = [corrupted.clone().requires_grad_(), corrupted] if loss.image_conditional else []
+    return policy, reference, images
 
-    class Options:
-        beta, label_smoothing, simpo_gamma = 0.1, 0.0, 0.5
 
-    pc, pr, rc, rr = (torch.tensor(col) for col in zip(*PAIRS))
-    table = PREFERENCE_LOSSES["sigmoid"].compute(pc, pr, rc, rr, Options)[0]
-    assert torch.equal(table, dpo_loss(pc, pr, rc, rr, beta=0.1)[0])  # the entry is DPO itself
-    assert torch.equal(PREFERENCE_LOSSES["simpo"].compute(pc / 10, pr / 10, None, None, Options)[0],
-                       simpo_loss(pc / 10, pr / 10, 0.1, 0.5)[0])  # no reference passed, none needed
+@pytest.mark.parametrize("name", list(PREFERENCE_LOSSES))
+def test_every_loss_keeps_the_tables_contract(name):
+    """What the DPO step relies on, for every entry (a new loss gets these checks by being in the table):
+    per-pair losses and rewards [B]; rewards detached; descent raises log p(chosen) and lowers
+    log p(rejected) at the start; its declared hyperparameters are keyword arguments of its function,
+    with their defaults inside their declared range. For a loss against a reference, at the start
+    (policy = reference) both rewards are 0 and the loss is one value for every pair: DPO's is
+    ln 2, IPO's 1 / (4 beta^2), the hinge's 1 (so ln 2 is DPO's value, not every loss's)."""
+    loss = PREFERENCE_LOSSES[name]
+    hyperparameters = {key: h.default for key, h in loss.hyperparameters.items()}
+    accepted = inspect.signature(loss.compute).parameters
+    for key, h in loss.hyperparameters.items():
+        assert key in accepted and accepted[key].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, key
+        assert h.low is None or (h.default > h.low if h.low_open else h.default >= h.low), key
+        assert h.high is None or h.default <= h.high, key
+    policy, reference, images = start_point(loss)
+    losses, chosen_rewards, rejected_rewards = loss.compute(*policy, *reference, *images, **hyperparameters)
+    assert losses.shape == chosen_rewards.shape == rejected_rewards.shape == (5,)
+    assert losses.requires_grad and not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
+    losses.sum().backward()
+    assert (policy[0].grad < 0).all() and (policy[1].grad > 0).all()
+    if loss.reference:
+        assert torch.equal(chosen_rewards, torch.zeros(5)) and torch.equal(rejected_rewards, torch.zeros(5))
+        assert torch.allclose(losses, losses[0].expand(5), rtol=0, atol=1e-6)
+    if name == "sigmoid":
+        assert losses[0].item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_the_loss_table_is_the_command_lines(capsys):
+    """Every entry is a --loss-type choice, and each hyperparameter an option in --help, with its
+    default: a loss needs nothing but its function and its entry."""
+    with pytest.raises(SystemExit):
+        train_dpo.parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, loss in PREFERENCE_LOSSES.items():
+        assert f"{name}: {loss.paper}" in text
+        for key, h in loss.hyperparameters.items():
+            assert (h.option or "--" + key.replace("_", "-")) in text
+    args = train_dpo.parse(["--model", "m", "--out", "o", "--loss-type", "simpo", "--simpo-gamma", "0.25"])
+    assert args.simpo_gamma == 0.25 and args.beta == 0.1 and args.average_logps  # SimPO compares means
 
 
 def test_mdpo_by_hand():
@@ -142,8 +190,7 @@ def test_mdpo_by_hand():
     beta = 0.1
     cases = [(-10.0, -12.0, -11.0, -11.0, -14.0, -13.0), (-5.0, -4.0, -6.0, -3.0, -5.5, -7.0)]
     pc, pr, rc, rr, pcc, rcc = (torch.tensor(col) for col in zip(*cases))
-    losses, chosen, rejected = PREFERENCE_LOSSES["mdpo"].compute(pc, pr, rc, rr, SimpleNamespace(beta=beta),
-                                                                 policy_corrupted=pcc, ref_corrupted=rcc)
+    losses, chosen, rejected = PREFERENCE_LOSSES["mdpo"].compute(pc, pr, rc, rr, pcc, rcc, beta=beta)
     assert PREFERENCE_LOSSES["mdpo"].image_conditional and PREFERENCE_LOSSES["mdpo"].reference
     for i, (a, b, c, d, e, f) in enumerate(cases):
         dpo = -log_sigmoid(beta * ((a - c) - (b - d)))

@@ -6,7 +6,8 @@ import torch
 
 from tinyalign import random_model
 from tinyalign.data import Conversation, Pair, collate_pairs, collate_sft, pair_examples, sft_examples
-from tinyalign.demo import demo_config, demo_processor, make_world, read_heldout
+from tinyalign.data import read_jsonl
+from tinyalign.demo.world import demo_config, demo_processor, make_world
 from tinyalign.losses import dpo_loss
 from tinyalign.packing import pack_pairs, pack_sft, place, pair_document
 
@@ -15,7 +16,7 @@ from tinyalign.packing import pack_pairs, pack_sft, place, pair_document
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("packing")
     files = make_world(folder, seed=3, n_sft=0, n_prompts=6, n_heldout=0, n_heldout_prompts=0)
-    prompts = read_heldout(files["prompts"])
+    prompts = read_jsonl(files["prompts"])
     processor = demo_processor()
     answers = ["The color is red .", "There are two shapes . It is easy to see in the picture .", "No , there is not .",
                "They are circles .", "I am not sure .", "Yes , there is ."]
@@ -29,13 +30,13 @@ def setup(tmp_path_factory):
 
 
 def plain_logps(model, batch):
-    return model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"],
-                 repeat_images=2)
+    assert "packed" not in batch.inputs and batch.inputs["repeat_images"] == 2  # 2B plain rows, each image once
+    return model(**batch.inputs)
 
 
 def packed_logps(model, batch):
-    return model(batch["input_ids"], batch["pixel_values"], position_ids=batch["position_ids"],
-                 document_ids=batch["document_ids"], branch_ids=batch["branch_ids"], targets=batch["targets"])
+    assert "packed" in batch.inputs
+    return model(**batch.inputs)
 
 
 def test_pair_document_layout(setup):
@@ -62,7 +63,7 @@ def test_packed_pairs_equal_plain_forward(setup, backend, max_tokens):
         packed_batch = pack_pairs(examples, processor, max_tokens)
         packed = packed_logps(model, packed_batch)
     if max_tokens:
-        assert packed_batch["input_ids"].shape[0] < len(examples)  # several pairs really share a row
+        assert packed_batch.inputs["input_ids"].shape[0] < len(examples)  # several pairs really share a row
     torch.testing.assert_close(packed, plain, rtol=0, atol=1e-4)
     model.attn_backend = "flex"
 
@@ -101,10 +102,10 @@ def test_packed_sft_equals_plain(setup):
     sft, _ = sft_examples(conversations, processor, folder)
     with torch.no_grad():
         batch = collate_sft(sft, processor)
-        plain = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"])
+        plain = model(**batch.inputs)
         packed_batch = pack_sft(sft, processor, max_tokens=200)
         packed = packed_logps(model, packed_batch)
-    assert packed_batch["input_ids"].shape[0] < len(sft)
+    assert packed_batch.inputs["input_ids"].shape[0] < len(sft)
     torch.testing.assert_close(packed, plain, rtol=0, atol=1e-4)
 
 

@@ -1,11 +1,11 @@
-"""`python -m tinyalign.seeds`: the table behind the README's demo figures (mean and range over runs).
+"""`python -m tinyalign.lab.seeds`: the table behind the README's demo figures (mean and range over runs).
 The runs themselves take hours; here, the table's arithmetic and the reading of a run's files."""
 
 import json
 
 import pytest
 
-from tinyalign.seeds import figures, markdown, summary_rows
+from tinyalign.lab.seeds import figures, markdown, summary_rows
 
 
 def test_each_figure_gets_its_mean_min_and_max():
@@ -40,7 +40,7 @@ def test_simd_off_really_changes_the_kernels_torch_runs():
     import subprocess
     import sys
 
-    from tinyalign.seeds import NO_SIMD
+    from tinyalign.lab.seeds import NO_SIMD
 
     probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
     off = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,

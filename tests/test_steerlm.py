@@ -7,7 +7,9 @@ from test_training import sft_args
 
 import train_steerlm
 from tinyalign import load_model
-from tinyalign.demo import STEER_CONDITIONS, demo_processor, greedy_answers, rated_styles, read_heldout
+from tinyalign.data import read_jsonl
+from tinyalign.demo.runs import STEER_CONDITIONS, greedy_answers
+from tinyalign.demo.world import demo_processor, rated_styles
 from tinyalign.steer import check_ratings, format_ratings, parse_steer, steer_prompt
 
 R = {"helpfulness": 4, "correctness": 3, "coherence": 4, "complexity": 2, "verbosity": 1}
@@ -54,13 +56,13 @@ def verbosity_lengths(world, out, seed: int = 0) -> dict:
     """Train a tiny model briefly on rated answers (training seed `seed`), then ask for verbosity 2 and
     4: mean words per greedy answer for each."""
     data = out.parent / f"{out.name}-steer.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rated_styles(read_heldout(world["prompts"]))))
+    data.write_text("".join(json.dumps(r) + "\n" for r in rated_styles(read_jsonl(world["prompts"]))))
     args = sft_args(world, out, "--epochs", "5", "--lora-r", "0", "--lr", "3e-3", "--grad-accum", "1",
                     "--batch-size", "16", "--eval-every", "0", "--seed", str(seed))
     args[args.index("--data") + 1] = str(data)
     train_steerlm.main(args)
     model, processor = load_model(out / "model"), demo_processor()
-    heldout = read_heldout(world["heldout"])
+    heldout = read_jsonl(world["heldout"])
     images = [world["images"] / r["image"] for r in heldout]
     lengths = {}
     for name in ("concise and correct", "verbose and correct"):  # verbosity 2 and 4 (and what goes with them)
@@ -81,11 +83,11 @@ def test_steering_follows_the_verbosity_asked_for(tiny_world, tmp_path):
 def test_generation_command_takes_steer_ratings(tiny_world, capsys):
     from importlib import import_module
 
-    generate = import_module("tinyalign.generate")  # the module (`python -m tinyalign.generate`), not the function
+    ask = import_module("tinyalign.evaluation.ask")  # `python -m tinyalign.evaluation.ask`
     image = next(tiny_world["images"].glob("images/*.png"))
     common = ["--model", str(tiny_world["checkpoint"]), "--image", str(image), "--prompt", "What color are the shapes ?",
               "--max-new-tokens", "4", "--device", "cpu"]
-    answer = generate.main(common + ["--steer", "helpfulness:4,correctness:4,coherence:4,complexity:1,verbosity:2"])
+    answer = ask.main(common + ["--steer", "helpfulness:4,correctness:4,coherence:4,complexity:1,verbosity:2"])
     assert capsys.readouterr().out.strip() == answer.strip()
     with pytest.raises(ValueError, match="verbosity must be an integer 0-4, got 7"):
-        generate.main(common + ["--steer", "helpfulness:4,correctness:4,coherence:4,complexity:1,verbosity:7"])
+        ask.main(common + ["--steer", "helpfulness:4,correctness:4,coherence:4,complexity:1,verbosity:7"])

@@ -10,7 +10,8 @@ import pytest
 
 from browser import rendered_dom
 from conftest import ROOT
-from tinyalign.demo import rated_styles, read_heldout
+from tinyalign.data import read_jsonl
+from tinyalign.demo.world import rated_styles
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +21,9 @@ def study(tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     # The annotate step resumes from what is on disk: a random start model would give answers that
     # all rate alike (no pairs), so the ratings are provided, every answer style for every prompt.
-    prompts = read_heldout(world / "prompts.jsonl")
+    prompts = read_jsonl(world / "prompts.jsonl")
     (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rated_styles(prompts)))
-    done = subprocess.run([sys.executable, "-m", "tinyalign.study", "--start", str(tiny_world["checkpoint"]),
+    done = subprocess.run([sys.executable, "-m", "tinyalign.lab.study", "--start", str(tiny_world["checkpoint"]),
                            "--world", str(world), "--out", str(out), "--epochs-scale", "0.2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -70,17 +71,17 @@ def test_the_study_page_shows_answers_and_pairs_and_every_picture_loads_in_a_bro
     assert re.search(rf'<img [^>]*src="page-images/{missing.name}"[^>]*data-loaded="no"', dom)
     assert f"1 of {len(images)} pictures did not load" in dom
 
-    # and the README's picture of it (python -m tinyalign.figures) is the browser's drawing of the page
+    # and the README's picture of it (python -m tinyalign.lab.figures) is the browser's drawing of the page
     from PIL import Image
 
-    from tinyalign.page import screenshot
+    from tinyalign.lab.page import screenshot
 
     with Image.open(screenshot(page, out / "page.png", width=800, height=600)) as shot:
         assert shot.size == (800, 600) and len(set(shot.getdata())) > 10  # drawn, not blank
 
 
 def test_without_a_browser_the_error_says_what_to_install_and_the_figures_skip_the_page(monkeypatch, tmp_path):
-    from tinyalign import figures, page
+    from tinyalign.lab import figures, page
 
     monkeypatch.setattr(page, "find_browser", lambda: None)
     (tmp_path / "study").mkdir()

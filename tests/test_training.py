@@ -14,12 +14,13 @@ from test_parity import make_batch
 import tinyalign
 import train_dpo
 import train_sft
-from tinyalign.checkpoint import latest_checkpoint, load_checkpoint
-from tinyalign.data import collate_pairs, pair_examples, read_pairs
-from tinyalign.demo import read_heldout, say, wrong_values
+from tinyalign.data import collate_pairs, pair_examples, pair_logps, read_pairs
+from tinyalign.infra.checkpoints import latest_checkpoint, load_checkpoint
+from tinyalign.data import read_jsonl
+from tinyalign.demo.world import say, wrong_values
 from tinyalign.lora import LoRALinear, apply_lora, merge_lora
-from tinyalign.losses import orpo_loss, simpo_loss
-from tinyalign.packing import pair_logps
+from tinyalign.infra.arguments import loss_hyperparameters
+from tinyalign.losses import PREFERENCE_LOSSES, Targets, orpo_loss, simpo_loss
 from tinyalign.training import micro_batches
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +36,7 @@ def sft_args(world, out, *extra):
 def write_pairs(world, path):
     """Pairs for the world's prompts: the true answer over a wrong one, or over an evasive one."""
     records = []
-    for i, r in enumerate(read_heldout(world["prompts"])):
+    for i, r in enumerate(read_jsonl(world["prompts"])):
         wrong = say(r["kind"], wrong_values(r["kind"], r["truth"])[0]) if i % 2 else "I am not sure ."
         records.append({"id": r["id"], "image": r["image"], "prompt": r["prompt"],
                         "chosen": say(r["kind"], r["truth"]), "rejected": wrong})
@@ -112,7 +113,7 @@ def test_sft_run_writes_metrics_checkpoints_and_a_loadable_model(tiny_world, tmp
 def test_rejection_sampling_trains_on_the_best_answers(tiny_world, tmp_path, capsys):
     scored = tmp_path / "scored.jsonl"
     rows = []
-    for r in read_heldout(tiny_world["prompts"]):
+    for r in read_jsonl(tiny_world["prompts"]):
         right = say(r["kind"], r["truth"])
         rows.append({"id": r["id"], "image": r["image"], "prompt": r["prompt"], "responses": [
             {"text": "I am not sure .", "scores": {"helpfulness": 1, "correctness": 2, "coherence": 4}},
@@ -141,14 +142,18 @@ def test_precomputed_reference_logps_equal_live_ones(tiny_world, tmp_path):
     model = tinyalign.load_model(tiny_world["checkpoint"])
     processor = tinyalign.Processor.from_pretrained(tiny_world["checkpoint"])
     examples, _ = pair_examples(read_pairs(pairs_path)[0], processor, tiny_world["images"])
-    cache = tmp_path / "ref.json"
-    assert train_dpo.fill_reference(model, examples, processor, args, cache).startswith("computed now")
+    preference = PREFERENCE_LOSSES[args.loss_type]
+
+    def batch_of(chunk):
+        return collate_pairs(chunk, processor)
+
+    assert train_dpo.precompute_reference(model, examples, batch_of, preference, args).startswith("computed now")
     with torch.no_grad():
-        live_c, live_r = pair_logps(model, collate_pairs(examples, processor), "cpu")
+        live_c, live_r = pair_logps(model, collate_pairs(examples, processor))
     assert torch.allclose(torch.tensor([e.ref_chosen for e in examples]), live_c, atol=1e-5)
     assert torch.allclose(torch.tensor([e.ref_rejected for e in examples]), live_r, atol=1e-5)
     again, _ = pair_examples(read_pairs(pairs_path)[0], processor, tiny_world["images"])
-    assert train_dpo.fill_reference(model, again, processor, args, cache).startswith("from the cache")
+    assert train_dpo.precompute_reference(model, again, batch_of, preference, args).startswith("from the cache")
     assert [e.ref_chosen for e in again] == [e.ref_chosen for e in examples]
 
 
@@ -231,7 +236,7 @@ def test_gradient_checkpointing_changes_memory_not_results(hf_checkpoint):
     for flag in (False, True):
         model.language_model.gradient_checkpointing = flag
         model.zero_grad()
-        loss = -model(ids, pixels, mask, labels=labels).sum()
+        loss = -model(ids, pixels, mask, targets=Targets.from_labels(labels)).sum()
         loss.backward()
         grads.append((loss.item(), model.language_model.layers[0].mlp.up_proj.weight.grad.clone()))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
@@ -250,7 +255,7 @@ def test_first_loss_is_ln2_when_the_file_holds_the_policys_own_logps(tiny_world,
     pairs = read_pairs(plain)[0]
     examples, _ = pair_examples(pairs, processor, tiny_world["images"])
     with torch.no_grad():
-        (sc, sr), (mc, mr) = (pair_logps(model, collate_pairs(examples, processor), "cpu", average=a)
+        (sc, sr), (mc, mr) = (pair_logps(model, collate_pairs(examples, processor), average=a)
                               for a in (False, True))
     records = [{"id": p.id, "image": p.images[0], "question": {"from": "human", "value": p.prompt},
                 "chosen": {"from": "gpt", "value": p.chosen}, "rejected": {"from": "gpt", "value": p.rejected},
@@ -275,16 +280,21 @@ def test_sft_weight_is_the_authors_term(tiny_world, tmp_path):
     model = tinyalign.load_model(tiny_world["checkpoint"])
     processor = tinyalign.Processor.from_pretrained(tiny_world["checkpoint"])
     examples, _ = pair_examples(read_pairs(pairs_path)[0][:6], processor, tiny_world["images"])
-    train_dpo.fill_reference(model, examples, processor, args, tmp_path / "ref.json")
-    batch = collate_pairs(examples, processor)
+    preference = PREFERENCE_LOSSES[args.loss_type]
+
+    def batch_of(chunk):
+        return collate_pairs(chunk, processor)
+
+    train_dpo.precompute_reference(model, examples, batch_of, preference, args)
+    batch = batch_of(examples)
     with torch.no_grad():
-        chosen, rejected = pair_logps(model, batch, "cpu")
+        chosen, rejected = pair_logps(model, batch)
         n_tokens = torch.tensor([e.chosen.num_supervised for e in examples], dtype=torch.float32)
         losses = {}
         for sft, nll in [(0, 0), (2, 0), (0, 2)]:
             args.sft_weight, args.chosen_nll_weight = sft, nll
-            reference = train_dpo.reference_of(batch, None, args)
-            losses[(sft, nll)] = train_dpo.preference_loss(chosen, rejected, None, *reference, batch, args)[0].item()
+            loss, _ = train_dpo.dpo_step(model, batch, preference, loss_hyperparameters(preference, args), args)
+            losses[(sft, nll)] = loss.item()
     assert losses[(2, 0)] - losses[(0, 0)] == pytest.approx(-2 * chosen.mean().item(), rel=1e-5)
     assert losses[(0, 2)] - losses[(0, 0)] == pytest.approx(-2 * (chosen / n_tokens).mean().item(), rel=1e-5)
     assert abs(chosen.mean().item()) > 5 * abs((chosen / n_tokens).mean().item())  # the two differ a lot
@@ -307,8 +317,7 @@ def test_reference_free_losses_train_without_a_reference_pass(tiny_world, tmp_pa
     first_batch = micro_batches(len(examples), 16, 1, seed=0)[0]  # the run's data order
     with torch.no_grad():
         chosen, rejected = pair_logps(tinyalign.load_model(tiny_world["checkpoint"]),
-                                                collate_pairs([examples[i] for i in first_batch], processor), "cpu",
-                                                average=True)
+                                      collate_pairs([examples[i] for i in first_batch], processor), average=True)
     expected = (simpo_loss(chosen, rejected, 2.0, 0.5) if loss_type == "simpo" else orpo_loss(chosen, rejected, 0.1))[0]
     assert first["loss"] == pytest.approx(expected.mean().item(), abs=1e-5)
     assert first["logps/chosen"] == pytest.approx(chosen.mean().item(), abs=1e-5)  # means per token, not sums
@@ -369,11 +378,11 @@ def is_project_code(path: Path) -> bool:
     return path.parent == REPO and path.suffix == ".py" or path.is_relative_to(REPO / "tinyalign")
 
 
-@pytest.mark.parametrize("packing,scorer", [("--no-packing", "answer_logps"), ("--packing", "scored_logps")])
-def test_a_dpo_step_reaches_the_token_logps_in_three_calls(tiny_world, tmp_path, monkeypatch, packing, scorer):
+@pytest.mark.parametrize("packing", ["--no-packing", "--packing"])
+def test_a_dpo_step_reaches_the_token_logps_in_four_calls(tiny_world, tmp_path, monkeypatch, packing):
     """Trace a real training step: from train_dpo.main to losses.token_logps, the project's own
-    frames are main -> Llava.forward -> answer_logps (packed rows: scored_logps) -> token_logps
-    (torch's module plumbing aside), in the order the README gives."""
+    frames are main -> dpo_step -> Llava.forward -> scored_logps -> token_logps (torch's module
+    plumbing aside), plain rows and packed alike, in the order the README gives."""
     import tinyalign.losses
 
     chains, real = [], tinyalign.losses.token_logps
@@ -389,10 +398,11 @@ def test_a_dpo_step_reaches_the_token_logps_in_three_calls(tiny_world, tmp_path,
                             "--max-steps", "1", "--grad-accum", "1", packing))
     assert chains, "no training step reached token_logps"
     chain = chains[0]
-    assert chain[chain.index(("train_dpo.py", "main")):] == [("train_dpo.py", "main"), ("model.py", "forward"),
-                                                             ("losses.py", scorer)]  # ... then token_logps
+    assert chain[chain.index(("train_dpo.py", "main")):] == [("train_dpo.py", "main"), ("train_dpo.py", "dpo_step"),
+                                                             ("model.py", "forward"), ("losses.py", "scored_logps")]
     order = [n.rsplit(".", 1)[-1] for n in readme_step_names()]
-    assert order.index("main") < order.index("forward") < order.index(scorer) < order.index("token_logps")
+    assert (order.index("main") < order.index("dpo_step") < order.index("forward") < order.index("scored_logps")
+            < order.index("token_logps"))
 
 
 def test_mdpo_trains_with_the_chosen_answer_under_a_corrupted_image(tiny_world, tmp_path):
@@ -416,11 +426,72 @@ def test_mdpo_trains_with_the_chosen_answer_under_a_corrupted_image(tiny_world, 
     first = [examples[i] for i in micro_batches(len(examples), 16, 1, seed=0)[0]]
     model = tinyalign.load_model(tiny_world["checkpoint"])
     with torch.no_grad():
-        chosen, rejected = pair_logps(model, collate_pairs(first, processor), "cpu")
-        batch = collate_corrupted(first, processor)
-        corrupted = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"])
+        chosen, rejected = pair_logps(model, collate_pairs(first, processor))
+        corrupted = model(**collate_corrupted(first, processor))
     n = len(first)
     expected = mdpo_loss(chosen, rejected, torch.full((n,), -1.0), torch.full((n,), -30.0), corrupted, corrupted)[0]
     logged = metrics(out)[0]
     assert logged["loss"] == pytest.approx(expected.mean().item(), abs=1e-5)
     assert "rewards/corrupted_image" in logged and "rewards/image_accuracy" in logged
+
+
+# ---------------------------------------------------------------------------------------------
+# A new preference loss: one function, one table entry (its hyperparameters become options)
+# ---------------------------------------------------------------------------------------------
+
+
+def tilted_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, tilt=0.3):
+    """A throwaway loss: DPO with its margin shifted by `tilt`, -log sigmoid(beta h - tilt)."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return (-torch.nn.functional.logsigmoid(beta * h - tilt), beta * (policy_chosen - ref_chosen).detach(),
+            beta * (policy_rejected - ref_rejected).detach())
+
+
+def register_tilted(monkeypatch):
+    from tinyalign.losses import Hyperparameter, PreferenceLoss, kl_strength
+
+    monkeypatch.setitem(PREFERENCE_LOSSES, "tilted", PreferenceLoss(tilted_loss, "a test's own loss", {
+        "beta": kl_strength(), "tilt": Hyperparameter(0.3, "how far the margin is shifted", low=0)}))
+
+
+def test_a_throwaway_loss_registered_in_the_table_trains_two_steps_through_the_command_line(tiny_world, tmp_path,
+                                                                                             monkeypatch, capsys):
+    """Nothing but the function and its entry: --loss-type tilted and its own --tilt appear in --help
+    and train; at learning rate 0 each step's loss is tilted_loss of the start model's log-probs and
+    the file's reference log-probs, at the --tilt given."""
+    register_tilted(monkeypatch)
+    with pytest.raises(SystemExit):
+        train_dpo.parse(["--help"])
+    assert "tilted: a test's own loss" in capsys.readouterr().out
+    pairs_path = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
+    records = [json.loads(line) for line in pairs_path.read_text().splitlines()]
+    pairs_path.write_text("".join(json.dumps({**r, "ref_win_logp": -1.0, "ref_rej_logp": -30.0}) + "\n" for r in records))
+    out = tmp_path / "tilted"
+    train_dpo.main(dpo_args(tiny_world, pairs_path, out, "--loss-type", "tilted", "--tilt", "0.7", "--max-steps", "2",
+                            "--lr", "0", "--projector-lr", "0", "--batch-size", "8", "--grad-accum", "1",
+                            "--eval-fraction", "0", "--no-packing"))
+    logged = metrics(out)
+    assert [r["step"] for r in logged] == [1, 2]
+    processor = tinyalign.Processor.from_pretrained(tiny_world["checkpoint"])
+    examples, _ = pair_examples(read_pairs(pairs_path)[0], processor, tiny_world["images"])
+    model = tinyalign.load_model(tiny_world["checkpoint"])
+    for step, indices in enumerate(micro_batches(len(examples), 8, 3, seed=0)[:2]):
+        with torch.no_grad():
+            chosen, rejected = pair_logps(model, collate_pairs([examples[i] for i in indices], processor))
+        n = len(indices)
+        expected = tilted_loss(chosen, rejected, torch.full((n,), -1.0), torch.full((n,), -30.0), tilt=0.7)[0].mean()
+        assert logged[step]["loss"] == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_resume_of_a_run_made_before_an_option_existed_takes_it_at_its_default(tiny_world, tmp_path, monkeypatch):
+    """A run stopped, then tinyalign grows an option (a new loss's hyperparameter, --tilt): --resume
+    takes the run with the option at its default, and names the option when it is set otherwise."""
+    pairs_path = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
+    out = tmp_path / "run"
+    argv = dpo_args(tiny_world, pairs_path, out, "--max-steps", "3", "--save-every", "1", "--grad-accum", "1")
+    train_dpo.main([*argv, "--stop-after", "1"])
+    register_tilted(monkeypatch)  # the option comes in after the run was made
+    with pytest.raises(SystemExit, match=r"--tilt: None in the run, 0\.9 now"):
+        train_dpo.main([*argv, "--resume", "--tilt", "0.9"])
+    train_dpo.main([*argv, "--resume"])
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]

@@ -1,4 +1,4 @@
-"""docs/workshop.md's exercises: every solution (tinyalign/workshop.py) runs and gives what the answers
+"""docs/workshop.md's exercises: every solution (tinyalign/lab/workshop.py) runs and gives what the answers
 say, and every code reference of the reading order points at a real definition."""
 
 import json
@@ -11,10 +11,11 @@ import torch
 
 import train_dpo
 from test_training import dpo_args, metrics, write_pairs
-from tinyalign import Processor, load_model, workshop
-from tinyalign.data import collate_pairs, pair_examples, read_pairs
+from tinyalign import Processor, load_model
+from tinyalign.data import collate_pairs, pair_examples, pair_logps, read_pairs
+from tinyalign.lab import workshop
 from tinyalign.losses import PREFERENCE_LOSSES
-from tinyalign.packing import pack_pairs, pair_logps
+from tinyalign.packing import pack_pairs
 from tinyalign.training import micro_batches
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +64,7 @@ def test_dpop_trains_through_the_loss_table(tiny_world, tmp_path, monkeypatch):
     examples, _ = pair_examples(read_pairs(pairs_path)[0], processor, tiny_world["images"])
     first = [examples[i] for i in micro_batches(len(examples), 16, 1, seed=0)[0]]
     with torch.no_grad():
-        chosen, rejected = pair_logps(load_model(tiny_world["checkpoint"]), collate_pairs(first, processor), "cpu")
+        chosen, rejected = pair_logps(load_model(tiny_world["checkpoint"]), collate_pairs(first, processor))
     n = len(first)
     expected = workshop.dpop_loss(chosen, rejected, torch.full((n,), -1.0), torch.full((n,), -30.0))[0].mean()
     assert metrics(out)[0]["loss"] == pytest.approx(expected.item(), abs=1e-5)
@@ -90,11 +91,12 @@ def packing_setup():
 
     from tinyalign import random_model
     from tinyalign.data import Pair
-    from tinyalign.demo import demo_config, demo_processor, make_world, read_heldout
+    from tinyalign.data import read_jsonl
+    from tinyalign.demo.world import demo_config, demo_processor, make_world
 
     folder = Path(tempfile.mkdtemp())
     files = make_world(folder, seed=3, n_sft=0, n_prompts=6, n_heldout=0, n_heldout_prompts=0)
-    prompts = read_heldout(files["prompts"])
+    prompts = read_jsonl(files["prompts"])
     answers = ["The color is red .", "There are two shapes .", "No , there is not .", "They are circles .",
                "I am not sure .", "Yes , there is ."]
     pairs = [Pair(r["id"], [r["image"]], r["prompt"], answers[i], answers[(i + 2) % 6]) for i, r in enumerate(prompts)]
@@ -104,9 +106,9 @@ def packing_setup():
 
 
 def test_mistakes_by_confusion_groups_every_question(tiny_world):
-    from tinyalign.demo import read_heldout
+    from tinyalign.data import read_jsonl
 
-    questions = read_heldout(tiny_world["heldout"])
+    questions = read_jsonl(tiny_world["heldout"])
     groups = workshop.mistakes_by_confusion(tiny_world["checkpoint"], tiny_world["images"], questions)
     assert sum(n for _, n in groups.values()) == len(questions)
     assert all(0 <= accuracy <= 1 for accuracy, _ in groups.values())

@@ -7,7 +7,7 @@ test_training's DPO reward accuracy and loss. Their result depends on the traini
 CPU's float rounding (another machine, or another thread count, rounds differently), so each bar must
 sit below the worst value over seeds and thread counts. This runs both test bodies over that grid and
 prints every value and the worst. (The demo's own figures, behind test_demo's bars, come from
-`python -m tinyalign.seeds`.)
+`python -m tinyalign.lab.seeds`.)
 """
 
 from __future__ import annotations

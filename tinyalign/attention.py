@@ -1,8 +1,8 @@
 """Attention: one function, three paths, one mask.
 
-* `flex`: FlexAttention (`torch.nn.attention.flex_attention`) compiled with `torch.compile`. The
-  mask is a tiny Python `mask_mod(b, h, q_idx, kv_idx) -> bool` that the compiler fuses into the
-  kernel, so padding, causality and packing cost no [T, T] tensor at all. The GPU's path.
+* `flex`: FlexAttention compiled with `torch.compile` (tinyalign/flex.py). The mask is a tiny Python
+  `mask_mod(b, h, q_idx, kv_idx) -> bool` that the compiler fuses into the kernel, so padding,
+  causality and packing cost no [T, T] tensor at all. The GPU's path.
 * `sdpa`: the same `mask_mod` evaluated into a dense boolean mask, through
   `F.scaled_dot_product_attention`. The CPU's path: FlexAttention has no backward pass on CPU
   (torch 2.13), and its compiled CPU forward is 5-45x slower than SDPA at the demo's sizes
@@ -25,11 +25,9 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 
-# Compiled kernels are specialised to shapes. Sequence lengths are rounded up to this multiple so
-# one compiled kernel serves every length in a bucket (a new length would otherwise recompile).
-LENGTH_BUCKET = 128
+from . import flex
 
 
 @dataclass
@@ -81,10 +79,6 @@ class PreparedMask:
     dense: torch.Tensor | None = None  # sdpa, eager: [B, 1, Q, KV] bool
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def dense_mask(mask: AttentionMask, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:
     """Evaluate the mask_mod on every (b, q, kv) at once by broadcasting: [B, 1, Q, KV] bool."""
     b = torch.arange(batch, device=device)[:, None, None, None]
@@ -105,32 +99,8 @@ def prepare(mask: AttentionMask, batch: int, q_len: int, kv_len: int, device, ba
         backend = "sdpa"  # no FlexAttention backward on CPU: the same mask, dense, through SDPA
     if backend != "flex":
         return PreparedMask(backend, q_len, kv_len, dense=dense_mask(mask, batch, q_len, kv_len, device))
-    # Round lengths up to the bucket: padded keys are invalid, padded queries are sliced off. A
-    # single query (a decoding step) is left alone: its shape never changes anyway.
-    q_pad = q_len if q_len == 1 else _round_up(q_len, LENGTH_BUCKET)
-    kv_pad = _round_up(kv_len, LENGTH_BUCKET)
-    def pad(t, value):  # packed rows: the query side indexes these too, so pad to the larger length
-        return None if t is None else F.pad(t, (0, max(q_pad, kv_pad) - t.shape[1]), value=value)
-
-    padded = replace(mask, key_valid=pad(mask.key_valid, False), document=pad(mask.document, -1),
-                     branch=pad(mask.branch, 0))
-    block_mask = create_block_mask(padded.mask_mod(), batch, None, q_pad, kv_pad, device=device)
-    return PreparedMask("flex", q_len, kv_len, q_pad, kv_pad, block_mask=block_mask)
-
-
-_compiled_flex = None
-
-
-def _flex():
-    """torch.compile(flex_attention), made on first use: without compiling, FlexAttention runs an
-    unfused reference implementation that materialises the full score matrix."""
-    global _compiled_flex
-    if _compiled_flex is None:
-        # Vision and text attention, training and decoding and several length buckets each
-        # specialise the kernel once; allow for that many rather than falling back to eager.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex
+    block_mask, q_padded, kv_padded = flex.block_mask(mask, batch, q_len, kv_len, device)
+    return PreparedMask("flex", q_len, kv_len, q_padded, kv_padded, block_mask=block_mask)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PreparedMask) -> torch.Tensor:
@@ -139,11 +109,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PreparedMask
         return eager_attention(q, k, v, mask.dense)
     if mask.backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=q.shape[1] != k.shape[1])
-    q = F.pad(q, (0, 0, 0, mask.q_padded - q.shape[2]))
-    k = F.pad(k, (0, 0, 0, mask.kv_padded - k.shape[2]))
-    v = F.pad(v, (0, 0, 0, mask.kv_padded - v.shape[2]))
-    out = _flex()(q, k, v, block_mask=mask.block_mask, enable_gqa=q.shape[1] != k.shape[1])
-    return out[:, :, : mask.q_len]
+    return flex.attend(q, k, v, mask.block_mask, mask.q_len, mask.q_padded, mask.kv_padded)
 
 
 def eager_attention(q, k, v, dense_mask):

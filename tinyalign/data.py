@@ -22,12 +22,14 @@ import random
 import warnings
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .images import load_image
+from .losses import Targets
 from .processor import IMAGE_TAG, Encoded, Processor
 
 ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
@@ -89,31 +91,50 @@ class Scored:
     responses: list[tuple[str, dict]]  # (text, {attribute: 0-4})
 
 
-def read_records(path) -> list[dict]:
-    """A JSON list, or JSONL with one object per line. Errors name the file and line."""
+def read_text(path, error=None) -> str:
+    """A file's text; errors name the file (and, for bytes that are not UTF-8, the line)."""
+    error = error or DataError
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: data file not found")
+    if not path.is_file():
+        raise error(f"{path}: file not found")
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save the "
+        raise error(f"{path} line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save the "
                         "file as UTF-8") from None
+
+
+def read_jsonl(path, text: str | None = None, error=None) -> list[dict]:
+    """JSON lines, one object per line (blank lines skipped): the one JSON-lines reader of tinyalign
+    (data files, benchmark files, metrics.jsonl). Errors name the file and the line; `error`: their
+    class (DataError, or a subclass such as a benchmark file's BenchmarkError)."""
+    error = error or DataError
+    records = []
+    for n, line in enumerate((read_text(path, error) if text is None else text).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path} line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise error(f"{path} line {n}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def read_records(path) -> list[dict]:
+    """A JSON list, or JSONL with one object per line. Errors name the file and line."""
+    text = read_text(path)
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e})") from None
     else:
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
+        records = read_jsonl(path, text)
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise DataError(f"{path}: record {i} is a {type(record).__name__}, not an object")
@@ -433,31 +454,108 @@ def load_pixels(processor: Processor, paths: list[Path], cache: dict | None = No
     return torch.stack(tensors)
 
 
-def collate_sft(examples: list[SFTExample], processor: Processor, pixel_cache=None) -> dict:
-    batch = processor.collate([e.encoded for e in examples])
-    batch["pixel_values"] = load_pixels(processor, [p for e in examples for p in e.images], pixel_cache)
-    return batch
+# ---------------------------------------------------------------------------------------------
+# Batches: what one forward of Llava receives, typed so that each field says what it is
+# ---------------------------------------------------------------------------------------------
 
 
-def collate_pairs(examples: list[PairExample], processor: Processor, pixel_cache=None) -> dict:
-    """One batch of 2B rows: the B chosen sequences, then the B rejected ones. pixel_values holds each
-    pair's images once; the training step runs the tower on them once and uses the features for
-    both halves (`torch.cat([features, features])`)."""
-    batch = processor.collate([e.chosen for e in examples] + [e.rejected for e in examples])
-    batch["pixel_values"] = load_pixels(processor, [p for e in examples for p in e.images], pixel_cache)
-    batch["ref_chosen"] = _ref(examples, "ref_chosen")
-    batch["ref_rejected"] = _ref(examples, "ref_rejected")
-    batch["ref_corrupted"] = _ref(examples, "ref_corrupted")
-    batch["repeat_images"] = 2  # Llava.forward: run the tower once, use its features for both halves
-    return batch
+@dataclass
+class Batch:
+    """Examples ready for one forward. `inputs` are Llava.forward's keyword arguments; with their
+    `targets` (losses.Targets) the forward returns one summed log-prob per answer [S]."""
+
+    inputs: dict
+
+    @property
+    def answer_tokens(self) -> torch.Tensor:
+        """Scored tokens of each answer [S], in the order the forward returns the answers."""
+        return self.inputs["targets"].counts()
+
+    @property
+    def real_tokens(self) -> int:
+        """Tokens that are not padding (what tokens/s counts)."""
+        packed = self.inputs.get("packed")
+        if packed is not None:
+            return int((packed.document_ids >= 0).sum())
+        return int(self.inputs["attention_mask"].sum())
+
+    def to(self, device):
+        """The batch with every tensor on `device`."""
+        return replace(self, **{f.name: to_device(getattr(self, f.name), device) for f in fields(self)})
+
+
+@dataclass
+class PairBatch(Batch):
+    """B preference pairs. The forward returns 2B log-probs: the B chosen answers first, then the B
+    rejected ones, pair k's at k and B + k. This order is written down here alone: the collating
+    functions (`collate_pairs`, packing.pack_pairs) build it, `chosen_and_rejected` reads it.
+
+    ref_*: the reference log-probs [B] that came with the pairs (the data file's, or the ones computed
+    once before training), None unless every pair has them. corrupted: mDPO only, Llava.forward's
+    inputs for the B chosen answers again, each under a corrupted image."""
+
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+    ref_corrupted: torch.Tensor | None = None
+    corrupted: dict | None = None
+
+    def chosen_and_rejected(self, per_answer: torch.Tensor):
+        """[2B] -> ([B] of the chosen answers, [B] of the rejected ones)."""
+        return per_answer.chunk(2)
+
+
+def mean_per_token(logps: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """Summed log-probs per answer [S] -> their mean per scored token (SimPO, ORPO, --average-logps)."""
+    return logps / inputs["targets"].counts().clamp(min=1)
+
+
+def pair_logps(model, batch: PairBatch, average: bool = False):
+    """One forward over every answer of a pair batch on the model's device -> (log pi(chosen) [B],
+    log pi(rejected) [B]); average: the mean per answer token instead of the sum."""
+    logps = model(**batch.inputs)  # [2B]
+    return batch.chosen_and_rejected(mean_per_token(logps, batch.inputs) if average else logps)
+
+
+def to_device(value, device):
+    """A tensor, or anything with .to (Targets, PackedRows), or a dict of them, on `device`; other
+    values (None, numbers) as they are."""
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value.to(device) if hasattr(value, "to") else value
+
+
+def collate_sft(examples: list[SFTExample], processor: Processor, pixel_cache=None) -> Batch:
+    """Plain rows, padded on the right: one conversation per row, its answers scored."""
+    rows = processor.collate([e.encoded for e in examples])
+    return Batch({"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"],
+                  "pixel_values": load_pixels(processor, [p for e in examples for p in e.images], pixel_cache),
+                  "targets": Targets.from_labels(rows["labels"])})
+
+
+def collate_pairs(examples: list[PairExample], processor: Processor, pixel_cache=None) -> PairBatch:
+    """Plain rows: the B chosen sequences, then the B rejected ones (2B rows). pixel_values holds each
+    pair's images once; the forward runs the tower on them once and uses the features for both
+    halves (`repeat_images=2`)."""
+    rows = processor.collate([e.chosen for e in examples] + [e.rejected for e in examples])
+    inputs = {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"],
+              "pixel_values": load_pixels(processor, [p for e in examples for p in e.images], pixel_cache),
+              "repeat_images": 2, "targets": Targets.from_labels(rows["labels"])}
+    return PairBatch(inputs, *reference_tensors(examples))
+
+
+def reference_tensors(examples: list[PairExample]):
+    """(ref_chosen, ref_rejected, ref_corrupted) [B] each, or None where some pair lacks the value."""
+    def column(name):
+        values = [getattr(e, name) for e in examples]
+        return None if any(v is None for v in values) else torch.tensor(values, dtype=torch.float32)
+
+    return column("ref_chosen"), column("ref_rejected"), column("ref_corrupted")
 
 
 def corrupt_image(path, key: str, max_area: float = 0.2):
     """The corrupted image of mDPO (Wang et al. 2024, arXiv 2406.11839, section 3: "crop 0-20%"): a
     random square-ish crop keeping at most `max_area` of the picture, drawn from `key` (the pair's id),
     so that every pass, and the reference pass before training, sees the same crop. -> a PIL image."""
-    from .images import load_image
-
     image = load_image(path)
     rng = random.Random(zlib.crc32(f"{key}|{path}".encode()))
     side = math.sqrt(rng.uniform(0.02, max_area))  # the kept fraction of each side
@@ -467,16 +565,12 @@ def corrupt_image(path, key: str, max_area: float = 0.2):
 
 
 def collate_corrupted(examples: list[PairExample], processor: Processor) -> dict:
-    """B rows: each pair's chosen answer again, its image(s) replaced by a corrupted crop (mDPO)."""
-    batch = processor.collate([e.chosen for e in examples])
+    """mDPO's third forward: Llava.forward's inputs for B rows, each pair's chosen answer again, its
+    image(s) replaced by a corrupted crop (always plain rows)."""
+    rows = processor.collate([e.chosen for e in examples])
     crops = [processor.images(corrupt_image(p, e.id)) for e in examples for p in e.images]
-    batch["pixel_values"] = torch.stack(crops) if crops else None
-    return batch
-
-
-def _ref(examples, field_name):
-    values = [getattr(e, field_name) for e in examples]
-    return None if any(v is None for v in values) else torch.tensor(values, dtype=torch.float32)
+    return {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"],
+            "pixel_values": torch.stack(crops) if crops else None, "targets": Targets.from_labels(rows["labels"])}
 
 
 def file_digest(path) -> str:

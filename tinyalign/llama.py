@@ -7,8 +7,6 @@ Names mirror the checkpoint: `embed_tokens`, `layers.{i}.self_attn.q_proj`, `lay
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -99,36 +97,7 @@ class KVCache:
         self.key_valid[targets, :length] = self.key_valid[sources, :length]
 
 
-def fuse_weights(linears: list[nn.Module], fused: torch.Tensor | None) -> torch.Tensor | None:
-    """One weight [sum of outs, in] whose row blocks ARE these layers' weights: x @ fused.T computes
-    all of their products in one matrix product (one pass over x, one kernel: what a one-row decode
-    step wants). Each layer's weight becomes a view of `fused` (no second copy of the weights), so
-    the checkpoint's names, training and saving see the separate weights as before. `fused` from an
-    earlier call is kept while the weights still live in it (after `.to(dtype)` they do not; then it
-    is made again). None where a layer is not a plain nn.Linear (LoRA-wrapped: its product is not W x)."""
-    if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
-        return None
-    starts = [0]
-    for m in linears:
-        starts.append(starts[-1] + m.out_features)
-
-    def lives_in(t):
-        return (t is not None and t.dtype == linears[0].weight.dtype and t.device == linears[0].weight.device
-                and all(m.weight.data_ptr() == t[a].data_ptr() for m, a in zip(linears, starts)))
-
-    if not lives_in(fused):
-        fused = torch.cat([m.weight.data for m in linears])  # [sum of outs, in]
-        for m, a, b in zip(linears, starts, starts[1:]):
-            m.weight.data = fused[a:b]
-        # A compiled decode step replayed as a CUDA graph reads it in place, like the weights
-        # themselves (an input not marked static would be copied into the graph at every step).
-        torch._dynamo.mark_static_address(fused)
-    return fused
-
-
 class Attention(nn.Module):
-    fused_qkv: torch.Tensor | None = None  # set while decoding (LlamaModel.fused_projections)
-
     def __init__(self, cfg: TextConfig, layer_index: int):
         super().__init__()
         self.layer_index = layer_index
@@ -140,11 +109,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask: PreparedMask, cache: KVCache | None = None, cache_slots=None):
         B, T, _ = x.shape
-        if self.fused_qkv is not None:  # one product for q, k and v
-            sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
-            q, k, v = F.linear(x, self.fused_qkv).split(sizes, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.qkv(x)  # [B, T, H * D], [B, T, H_kv * D], [B, T, H_kv * D]
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -154,11 +119,14 @@ class Attention(nn.Module):
         out = attend(q, k, v, mask)  # [B, H, T, D]; GQA: each K/V head serves H / H_kv query heads
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
+    def qkv(self, x):
+        """The three input projections. A method of its own so that generation can run them as one
+        matrix product (tinyalign/speed/fused.py replaces it on the instance while it decodes)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
 
 class MLP(nn.Module):
     """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
-
-    fused_gate_up: torch.Tensor | None = None  # set while decoding (LlamaModel.fused_projections)
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -167,11 +135,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        if self.fused_gate_up is not None:  # one product for gate and up
-            gate, up = F.linear(x, self.fused_gate_up).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_and_up(x)  # [B, T, intermediate] each
         return self.down_proj(F.silu(gate) * up)
+
+    def gate_and_up(self, x):
+        """The two input projections (one matrix product while generating: tinyalign/speed/fused.py)."""
+        return self.gate_proj(x), self.up_proj(x)
 
 
 class DecoderBlock(nn.Module):
@@ -197,32 +166,6 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
-
-    def compile_blocks(self):
-        """torch.compile each block (the same code, so the 32 or 40 blocks share one compiled graph):
-        norms, RoPE, the SwiGLU and the residual adds fuse into few kernels around the matmuls and
-        the (already compiled) attention."""
-        for block in self.layers:
-            block.compile(dynamic=False)
-
-    @contextmanager
-    def fused_projections(self):
-        """Inside this block (generation only: no gradients), each layer's q/k/v products run as one
-        matrix product and so do gate/up: a decode step reads each layer's input once and launches
-        two kernels instead of five. The weights stay where they are, as views of the fused ones
-        (`fuse_weights`); layers with LoRA adapters keep their separate products."""
-        if torch.is_grad_enabled():
-            raise RuntimeError("fused_projections is for generation: the fused weights carry no gradient")
-        for block in self.layers:
-            attn, mlp = block.self_attn, block.mlp
-            attn.fused_qkv = fuse_weights([attn.q_proj, attn.k_proj, attn.v_proj], attn.__dict__.get("_qkv"))
-            mlp.fused_gate_up = fuse_weights([mlp.gate_proj, mlp.up_proj], mlp.__dict__.get("_gate_up"))
-            attn._qkv, mlp._gate_up = attn.fused_qkv, mlp.fused_gate_up  # kept for the next call
-        try:
-            yield self
-        finally:
-            for block in self.layers:
-                block.self_attn.fused_qkv = block.mlp.fused_gate_up = None
 
     def forward(self, embeds, positions, mask: PreparedMask, cache: KVCache | None = None, cache_slots=None):
         """embeds [B, T, D], positions [B, T] (RoPE positions) -> hidden states [B, T, D]."""

@@ -3,14 +3,13 @@ low-rank A [r, in] and B [out, r] trained. B starts at zero, so training starts 
 
 The paper's recipe: r = 128, alpha = 256, dropout 0.05 on every linear layer of the decoder
 (q, k, v, o, gate, up, down). After training, `merge_lora` folds B A into W, giving back plain
-nn.Linear layers: the saved checkpoint is an ordinary one.
+nn.Linear layers: the saved checkpoint is an ordinary one. (Saving the adapter alone, in PEFT's
+layout: infra/weights.py::save_adapter.)
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -59,25 +58,3 @@ def merge_lora(module: nn.Module) -> int:
         parent_name, _, leaf = name.rpartition(".")
         setattr(module.get_submodule(parent_name), leaf, lora.merged())
     return len(wrapped)
-
-
-def adapter_state(module: nn.Module, prefix: str = "") -> dict:
-    """The LoRA tensors alone, named as PEFT names them (`...q_proj.lora_A.weight`)."""
-    state = {}
-    for name, m in module.named_modules():
-        if isinstance(m, LoRALinear):
-            state[f"{prefix}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
-            state[f"{prefix}{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
-    return state
-
-
-def save_adapter(module: nn.Module, folder, r: int, alpha: float, dropout: float, targets=TARGETS):
-    """adapter_model.safetensors + adapter_config.json, in PEFT's layout and names."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state(module, prefix="base_model.model.model.language_model."), str(folder / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
-              "target_modules": list(targets), "bias": "none"}
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,12 +1,15 @@
-"""The losses of the paper's four methods, each a few lines next to the equation it implements.
+"""The losses of the paper's four methods, each a few lines next to the equation it implements, and
+the table train_dpo.py chooses a preference loss from.
 
-Conventions: `labels` hold -100 wherever a token is not supervised (system prompt, question, image,
-padding); logits at position t score the label at t + 1, so every function shifts by one.
+Conventions: a forward scores the tokens its `Targets` name; logits at position t score the token at
+t + 1. Preference losses take per-answer log-probs [B] (log pi(y|x), summed over the answer's tokens,
+or their mean where a loss says so) and return (per-pair losses [B], chosen rewards [B], rejected
+rewards [B]), the rewards detached: they are what gets logged, never what is trained.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -14,10 +17,40 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
+# ---------------------------------------------------------------------------------------------
+# log pi(answer | prompt): the tokens to score, and their log-probs without the [B, T, V] logits
+# ---------------------------------------------------------------------------------------------
 
-def shift(logits: torch.Tensor, labels: torch.Tensor):
-    """Align predictions with targets: logits[:, t] predicts labels[:, t + 1]."""
-    return logits[:, :-1], labels[:, 1:]
+
+@dataclass
+class Targets:
+    """The tokens a forward scores, each named by the hidden state that predicts it.
+
+    rows, cols [N]: where that state is; tokens [N]: the token; sequence [N]: which answer (0..S-1) it
+    counts toward; n_sequences: S. Plain rows (`from_labels`): the state at t predicts the label at
+    t + 1 and each row is one answer. Packed rows (tinyalign/packing.py) list their tokens explicitly,
+    because there the first rejected token is predicted by the last prompt token, not its neighbour."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    tokens: torch.Tensor
+    sequence: torch.Tensor
+    n_sequences: int
+
+    @classmethod
+    def from_labels(cls, labels: torch.Tensor) -> "Targets":
+        """labels [B, T], IGNORE_INDEX where nothing is supervised (system prompt, question, image,
+        padding) -> every supervised token, predicted from the position before it."""
+        shifted = labels[:, 1:]  # shifted[:, t] is predicted by the state at t
+        rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)  # row-major order
+        return cls(rows, cols, shifted[rows, cols], rows, labels.shape[0])
+
+    def counts(self) -> torch.Tensor:
+        """Scored tokens per answer [S]."""
+        return torch.bincount(self.sequence, minlength=self.n_sequences)
+
+    def to(self, device) -> "Targets":
+        return Targets(*(getattr(self, f.name).to(device) for f in fields(self)[:4]), self.n_sequences)
 
 
 def token_logps(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor, chunk: int = 1024):
@@ -31,74 +64,79 @@ def token_logps(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.T
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def scored_logps(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: Targets, chunk: int = 1024) -> torch.Tensor:
+    """log pi(answer | prompt) per answer: the sum of log p(token) over its scored tokens, with the LM
+    head and the log-softmax run only on the positions that predict one (token_logps).
+    hidden [R, L, D] (the decoder output) -> [S]."""
+    logps = token_logps(hidden[targets.rows, targets.cols], lm_head, targets.tokens, chunk)  # [N]
+    total = torch.zeros(targets.n_sequences, dtype=torch.float32, device=hidden.device)
+    return total.index_add(0, targets.sequence, logps)
+
+
 def answer_logps(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor, average: bool = False,
                  chunk: int = 1024) -> torch.Tensor:
-    """log p(answer | prompt) per sequence: the sum (or mean) of log p(label) over supervised tokens,
-    without the [B, T, V] logits: the LM head and the log-softmax run only on the positions that
-    predict a supervised token (token_logps).
-
-    hidden [B, T, D] (the decoder output), labels [B, T] -> [B]. The first answer token is scored by
-    the hidden state of the last prompt token, which the shift takes care of; prompt and padding
-    (-100) contribute nothing.
-    """
-    hidden, labels = shift(hidden, labels)
-    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # the N scored positions
-    logps = token_logps(hidden[rows, cols], lm_head, labels[rows, cols], chunk)  # [N]
-    total = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, logps)
-    return total / (labels != IGNORE_INDEX).sum(-1).clamp(min=1) if average else total
-
-
-def scored_logps(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: dict, average: bool = False,
-                 chunk: int = 1024) -> torch.Tensor:
-    """Packed batches (tinyalign/packing.py): each scored token named explicitly by the (row, col) of
-    the hidden state that predicts it and the output sequence it counts toward.
-
-    hidden [R, L, D]; targets {"rows", "cols", "tokens", "sequence": [N], "n_sequences": S} -> [S]."""
-    logps = token_logps(hidden[targets["rows"], targets["cols"]], lm_head, targets["tokens"], chunk)
-    S, seq = targets["n_sequences"], targets["sequence"]
-    total = torch.zeros(S, dtype=torch.float32, device=hidden.device).index_add(0, seq, logps)
-    if average:
-        total = total / torch.bincount(seq, minlength=S).clamp(min=1)
-    return total
+    """The same for plain rows given their labels [B, T]: hidden [B, T, D] -> [B], summed or (average)
+    the mean per answer token. The first answer token is scored by the hidden state of the last
+    prompt token; prompt and padding (-100) contribute nothing."""
+    targets = Targets.from_labels(labels.to(hidden.device))
+    total = scored_logps(hidden, lm_head, targets, chunk)
+    return total / targets.counts().clamp(min=1) if average else total
 
 
 def sft_loss(answer_logps: torch.Tensor, n_tokens) -> torch.Tensor:
     """What SFT, rejection sampling and SteerLM minimise: token cross-entropy on the answers,
         loss = -(1 / N) * sum over the N supervised tokens of log p(token | everything before it).
-    answer_logps [B]: each answer's summed token log-probs (Llava.forward with labels, which calls
-    answer_logps); n_tokens: N, counted over the whole micro-batch (all processes, with DDP), so
-    that every token weighs the same whichever row and process it sits in."""
+    answer_logps [B]: each answer's summed token log-probs (Llava.forward with targets); n_tokens: N,
+    counted over the whole micro-batch (all processes, with DDP), so that every token weighs the same
+    whichever row and process it sits in."""
     return -answer_logps.sum() / n_tokens
 
 
+# ---------------------------------------------------------------------------------------------
+# DPO and its relatives: losses on the implicit reward r(x, y) = beta * log(pi(y|x) / pi_ref(y|x))
+# (Rafailov et al. 2023, arXiv 2305.18290, eq. 5). Below, h is the difference of log-ratios,
+#     h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)),
+# y_w the chosen ("winning") answer, y_l the rejected one.
+# ---------------------------------------------------------------------------------------------
+
+
+def implicit_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """beta * (log pi(y|x) - log pi_ref(y|x)) per answer [B], detached (eq. 5)."""
+    return beta * (policy_logps - ref_logps).detach()
+
+
+def log_ratio_difference(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
+    """h [B]: how much more the policy raised the chosen answer than the rejected one, relative to the
+    reference."""
+    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+
+
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0):
-    """Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290, eq. 7) and two relatives.
+             ref_rejected: torch.Tensor, beta: float = 0.1, label_smoothing: float = 0.0):
+    """DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * h). With label_smoothing eps
+    ("conservative DPO", Mitchell 2023), for labels flipped with probability eps:
+        -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
+    When the policy is the reference, h = 0 and the loss is ln 2 = 0.693 for every pair."""
+    h = log_ratio_difference(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, implicit_rewards(policy_chosen, ref_chosen, beta), implicit_rewards(policy_rejected, ref_rejected, beta)
 
-    Inputs are per-pair sequence log-probs [B]. With the implicit reward r(x, y) = beta * log(pi(y|x) /
-    pi_ref(y|x)) (eq. 5) and h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)):
 
-    * "sigmoid" (DPO, eq. 7): -log sigmoid(beta * h). With label_smoothing eps ("conservative DPO",
-      Mitchell 2023): -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h), for labels flipped
-      with probability eps.
-    * "ipo" (Azar et al. 2023, arXiv 2310.12036, eq. 17): (h - 1 / (2 beta))^2.
-    * "hinge" (SLiC, Zhao et al. 2023, arXiv 2305.10425): max(0, 1 - beta h).
+def ipo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1):
+    """IPO (Azar et al. 2023, arXiv 2310.12036, eq. 17): (h - 1 / (2 beta))^2, a squared loss that
+    stops pushing once the margin reaches 1 / (2 beta)."""
+    h = log_ratio_difference(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    losses = (h - 1 / (2 * beta)) ** 2
+    return losses, implicit_rewards(policy_chosen, ref_chosen, beta), implicit_rewards(policy_rejected, ref_rejected, beta)
 
-    Returns (per-pair losses [B], chosen rewards [B], rejected rewards [B]); rewards are detached.
-    """
-    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * h)
-    else:
-        raise ValueError(f"loss_type must be 'sigmoid', 'ipo' or 'hinge', got {loss_type!r}")
-    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
-    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
-    return losses, chosen_rewards, rejected_rewards
+
+def hinge_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+               ref_rejected: torch.Tensor, beta: float = 0.1):
+    """SLiC's hinge (Zhao et al. 2023, arXiv 2305.10425): max(0, 1 - beta h)."""
+    h = log_ratio_difference(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    losses = torch.relu(1 - beta * h)
+    return losses, implicit_rewards(policy_chosen, ref_chosen, beta), implicit_rewards(policy_rejected, ref_rejected, beta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,8 +148,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 def simpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, beta: float = 2.0, gamma: float = 0.5):
     """SimPO (Meng et al. 2024, arXiv 2405.14734, eq. 6): the implicit reward is beta * avg log pi(y|x)
     (eq. 4; no reference model), and the chosen answer must win by a margin gamma:
-        loss = -log sigmoid(beta * avg log pi(y_w|x) - beta * avg log pi(y_l|x) - gamma).
-    Inputs: mean log-probs per answer [B]. Returns (losses [B], chosen rewards [B], rejected rewards [B])."""
+        loss = -log sigmoid(beta * avg log pi(y_w|x) - beta * avg log pi(y_l|x) - gamma)."""
     chosen_rewards, rejected_rewards = beta * policy_chosen, beta * policy_rejected
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
@@ -123,7 +160,7 @@ def orpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, beta: 
     odds(y) = P / (1 - P) (eq. 4):
         loss = -avg log pi(y_w|x) - beta * log sigmoid(log odds(y_w) - log odds(y_l)).
     log odds = avg log p - log(1 - exp(avg log p)), computed with log1p(-exp) for stability.
-    Inputs: mean log-probs per answer [B] (each < 0). Rewards, as TRL reports them: beta * avg log p."""
+    Inputs are each < 0. Rewards, as TRL reports them: beta * avg log p."""
     def log_odds(avg_logp):
         return avg_logp - torch.log1p(-torch.exp(avg_logp))
 
@@ -146,8 +183,8 @@ def mdpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_ch
             the same chosen answer must be likelier with the real image than with the corrupted one;
         anchored preference:     -log sigmoid(beta * r(y_w | m) - anchor)
             the chosen reward stays above the anchor (0), so it cannot fall along with the rejected one.
-    loss = DPO + conditional + anchored. Inputs: summed log-probs [B]; *_corrupted: the chosen answer's
-    under the corrupted image. Returns (losses [B], chosen rewards [B], rejected rewards [B])."""
+    loss = DPO + conditional + anchored. *_corrupted [B]: the chosen answer's log-probs under the
+    corrupted image."""
     dpo, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
     chosen_ratio = policy_chosen - ref_chosen
     conditional = -F.logsigmoid(beta * (chosen_ratio - (policy_corrupted - ref_corrupted)))
@@ -156,35 +193,82 @@ def mdpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_ch
 
 
 # ---------------------------------------------------------------------------------------------
-# The table train_dpo.py reads: a loss is one function and one entry. `reference`: it compares with
-# the starting model's log-probs (computed once before training, or read from the data file);
-# `average`: it needs mean log-probs per answer token rather than sums (--average-logps asks for
-# means with any loss); `image_conditional`: it also needs the chosen answer's log-probs under a
-# corrupted image (passed as policy_corrupted= and ref_corrupted=).
+# The numbers every preference trainer logs, computed here only (train_dpo.py, eval.py preference
+# and the ablations all call these)
+# ---------------------------------------------------------------------------------------------
+
+
+def reward_comparison(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor):
+    """Per pair: does the chosen answer get the larger implicit reward (what reward accuracy
+    averages), and by how much (the margin)? -> (wins [B] bool, margins [B])."""
+    return chosen_rewards > rejected_rewards, chosen_rewards - rejected_rewards
+
+
+def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
+    """rewards/chosen and rewards/rejected (their means), rewards/accuracy (the share of pairs the
+    chosen answer wins) and rewards/margin (the mean margin)."""
+    wins, margins = reward_comparison(chosen_rewards, rejected_rewards)
+    return {"rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/accuracy": wins.float().mean().item(), "rewards/margin": margins.mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The table train_dpo.py reads (--loss-type NAME). A new loss is one function, one entry here and its
+# test: the entry declares what the step must give it and its hyperparameters, each of which becomes
+# a command-line option of train_dpo.py by itself (one option per name: a name several losses share,
+# such as beta, is one option).
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
+class Hyperparameter:
+    """A loss's keyword argument as train_dpo.py's command line offers it: --NAME (or `option`), its
+    default, what it means, and the range a value must lie in (`low` < value with low_open)."""
+
+    default: float
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    option: str | None = None
+
+
+@dataclass(frozen=True)
 class PreferenceLoss:
-    compute: Callable  # (policy_chosen, policy_rejected, ref_chosen, ref_rejected, options) -> (losses, rewards, rewards)
-    reference: bool
-    average: bool
+    """compute(policy_chosen, policy_rejected[, ref_chosen, ref_rejected][, policy_corrupted,
+    ref_corrupted], **hyperparameters) -> (losses [B], chosen rewards [B], rejected rewards [B]).
+
+    reference: it compares with the starting model's log-probs (computed once before training, or
+    read from the data file); average: it needs mean log-probs per answer token rather than sums;
+    image_conditional: it also needs the chosen answer's log-probs under a corrupted image."""
+
+    compute: Callable
     paper: str
+    hyperparameters: dict[str, Hyperparameter] = field(default_factory=dict)
+    reference: bool = True
+    average: bool = False
     image_conditional: bool = False
 
 
+def kl_strength(meaning: str = "the strength of the KL constraint to the reference") -> Hyperparameter:
+    return Hyperparameter(0.1, meaning, low=0, low_open=True)
+
+
 PREFERENCE_LOSSES = {
-    "sigmoid": PreferenceLoss(lambda pc, pr, rc, rr, o: dpo_loss(pc, pr, rc, rr, o.beta, "sigmoid", o.label_smoothing),
-                              reference=True, average=False, paper="DPO, arXiv 2305.18290"),
-    "ipo": PreferenceLoss(lambda pc, pr, rc, rr, o: dpo_loss(pc, pr, rc, rr, o.beta, "ipo"),
-                          reference=True, average=False, paper="IPO, arXiv 2310.12036"),
-    "hinge": PreferenceLoss(lambda pc, pr, rc, rr, o: dpo_loss(pc, pr, rc, rr, o.beta, "hinge"),
-                            reference=True, average=False, paper="SLiC, arXiv 2305.10425"),
-    "simpo": PreferenceLoss(lambda pc, pr, rc, rr, o: simpo_loss(pc, pr, o.beta, o.simpo_gamma),
-                            reference=False, average=True, paper="SimPO, arXiv 2405.14734"),
-    "orpo": PreferenceLoss(lambda pc, pr, rc, rr, o: orpo_loss(pc, pr, o.beta),
-                           reference=False, average=True, paper="ORPO, arXiv 2403.07691"),
-    "mdpo": PreferenceLoss(lambda pc, pr, rc, rr, o, policy_corrupted, ref_corrupted:
-                           mdpo_loss(pc, pr, rc, rr, policy_corrupted, ref_corrupted, o.beta),
-                           reference=True, average=False, paper="mDPO, arXiv 2406.11839", image_conditional=True),
+    "sigmoid": PreferenceLoss(dpo_loss, "DPO, arXiv 2305.18290", {
+        "beta": kl_strength(),
+        "label_smoothing": Hyperparameter(0.0, "conservative DPO: assumed rate of flipped labels (0.5: no "
+                                               "preference left)", low=0, high=0.5)}),
+    "ipo": PreferenceLoss(ipo_loss, "IPO, arXiv 2310.12036", {"beta": kl_strength()}),
+    "hinge": PreferenceLoss(hinge_loss, "SLiC, arXiv 2305.10425", {"beta": kl_strength()}),
+    "simpo": PreferenceLoss(simpo_loss, "SimPO, arXiv 2405.14734", {
+        "beta": kl_strength("the reward scale (its paper uses 2-2.5)"),
+        "gamma": Hyperparameter(0.5, "SimPO's target reward margin gamma", option="--simpo-gamma")},
+        reference=False, average=True),
+    "orpo": PreferenceLoss(orpo_loss, "ORPO, arXiv 2403.07691", {
+        "beta": kl_strength("the weight of the odds-ratio term (its lambda)")}, reference=False, average=True),
+    "mdpo": PreferenceLoss(mdpo_loss, "mDPO, arXiv 2406.11839", {
+        "beta": kl_strength(),
+        "anchor": Hyperparameter(0.0, "mDPO: the value the chosen reward is kept above", option="--mdpo-anchor")},
+        image_conditional=True),
 }

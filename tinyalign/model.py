@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .attention import AttentionMask, prepare
 from .config import LlavaConfig
 from .llama import KVCache, LlamaModel
-from .losses import answer_logps, scored_logps
+from .losses import Targets, scored_logps
 from .vision import VisionTower
 
 
@@ -88,59 +88,61 @@ class Llava(nn.Module):
         return embeds.masked_scatter(is_image[..., None], features)
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None, image_features=None,
-                cache: KVCache | None = None, cache_offset: int = 0, logits_to_keep: int = 0,
-                labels=None, average_logps: bool = False, repeat_images: int = 1, document_ids=None, branch_ids=None,
-                targets: dict | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab] (the last `logits_to_keep` positions if > 0).
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, *, targets: Targets | None = None,
+                packed=None, repeat_images: int = 1) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab], transformers' convention.
 
-        With labels [B, T] (-100 where not supervised): returns instead the log-probability of each
-        sequence's supervised tokens [B] (summed, or averaged), computed on those positions only and
-        in chunks, so the [B, T, vocab] logits never exist. Training calls this, through forward so
-        that a DDP wrapper sees it. repeat_images: the rows are that many stacked copies of the same
-        prompts (DPO: the chosen rows, then the rejected rows); the tower runs once on pixel_values
-        and its features serve every copy.
-
+        targets (losses.Targets, what a batch of tinyalign/data.py carries): which tokens to score. The
+        forward then returns instead each answer's summed log-probability [S], computed on those
+        positions only and in chunks, so the [B, T, vocab] logits never exist. Training calls this,
+        through forward so that a DDP or FSDP wrapper sees it.
         attention_mask [B, T]: 1 for real tokens, 0 for padding (None: no padding).
+        packed (packing.PackedRows): the rows hold several sequences each (tinyalign/packing.py): their
+            RoPE positions, document ids and branch ids, which the attention mask keeps apart.
+        repeat_images: the rows are that many stacked copies of the same prompts (DPO: the chosen
+            rows, then the rejected rows); the tower runs once on pixel_values and its features serve
+            every copy.
+        """
+        image_features = None
+        if repeat_images > 1 and pixel_values is not None:
+            image_features = torch.cat([self.image_features(pixel_values)] * repeat_images)  # [N * copies, S, D]
+            pixel_values = None
+        hidden = self.hidden_states(input_ids, pixel_values, attention_mask, image_features=image_features,
+                                    packed=packed)  # [B, T, D]
+        if targets is None:
+            return self.lm_head(hidden)
+        return scored_logps(hidden, self.lm_head, targets)
+
+    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *, image_features=None,
+                      position_ids=None, packed=None, cache: KVCache | None = None, cache_offset: int = 0):
+        """The decoder's output, before the LM head: [B, T, D].
+
         position_ids [B, T]: RoPE positions; default 0..T-1 (+ cache_offset), as transformers does.
         image_features [N, S, D]: projected features to use instead of running the tower on pixel_values.
-        cache, cache_offset: decode with a static KV cache; these T tokens go to slots offset..offset+T-1.
-        document_ids, branch_ids, targets: a packed batch (tinyalign/packing.py); returns the log-prob of
-        each of targets["n_sequences"] answers [S].
+        cache, cache_offset: decode with a static KV cache (tinyalign/generate.py); these T tokens go to
+        slots offset..offset+T-1, and the cache says which slots hold real keys.
         """
-        if repeat_images > 1 and pixel_values is not None:
-            image_features = torch.cat([self.image_features(pixel_values)] * repeat_images)
-            pixel_values = None
-        hidden = self.hidden_states(input_ids, pixel_values, attention_mask, position_ids=position_ids,
-                                    image_features=image_features, cache=cache, cache_offset=cache_offset,
-                                    document_ids=document_ids, branch_ids=branch_ids)
-        if targets is not None:
-            return scored_logps(hidden, self.lm_head, targets, average=average_logps)
-        if labels is not None:
-            return answer_logps(hidden, self.lm_head, labels, average=average_logps)
-        return self.lm_head(hidden[:, -logits_to_keep:])
-
-    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None,
-                      image_features=None, cache: KVCache | None = None, cache_offset: int = 0, document_ids=None,
-                      branch_ids=None) -> torch.Tensor:
-        """Like forward, but stops before the LM head: [B, T, D]."""
         B, T = input_ids.shape
         device = input_ids.device
         embeds = self.embed(input_ids, pixel_values, image_features)
+        if packed is not None:
+            position_ids = packed.position_ids
         if position_ids is None:
             position_ids = torch.arange(cache_offset, cache_offset + T, device=device).expand(B, T)
         if cache is None:
             key_valid = attention_mask.bool() if attention_mask is not None else None
-            if document_ids is not None:
-                key_valid = document_ids >= 0  # packed rows: -1 marks padding
+            if packed is not None:
+                key_valid = packed.document_ids >= 0  # packed rows: -1 marks padding
             kv_len, slots = T, None
         else:
             key_valid, kv_len = cache.key_valid, cache.max_len
             slots = torch.arange(cache_offset, cache_offset + T, device=device)
         offset = torch.tensor(cache_offset, device=device)
-        mask = prepare(AttentionMask(key_valid, causal=True, query_offset=offset, document=document_ids,
-                                     branch=branch_ids), B, T, kv_len, device, self.attn_backend)
-        return self.language_model(embeds, position_ids, mask, cache, slots)
+        mask = AttentionMask(key_valid, causal=True, query_offset=offset,
+                             document=packed.document_ids if packed is not None else None,
+                             branch=packed.branch_ids if packed is not None else None)
+        return self.language_model(embeds, position_ids, prepare(mask, B, T, kv_len, device, self.attn_backend), cache,
+                                   slots)
 
     @property
     def device(self):
@@ -149,3 +151,18 @@ class Llava(nn.Module):
     @property
     def dtype(self):
         return self.lm_head.weight.dtype
+
+
+def random_model(cfg: LlavaConfig, seed: int = 0, dtype=torch.float32, device="cpu") -> Llava:
+    """A model with small random weights (for tests, the demo and benchmarks)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Llava(cfg).to(dtype)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layer_norm" in name or "layrnorm.weight" in name:
+            nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+        elif p.ndim >= 2 or name.endswith("class_embedding"):
+            nn.init.normal_(p, std=0.02)
+        else:
+            nn.init.zeros_(p)
+    return model

@@ -26,8 +26,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import PairExample, SFTExample, load_pixels
+from .data import Batch, PairBatch, PairExample, SFTExample, collate_corrupted, collate_pairs, collate_sft, load_pixels, \
+    reference_tensors
+from .losses import Targets
 from .processor import IGNORE_INDEX, Encoded
+
+
+@dataclass
+class PackedRows:
+    """Where the sequences of packed rows lie, each [R, L]: RoPE positions (restarting in every
+    document, and for a rejected answer where its chosen answer started), document ids (-1: padding)
+    and branch ids (0: shared prompt, 1: chosen answer, 2: rejected answer). Llava.forward turns them
+    into the attention mask (`packed=`)."""
+
+    position_ids: torch.Tensor
+    document_ids: torch.Tensor
+    branch_ids: torch.Tensor
+
+    def to(self, device) -> "PackedRows":
+        return PackedRows(self.position_ids.to(device), self.document_ids.to(device), self.branch_ids.to(device))
 
 
 @dataclass
@@ -97,8 +114,8 @@ def place(documents: list[Document], max_tokens: int | None) -> list[list[int]]:
 
 def collate_documents(documents: list[Document], n_sequences: int, processor, max_tokens: int | None,
                       pixel_cache=None) -> dict:
-    """Documents -> a packed batch: input_ids, position_ids, document_ids, branch_ids [R, L] and the
-    scored-token list (predict_rows, predict_cols, targets, sequence [N]) for `n_sequences` outputs."""
+    """Documents -> Llava.forward's inputs for packed rows: input_ids [R, L], the rows' layout
+    (PackedRows) and the scored tokens (Targets) of `n_sequences` answers."""
     rows = place(documents, max_tokens)
     width = max(sum(len(documents[i].ids) for i in row) for row in rows)
     R = len(rows)
@@ -122,91 +139,44 @@ def collate_documents(documents: list[Document], n_sequences: int, processor, ma
                 sequence.append(seq)
             images += doc.images  # image tokens appear in row-major order, so the images must too
             start += n
-    return {"input_ids": input_ids, "position_ids": position_ids, "document_ids": document_ids,
-            "branch_ids": branch_ids, "pixel_values": load_pixels(processor, images, pixel_cache),
-            "targets": {"rows": torch.tensor(predict_rows), "cols": torch.tensor(predict_cols),
-                        "tokens": torch.tensor(targets), "sequence": torch.tensor(sequence),
-                        "n_sequences": n_sequences}}
+    targets = Targets(torch.tensor(predict_rows, dtype=torch.long), torch.tensor(predict_cols, dtype=torch.long),
+                      torch.tensor(targets, dtype=torch.long), torch.tensor(sequence, dtype=torch.long), n_sequences)
+    return {"input_ids": input_ids, "pixel_values": load_pixels(processor, images, pixel_cache),
+            "packed": PackedRows(position_ids, document_ids, branch_ids), "targets": targets}
 
 
-def pack_pairs(examples: list[PairExample], processor, max_tokens: int | None = None, pixel_cache=None) -> dict:
-    """A DPO batch with shared prefixes (and, with max_tokens, several pairs per row). Output
-    sequences 0..B-1 are the chosen answers, B..2B-1 the rejected ones: the order collate_pairs uses."""
+def pack_pairs(examples: list[PairExample], processor, max_tokens: int | None = None, pixel_cache=None) -> PairBatch:
+    """A DPO batch with shared prefixes (and, with max_tokens, several pairs per row). Answers 0..B-1
+    are the chosen ones, B..2B-1 the rejected ones: the order of data.PairBatch."""
     B = len(examples)
     documents = [pair_document(e, k, B + k) for k, e in enumerate(examples)]
-    batch = collate_documents(documents, 2 * B, processor, max_tokens, pixel_cache)
-    batch["ref_chosen"] = torch.tensor([e.ref_chosen if e.ref_chosen is not None else float("nan") for e in examples])
-    batch["ref_rejected"] = torch.tensor([e.ref_rejected if e.ref_rejected is not None else float("nan")
-                                          for e in examples])
-    batch["ref_corrupted"] = torch.tensor([e.ref_corrupted if e.ref_corrupted is not None else float("nan")
-                                           for e in examples])
+    return PairBatch(collate_documents(documents, 2 * B, processor, max_tokens, pixel_cache), *reference_tensors(examples))
+
+
+def pack_sft(examples: list[SFTExample], processor, max_tokens: int | None = None, pixel_cache=None) -> Batch:
+    """An SFT batch with several conversations per row (document masking)."""
+    documents = [sft_document(e, k) for k, e in enumerate(examples)]
+    return Batch(collate_documents(documents, len(examples), processor, max_tokens, pixel_cache))
+
+
+# ---------------------------------------------------------------------------------------------
+# What the training scripts call: plain or packed batches alike
+# ---------------------------------------------------------------------------------------------
+
+
+def pair_batch(examples: list[PairExample], processor, packing: bool = False, pack_tokens: int | None = None,
+               corrupted: bool = False, pixel_cache=None) -> PairBatch:
+    """B pairs as plain rows (data.collate_pairs) or, with packing, as packed ones (`pack_pairs`).
+    corrupted: also the chosen answers under corrupted images, for a loss that compares images (mDPO)."""
+    batch = (pack_pairs(examples, processor, pack_tokens, pixel_cache) if packing
+             else collate_pairs(examples, processor, pixel_cache))
+    if corrupted:
+        batch.corrupted = collate_corrupted(examples, processor)
     return batch
 
 
-def pack_sft(examples: list[SFTExample], processor, max_tokens: int | None = None, pixel_cache=None) -> dict:
-    """An SFT batch with several conversations per row (document masking)."""
-    documents = [sft_document(e, k) for k, e in enumerate(examples)]
-    return collate_documents(documents, len(examples), processor, max_tokens, pixel_cache)
-
-
-# ---------------------------------------------------------------------------------------------
-# What the training scripts call: one forward, plain or packed batch alike
-# ---------------------------------------------------------------------------------------------
-
-# Llava.forward's keyword arguments that a batch carries. Plain rows: input_ids, attention_mask,
-# labels (and repeat_images=2 for DPO's chosen-then-rejected rows). Packed rows: position_ids,
-# document_ids, branch_ids and the scored-token list `targets`. Either way, forward returns one
-# log-prob per answer.
-FORWARD_INPUTS = ("input_ids", "pixel_values", "attention_mask", "labels", "repeat_images", "position_ids",
-                  "document_ids", "branch_ids", "targets")
-
-
-def model_inputs(batch: dict, device) -> dict:
-    """A batch (plain or packed) as the keyword arguments of Llava.forward, its tensors on `device`:
-    `model(**model_inputs(batch, device))` -> log p(answer) for every answer of the batch [S]."""
-    def moved(value):
-        if isinstance(value, dict):  # the packed batch's targets
-            return {k: moved(v) for k, v in value.items()}
-        return value.to(device) if torch.is_tensor(value) else value
-
-    return {key: moved(batch[key]) for key in FORWARD_INPUTS if key in batch}
-
-
-def pair_logps(model, batch: dict, device, average: bool = False):
-    """-> (log p(chosen) [B], log p(rejected) [B]) of a pair batch, in one forward (what eval.py and
-    train_dpo.py's reference pass call; the training step writes the same call out)."""
-    return model(**model_inputs(batch, device), average_logps=average).chunk(2)
-
-
-def supervised_counts(batch: dict) -> torch.Tensor:
-    """Number of scored tokens of each answer in a batch [S] (plain or packed)."""
-    if "targets" in batch:
-        t = batch["targets"]
-        return torch.bincount(t["sequence"], minlength=t["n_sequences"])
-    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
-
-
-def real_tokens(batch: dict) -> int:
-    """Tokens that are not padding (what tokens/s counts)."""
-    if "document_ids" in batch:
-        return int((batch["document_ids"] >= 0).sum())
-    return int(batch["attention_mask"].sum())
-
-
-def batch_maker(args, processor, kind: str):
-    """-> make(examples, pixel_cache=None): plain batches, or packed ones with --packing. For a loss that
-    compares images (mDPO), a pair batch also carries batch["corrupted"]: the chosen answers again,
-    under corrupted images (always plain rows)."""
-    from .data import collate_corrupted, collate_pairs, collate_sft
-    from .losses import PREFERENCE_LOSSES
-
-    def make(examples, pixel_cache=None):
-        if getattr(args, "packing", False):
-            return (pack_pairs if kind == "pairs" else pack_sft)(examples, processor, args.pack_tokens, pixel_cache)
-        return (collate_pairs if kind == "pairs" else collate_sft)(examples, processor, pixel_cache)
-
-    def make_with_corrupted(examples, pixel_cache=None):
-        return {**make(examples, pixel_cache), "corrupted": collate_corrupted(examples, processor)}
-
-    loss = PREFERENCE_LOSSES.get(getattr(args, "loss_type", None))
-    return make_with_corrupted if kind == "pairs" and loss is not None and loss.image_conditional else make
+def sft_batch(examples: list[SFTExample], processor, packing: bool = False, pack_tokens: int | None = None,
+              pixel_cache=None) -> Batch:
+    """Conversations as plain rows (data.collate_sft) or packed ones (`pack_sft`)."""
+    return pack_sft(examples, processor, pack_tokens, pixel_cache) if packing else collate_sft(examples, processor,
+                                                                                               pixel_cache)

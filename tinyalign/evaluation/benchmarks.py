@@ -21,32 +21,16 @@ import re
 import sys
 from pathlib import Path
 
+from ..data import DataError, read_jsonl
 
-class BenchmarkError(ValueError):
+
+class BenchmarkError(DataError):
     """A benchmark file or answer file that cannot be used; the message names the file and record."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading files, with errors that say where
+# Reading files, with errors that say where (JSON lines: data.read_jsonl)
 # ---------------------------------------------------------------------------------------------
-
-
-def read_jsonl(path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        raise BenchmarkError(f"{path}: file not found")
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BenchmarkError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise BenchmarkError(f"{path} line {n}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
 
 
 def read_json(path):
@@ -75,7 +59,7 @@ POPE_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.
 
 
 def read_pope(path) -> list[dict]:
-    records = read_jsonl(path)
+    records = read_jsonl(path, error=BenchmarkError)
     for n, r in enumerate(records, 1):
         require(r, ["question_id", "image", "text", "label"], f"{path} record {n}")
         if r["label"] not in ("yes", "no"):
@@ -89,7 +73,7 @@ def read_llava_pope(question_file, pope_dir) -> dict[str, list[dict]]:
     each question's label from POPE's file of its category, {split: [question...]}. The labels pair up
     by position within a category, as LLaVA's llava/eval/eval_pope.py (lines 75-79) pairs them: the
     k-th question of category c takes the label of the k-th line of coco_pope_c.json."""
-    questions = read_jsonl(question_file)
+    questions = read_jsonl(question_file, error=BenchmarkError)
     by_split = {}
     for n, q in enumerate(questions, 1):
         require(q, ["question_id", "image", "text", "category"], f"{question_file} record {n}")
@@ -303,9 +287,9 @@ def mmvet_scores(questions: dict, grades: dict) -> dict:
 def read_llava_bench(folder) -> list[dict]:
     """questions.jsonl + context.jsonl (captions, by image) + answers_gpt4.jsonl (reference answers)."""
     folder = Path(folder)
-    questions = read_jsonl(folder / "questions.jsonl")
-    captions = {c["image"]: c.get("caption", "") for c in read_jsonl(folder / "context.jsonl")}
-    references = {r["question_id"]: r["text"] for r in read_jsonl(folder / "answers_gpt4.jsonl")}
+    questions = read_jsonl(folder / "questions.jsonl", error=BenchmarkError)
+    captions = {c["image"]: c.get("caption", "") for c in read_jsonl(folder / "context.jsonl", error=BenchmarkError)}
+    references = {r["question_id"]: r["text"] for r in read_jsonl(folder / "answers_gpt4.jsonl", error=BenchmarkError)}
     for n, q in enumerate(questions, 1):
         where = f"{folder / 'questions.jsonl'} record {n}"
         require(q, ["question_id", "image", "text", "category"], where)
@@ -347,7 +331,7 @@ MTBENCH_DEFAULT_TEMPERATURE = 0.7
 
 
 def read_mtbench(path) -> list[dict]:
-    questions = read_jsonl(path)
+    questions = read_jsonl(path, error=BenchmarkError)
     for n, q in enumerate(questions, 1):
         require(q, ["question_id", "category", "turns"], f"{path} record {n}")
         if not isinstance(q["turns"], list) or not q["turns"]:

@@ -22,10 +22,11 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import (LlavaConfig, config_from_hf_dict, config_from_original_dict, is_original_llava, read_json,
-                     to_hf_dict, vision_config_from_dict)
-from .checkpoint import crash_point, fsync_path, fsync_tree, pid_alive, standalone, usual_permissions, writing
-from .model import Llava
+from ..config import (LlavaConfig, config_from_hf_dict, config_from_original_dict, is_original_llava, read_json,
+                      to_hf_dict, vision_config_from_dict)
+from ..lora import LoRALinear, TARGETS
+from ..model import Llava
+from .files import crash_point, fsync_tree, recover_folder, replace_folder, standalone, usual_permissions, writing
 
 # ---------------------------------------------------------------------------------------------
 # Key maps: checkpoint name -> our parameter name. Each is (pattern, replacement), first match wins.
@@ -215,21 +216,6 @@ def _find_clip_folder(folder: Path, raw: dict, vision_tower) -> Path:
     )
 
 
-def random_model(cfg: LlavaConfig, seed: int = 0, dtype=torch.float32, device="cpu") -> Llava:
-    """A model with small random weights (for tests, the demo and benchmarks)."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Llava(cfg).to(dtype)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or "layer_norm" in name or "layrnorm.weight" in name:
-            nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
-        elif p.ndim >= 2 or name.endswith("class_embedding"):
-            nn.init.normal_(p, std=0.02)
-        else:
-            nn.init.zeros_(p)
-    return model
-
-
 # ---------------------------------------------------------------------------------------------
 # Saving: the llava-hf Hub layout, atomically
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +269,7 @@ def save_model(model: Llava, out_dir, processor=None, max_shard_bytes: int = MAX
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     state, cfg = _hf_ready_state(model)
     if processor is None and getattr(model, "source_dir", None) is not None:
-        from .processor import Processor
+        from ..processor import Processor
 
         try:
             processor = Processor.from_pretrained(model.source_dir, image_token_index=model.cfg.image_token_index)
@@ -302,7 +288,7 @@ def save_model(model: Llava, out_dir, processor=None, max_shard_bytes: int = MAX
         crash_point("model: files written, not yet renamed")
         fsync_tree(tmp)
         usual_permissions(tmp)
-        _replace_folder(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -333,38 +319,26 @@ def _write_shards(state: dict, folder: Path, max_shard_bytes: int):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _replace_folder(tmp: Path, out_dir: Path):
-    """Rename tmp -> out_dir; an existing out_dir is moved aside first and removed only after. Between
-    the two renames there is no out_dir: `recover_folder` puts the set-aside one back if a crash
-    falls there."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        crash_point("model: previous folder set aside")
-    os.replace(tmp, out_dir)
-    fsync_path(out_dir.parent)
-    crash_point("model: renamed into place")
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+# ---------------------------------------------------------------------------------------------
+# The LoRA adapter alone (--save-adapter), as PEFT lays it out
+# ---------------------------------------------------------------------------------------------
 
 
-def recover_folder(out_dir) -> list[str]:
-    """Undo what an interrupted save_model left next to out_dir: if out_dir is missing but its
-    set-aside previous version (.NAME.old-PID) is there, put it back; remove the temporary folders
-    (.NAME.tmp-PID-*) of processes that no longer run. Returns what was done."""
-    out_dir = Path(out_dir)
-    done = []
-    if not out_dir.parent.exists():
-        return done
-    olds = sorted(out_dir.parent.glob(f".{out_dir.name}.old-*"))
-    if olds and not out_dir.exists():
-        os.replace(olds.pop(), out_dir)
-        done.append(f"restored {out_dir} (a save of it was interrupted)")
-    for path in olds + sorted(out_dir.parent.glob(f".{out_dir.name}.tmp-*")):
-        pid = path.name.rsplit(".tmp-", 1)[-1].split("-")[0] if ".tmp-" in path.name else ""
-        if pid.isdigit() and pid_alive(int(pid)) and int(pid) != os.getpid():
-            continue  # another live process is writing it
-        shutil.rmtree(path, ignore_errors=True)
-        done.append(f"removed {path}")
-    return done
+def adapter_state(module: nn.Module, prefix: str = "") -> dict:
+    """The LoRA tensors alone, named as PEFT names them (`...q_proj.lora_A.weight`)."""
+    state = {}
+    for name, m in module.named_modules():
+        if isinstance(m, LoRALinear):
+            state[f"{prefix}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
+            state[f"{prefix}{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
+    return state
+
+
+def save_adapter(module: nn.Module, folder, r: int, alpha: float, dropout: float, targets=TARGETS):
+    """adapter_model.safetensors + adapter_config.json, in PEFT's layout and names."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state(module, prefix="base_model.model.model.language_model."), str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+              "target_modules": list(targets), "bias": "none"}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,14 +1,9 @@
-"""Writing what a run makes so that a crash, a full disk or a second process never costs what was there.
+"""Files written so that a crash, a full disk or a second process never costs what was there.
 
-Training checkpoints live in step-numbered folders under out/checkpoints/, and one small file,
-out/checkpoints/latest, names the newest complete one. A save writes a new folder under a temporary
-name, flushes it to disk (fsync), renames it into place, and only then replaces the pointer file
-(itself written under a temporary name, flushed, renamed). So at every instant the pointer names a
-complete checkpoint, or there is none yet; whatever a crash leaves half-done has a name no reader
-looks at, and the next run removes it (`remove_leftovers`).
-
-The files are safetensors (tensors) and JSON (everything else): loading a checkpoint never runs code,
-unlike a pickle.
+One rule everywhere: write under a temporary name (with our pid, so a later run can tell whether its
+writer still lives), flush it to disk, then rename it into place. A reader sees the old file or the
+new one, never half of one. `write_atomic` does it for a file, `replace_folder` for a folder;
+`recover_folder` undoes what an interrupted folder replacement left behind.
 
 `crash_point(name)` marks the moments between the writes and renames. A test sets
 TINYALIGN_CRASH_AT=name and the process dies right there, as under kill -9 (tests/test_crash.py).
@@ -27,12 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 CRASH_ENV = "TINYALIGN_CRASH_AT"
 CRASH_EXIT_CODE = 137  # what a shell reports for kill -9
-KEEP = 2  # checkpoints kept: the newest and the one before (see `Run.check_finite`)
-
 
 _passed: dict[str, int] = {}
 
@@ -92,13 +84,20 @@ def writing(path):
         raise
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Write a small file whole or not at all: a temporary name, flushed, then renamed."""
+# ---------------------------------------------------------------------------------------------
+# Writing whole or not at all
+# ---------------------------------------------------------------------------------------------
+
+
+def write_atomic(path, data: str | bytes) -> Path:
+    """Write a file whole or not at all: a temporary name beside it, flushed, then renamed. The
+    folder is made if needed. Every file tinyalign writes in one piece goes through here."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with writing(path), open(tmp, "w") as f:
-            f.write(text)
+        with writing(path), open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         crash_point(f"{path.name}: written, not yet renamed")
@@ -107,6 +106,11 @@ def write_text_atomic(path, text: str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+    return path
+
+
+def write_json(path, data) -> Path:
+    return write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
 def usual_permissions(folder: Path) -> None:
@@ -117,8 +121,63 @@ def usual_permissions(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~umask)
 
 
+def replace_folder(tmp: Path, out_dir: Path, what: str = "model"):
+    """Rename tmp -> out_dir; an existing out_dir is moved aside first and removed only after. Between
+    the two renames there is no out_dir: `recover_folder` puts the set-aside one back if a crash
+    falls there."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        crash_point(f"{what}: previous folder set aside")
+    os.replace(tmp, out_dir)
+    fsync_path(out_dir.parent)
+    crash_point(f"{what}: renamed into place")
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(out_dir) -> list[str]:
+    """Undo what an interrupted `replace_folder` left next to out_dir: if out_dir is missing but its
+    set-aside previous version (.NAME.old-PID) is there, put it back; remove the temporary folders
+    (.NAME.tmp-PID-*) of processes that no longer run. Returns what was done."""
+    out_dir = Path(out_dir)
+    done = []
+    if not out_dir.parent.exists():
+        return done
+    olds = sorted(out_dir.parent.glob(f".{out_dir.name}.old-*"))
+    if olds and not out_dir.exists():
+        os.replace(olds.pop(), out_dir)
+        done.append(f"restored {out_dir} (a save of it was interrupted)")
+    for path in olds + sorted(out_dir.parent.glob(f".{out_dir.name}.tmp-*")):
+        pid = path.name.rsplit(".tmp-", 1)[-1].split("-")[0] if ".tmp-" in path.name else ""
+        if pid.isdigit() and pid_alive(int(pid)) and int(pid) != os.getpid():
+            continue  # another live process is writing it
+        shutil.rmtree(path, ignore_errors=True)
+        done.append(f"removed {path}")
+    return done
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def standalone(t: torch.Tensor) -> torch.Tensor:
+    """t on the CPU in memory of its own. A weight that is a view into a fused one
+    (speed/fused.py) shares its storage with its neighbours; some safetensors versions refuse to
+    write such tensors."""
+    t = t.detach().contiguous().cpu()
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+
 # ---------------------------------------------------------------------------------------------
-# One live run per folder
+# One writer at a time, and files appended to line by line
 # ---------------------------------------------------------------------------------------------
 
 
@@ -197,121 +256,3 @@ def complete_lines(path: Path, start: int = 0) -> tuple[list[str], int]:
         data = f.read()
     end = data.rfind(b"\n") + 1
     return data[:end].decode("utf-8").splitlines(), start + end
-
-
-# ---------------------------------------------------------------------------------------------
-# Training checkpoints: step folders and a pointer
-# ---------------------------------------------------------------------------------------------
-
-
-def checkpoints_folder(out) -> Path:
-    return Path(out) / "checkpoints"
-
-
-def latest_checkpoint(out) -> Path | None:
-    """The folder out/checkpoints/latest names, or None when no checkpoint was ever published."""
-    pointer = checkpoints_folder(out) / "latest"
-    if not pointer.exists():
-        return None
-    folder = checkpoints_folder(out) / pointer.read_text().strip()
-    if not (folder / "state.json").exists() or not (folder / "tensors.safetensors").exists():
-        raise FileNotFoundError(f"{pointer} names {folder.name}, which is incomplete or missing: the checkpoint "
-                                "folder was changed by hand")
-    return folder
-
-
-def published(out) -> list[Path]:
-    """Every complete checkpoint still on disk, oldest first."""
-    root = checkpoints_folder(out)
-    return sorted(p for p in root.glob("step-*") if (p / "state.json").exists()) if root.exists() else []
-
-
-def standalone(t: torch.Tensor) -> torch.Tensor:
-    """t on the CPU in memory of its own. A weight that is a view into a fused one (llama.fuse_weights)
-    shares its storage with its neighbours; some safetensors versions refuse to write such tensors."""
-    t = t.detach().contiguous().cpu()
-    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
-
-
-def save_checkpoint(out, step: int, tensors: dict, state: dict) -> Path:
-    """Write a checkpoint (tensors -> safetensors, state -> JSON) and make it the latest one."""
-    root = checkpoints_folder(out)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}-{time.time_ns()}"  # unique: a rerun of the same step never touches the published one
-    tmp = root / f".tmp-{name}"
-    tmp.mkdir()
-    try:
-        crash_point("checkpoint: folder made, nothing written")
-        with writing(tmp / "tensors.safetensors"):
-            save_file({k: standalone(v) for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
-        crash_point("checkpoint: tensors written")
-        with writing(tmp / "state.json"):
-            (tmp / "state.json").write_text(json.dumps(state, default=str))
-        crash_point("checkpoint: state written")
-        fsync_tree(tmp)
-        os.replace(tmp, root / name)
-        fsync_path(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    crash_point("checkpoint: folder renamed, pointer not yet moved")
-    write_text_atomic(root / "latest", name)
-    crash_point("checkpoint: pointer moved")
-    for old in published(out)[:-KEEP]:
-        shutil.rmtree(old)
-    crash_point("checkpoint: older ones removed")
-    return root / name
-
-
-def load_checkpoint(folder: Path) -> tuple[dict, dict]:
-    """-> (tensors, state) of a checkpoint folder."""
-    return load_file(str(folder / "tensors.safetensors")), json.loads((folder / "state.json").read_text())
-
-
-def set_latest(out, folder: Path | None) -> None:
-    """Point `latest` at an older checkpoint (or at none)."""
-    pointer = checkpoints_folder(out) / "latest"
-    if folder is None:
-        pointer.unlink(missing_ok=True)
-    else:
-        write_text_atomic(pointer, folder.name)
-
-
-def remove_leftovers(out) -> list[str]:
-    """What crashed saves left behind: temporary checkpoint folders and pointer files, checkpoints
-    never published (or no longer named), and the temporary or set-aside copies of out/model/.
-    Returns what was removed (or restored)."""
-    out = Path(out)
-    done = []
-    root = checkpoints_folder(out)
-    if root.exists():
-        latest = (root / "latest").read_text().strip() if (root / "latest").exists() else None
-        names = [p.name for p in published(out)]
-        if latest is not None and latest not in names:
-            keep = set(names)  # a pointer to nothing complete: changed by hand; delete nothing, resume says so
-        else:
-            newest = names.index(latest) if latest in names else -1  # no pointer: nothing was ever published
-            keep = set(names[max(0, newest - KEEP + 1):newest + 1])  # the pointer's and the one before it
-        for path in root.iterdir():
-            if path.name.startswith(".tmp-") or path.name.startswith(".latest.tmp-") or \
-                    (path.name.startswith("step-") and path.name not in keep):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-                done.append(str(path))
-    from .weights import recover_folder  # the final model's folder: an interrupted save_model
-
-    done += recover_folder(out / "model")
-    return done
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def tensors_not_finite(tensors: dict) -> list[str]:
-    return [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]

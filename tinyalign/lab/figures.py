@@ -1,8 +1,8 @@
 """The README's figures, drawn from the runs' own files into docs/figures/ by one command.
 
     pip install -e ".[plot]"
-    python -m tinyalign.figures                      # from runs/ (the demos, the study, the ablations)
-    python -m tinyalign.figures --runs other/runs    # from another folder of runs
+    python -m tinyalign.lab.figures                      # from runs/ (the demos, the study, the ablations)
+    python -m tinyalign.lab.figures --runs other/runs    # from another folder of runs
 
 Each figure is drawn only from what a run wrote (metrics.jsonl, results.json), by the same function
 that the run itself uses; a run that is missing is named and skipped, never faked. The study's page
@@ -15,14 +15,14 @@ import argparse
 import json
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from ..infra.run import plot_metrics
+from . import ablations, page, study
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def draw_all(runs: Path, out: Path) -> dict:
     """-> {figure: path written, or why it was skipped}."""
-    from . import ablations, page, study
-    from .training import plot_metrics
-
     out.mkdir(parents=True, exist_ok=True)
     done = {}
     metrics = runs / "demo-dpo" / "metrics.jsonl"
@@ -35,10 +35,10 @@ def draw_all(runs: Path, out: Path) -> dict:
     if results.exists():
         done["study"] = out / "study.png" if study.plot(json.loads(results.read_text()), out / "study.png") else None
     else:
-        done["study"] = f"skipped: no {results} (run python -m tinyalign.study)"
+        done["study"] = f"skipped: no {results} (run python -m tinyalign.lab.study)"
     index = runs / "study" / "index.html"
     if not index.exists():
-        done["study-page"] = f"skipped: no {index} (run python -m tinyalign.study)"
+        done["study-page"] = f"skipped: no {index} (run python -m tinyalign.lab.study)"
     elif page.find_browser() is None:
         done["study-page"] = "skipped: no headless browser (apt-get install chromium)"
     else:
@@ -49,7 +49,7 @@ def draw_all(runs: Path, out: Path) -> dict:
             path = out / f"ablation-{name}.png"
             done[name] = path if ablations.plot(name, json.loads(results.read_text()), path) else None
         else:
-            done[name] = f"skipped: no {results} (run python -m tinyalign.ablations {name})"
+            done[name] = f"skipped: no {results} (run python -m tinyalign.lab.ablations {name})"
     if any(v is None for v in done.values()):
         raise SystemExit("matplotlib is needed: pip install -e \".[plot]\"")
     return done

@@ -1,13 +1,13 @@
 """The paper's ablations in miniature, on the shapes world, each by name.
 
-    python -m tinyalign.ablations label-noise       # Table 5: 0 / 25 / 50 / 75% of the pairs flipped
-    python -m tinyalign.ablations data-scaling      # the data-scaling plot: 25 / 50 / 75 / 100% of the pairs
-    python -m tinyalign.ablations beta-nll          # beta 0.1 and 0.5, with and without the NLL term
-    python -m tinyalign.ablations transfer          # Table 6: pairs sampled from another SFT model
-    python -m tinyalign.ablations unconditional     # does DPO look at the image? (mDPO's test)
-    python -m tinyalign.ablations mdpo              # DPO, DPO + NLL, mDPO: the same test on each
-    python -m tinyalign.ablations irrelevant-image  # Table 7: a text-only task asked with an unrelated picture
-    python -m tinyalign.ablations label-noise --seeds 3     # mean and range over training seeds 0-2
+    python -m tinyalign.lab.ablations label-noise       # Table 5: 0 / 25 / 50 / 75% of the pairs flipped
+    python -m tinyalign.lab.ablations data-scaling      # the data-scaling plot: 25 / 50 / 75 / 100% of the pairs
+    python -m tinyalign.lab.ablations beta-nll          # beta 0.1 and 0.5, with and without the NLL term
+    python -m tinyalign.lab.ablations transfer          # Table 6: pairs sampled from another SFT model
+    python -m tinyalign.lab.ablations unconditional     # does DPO look at the image? (mDPO's test)
+    python -m tinyalign.lab.ablations mdpo              # DPO, DPO + NLL, mDPO: the same test on each
+    python -m tinyalign.lab.ablations irrelevant-image  # Table 7: a text-only task asked with an unrelated picture
+    python -m tinyalign.lab.ablations label-noise --seeds 3     # mean and range over training seeds 0-2
 
 Every arm starts from the SFT demo's model and its own rated samples (made first when missing, as
 `python train_dpo.py` does: about 3 minutes once), trains DPO on the arm's pairs with the same short
@@ -29,12 +29,19 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from . import demo
-from .arguments import at_least
-from .data import Pair, load_pairs
-from .evaluation import write_atomic, write_json
+import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from ..data import Pair, collate_pairs, load_pairs, pair_examples, pair_logps, read_jsonl
+from ..demo import runs
+from ..demo import world as shapes
+from ..infra.arguments import at_least
+from ..infra.files import write_atomic, write_json
+from ..infra.weights import load_model, save_model
+from ..losses import implicit_rewards, reward_comparison
+from ..model import random_model
+from ..processor import Processor
+
+REPO = Path(__file__).resolve().parents[2]
 # One short recipe for every arm: the DPO demo's, with 3 epochs instead of 6 (each arm in about a minute).
 RECIPE = ["--epochs", "3", "--batch-size", "16", "--grad-accum", "1", "--lr", "1e-3", "--projector-lr", "3e-3",
           "--lora-r", "32", "--lora-alpha", "64", "--max-length", "256", "--no-packing", "--eval-every", "0",
@@ -116,9 +123,7 @@ def train_arm(start: Path, data: Path, heldout: Path, world: Path, out: Path, se
 
 def measure(model_dir: Path, world: Path, questions: list[dict]) -> float:
     """Exact answers, greedy, on the held-out questions."""
-    from . import Processor, load_model
-
-    return demo.exact_answer_accuracy(load_model(model_dir), Processor.from_pretrained(model_dir), questions, world)
+    return runs.exact_answer_accuracy(load_model(model_dir), Processor.from_pretrained(model_dir), questions, world)
 
 
 def run_ablation(name: str, seeds: list[int], out: Path, start: Path, samples: Path, heldout_samples: Path,
@@ -129,7 +134,7 @@ def run_ablation(name: str, seeds: list[int], out: Path, start: Path, samples: P
     if any(transform[0] == "other-model" for _, transform, _ in ABLATIONS[name][1]):
         other_pairs, report = load_pairs(other_model_samples(out / name, world))
         print(f"the other model's {report.summary()}")
-    questions = demo.read_heldout(world / "heldout.jsonl")
+    questions = read_jsonl(world / "heldout.jsonl")
     results = {}
     for label, transform, extra in ABLATIONS[name][1]:
         for seed in seeds:
@@ -137,7 +142,7 @@ def run_ablation(name: str, seeds: list[int], out: Path, start: Path, samples: P
             arm_pairs = other_pairs if transform[0] == "other-model" else transformed(pairs, transform, seed)
             data = write_pairs(arm_pairs, out / name / f"{slug(label)}-seed{seed}.jsonl")
             final = train_arm(start, data, heldout_samples, world, folder, seed, extra, RECIPE)
-            curve = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+            curve = read_jsonl(folder / "metrics.jsonl")
             row = {"seed": seed, "pairs": sum(1 for _ in data.open()), "reward accuracy": final["rewards/accuracy"],
                    "rewards/chosen": final["rewards/chosen"], "rewards/rejected": final["rewards/rejected"],
                    "exact answer": measure(folder / "model", world, questions),
@@ -162,12 +167,10 @@ def sft_and_samples(folder: Path, world: Path, name: str, sft_data: Path, seed: 
     initialisation (`seed`) on `sft_data`, with `extra_texts`' words in its vocabulary, and 4 rated
     samples of each training prompt from it. Made once (about 3 minutes), then reused from `folder`:
     -> (its model folder, its samples file)."""
-    from . import load_model, random_model, save_model
-
     model_dir = folder / f"{name}-sft" / "model"
-    processor = demo.demo_processor(extra_texts=extra_texts)
+    processor = shapes.demo_processor(extra_texts=extra_texts)
     if not (model_dir / "config.json").exists():
-        init = save_model(random_model(demo.demo_config(extra_texts), seed=seed), folder / f"{name}-init",
+        init = save_model(random_model(shapes.demo_config(extra_texts), seed=seed), folder / f"{name}-init",
                           processor=processor)
         train_sft = script("train_sft")
         recipe = {k: v for k, v in train_sft.DEMO.items() if k != "out"}
@@ -178,7 +181,7 @@ def sft_and_samples(folder: Path, world: Path, name: str, sft_data: Path, seed: 
     samples = folder / f"{name}-samples.jsonl"
     if not samples.exists():
         print(f"Sampling 4 answers per prompt from {model_dir} and rating them...", flush=True)
-        demo.sample_and_rate(load_model(model_dir), processor, demo.read_heldout(world / "prompts.jsonl"), world,
+        runs.sample_and_rate(load_model(model_dir), processor, read_jsonl(world / "prompts.jsonl"), world,
                              samples, seed=0)
     return model_dir, samples
 
@@ -214,35 +217,29 @@ def unconditional(policy: Path, reference: Path, heldout_samples: Path, world: P
     """The DPO reward margin of held-out pairs with the true image and with another pair's image.
     A policy that prefers the chosen answer just as much whatever image it sees has learned a
     preference that does not depend on the image (mDPO's "unconditional preference")."""
-    import torch
-
-    from . import Processor, load_model
-    from .data import collate_pairs, pair_examples
-    from .packing import pair_logps
-
     processor = Processor.from_pretrained(policy)
     pairs, _ = load_pairs(heldout_samples)
     examples, _ = pair_examples(pairs, processor, world)
     swapped = [SimpleNamespace(**{**vars(e), "images": examples[(i + 1) % len(examples)].images})
                for i, e in enumerate(examples)]  # each pair shown the next pair's image
-    margins = {}
+    logps = {}  # (model, images) -> (log p chosen [N], log p rejected [N]), float64
     for name, model_dir in (("policy", policy), ("reference", reference)):
         model = load_model(model_dir).eval()
         for images, chunked in (("true", examples), ("swapped", swapped)):
-            logps = []
+            parts = []
             with torch.no_grad():
                 for start in range(0, len(chunked), batch_size):
-                    chosen, rejected = pair_logps(model, collate_pairs(chunked[start:start + batch_size], processor),
-                                                  "cpu")
-                    logps += list(zip(chosen.tolist(), rejected.tolist()))
-            margins[name, images] = logps
+                    parts.append(pair_logps(model, collate_pairs(chunked[start:start + batch_size], processor)))
+            logps[name, images] = [torch.cat(side).double() for side in zip(*parts)]
     result = {"pairs": len(examples)}
+    margins = {}
     for images in ("true", "swapped"):
-        # DPO's implicit reward margin (beta 1): (log pi - log pi_ref)(chosen) - (same)(rejected)
-        m = [(pc - rc) - (pr - rr) for (pc, pr), (rc, rr) in zip(margins["policy", images], margins["reference", images])]
-        margins[images] = m
-        result[f"reward accuracy, {images} image"] = sum(x > 0 for x in m) / len(m)
-        result[f"mean margin, {images} image"] = statistics.fmean(m)
+        (pc, pr), (rc, rr) = logps["policy", images], logps["reference", images]
+        # DPO's implicit reward (beta 1) of each answer, then which of the two wins and by how much
+        wins, margin = reward_comparison(implicit_rewards(pc, rc, 1.0), implicit_rewards(pr, rr, 1.0))
+        margins[images] = margin.tolist()
+        result[f"reward accuracy, {images} image"] = wins.double().mean().item()
+        result[f"mean margin, {images} image"] = statistics.fmean(margins[images])
     result["told apart without the image"] = sum(s > 0 for s in margins["swapped"]) / len(examples)
     result["margins"] = {"true image": margins["true"], "swapped image": margins["swapped"]}  # for the figure
     return result
@@ -279,19 +276,17 @@ def sft_with_sums(world: Path, path: Path, seed: int = 0) -> Path:
 
 def answers_the_picture(answer: str) -> bool:
     """Is this the answer to an image question (a colour, a shape, a count, a cell)?"""
-    return any(answer == demo.say(kind, value) for kind in demo.KINDS for value in demo.wrong_values(kind, ""))
+    return any(answer == shapes.say(kind, value) for kind in shapes.KINDS for value in shapes.wrong_values(kind, ""))
 
 
 def sums_scores(model_dir: Path, world: Path, heldout: list[dict]) -> dict:
     """Exact answers to the 16 sums asked alone, and asked after an irrelevant picture (each sum with
     each of DISTRACTORS held-out pictures); and how often the answer with a picture describes the
     picture instead of giving the sum."""
-    from . import Processor, load_model
-
     model, processor = load_model(model_dir), Processor.from_pretrained(model_dir)
 
     def greedy(questions, images):
-        return [processor.decode(ids) for ids in demo.greedy_answers(model, processor, questions, images)]
+        return [processor.decode(ids) for ids in runs.greedy_answers(model, processor, questions, images)]
 
     alone = greedy([q for q, _ in SUMS], [None] * len(SUMS))
     cases = [(q, a, world / r["image"]) for q, a in SUMS for r in heldout[:DISTRACTORS]]
@@ -308,12 +303,12 @@ def sum_picture_pairs(world: Path, n: int, seed: int = 0) -> list[Pair]:
     """n pairs that do cover the case: a sum asked after one of the training prompts' pictures, the
     sum chosen, the picture's own answer (what the start model says) rejected."""
     rng = random.Random(seed)
-    prompts = demo.read_heldout(world / "prompts.jsonl")
+    prompts = read_jsonl(world / "prompts.jsonl")
     pairs = []
     for i in range(n):
         record, (question, answer) = rng.choice(prompts), rng.choice(SUMS)
         pairs.append(Pair(f"sum-picture-{i}", [record["image"]], "<image>\n" + question, answer,
-                          demo.say(record["kind"], record["truth"])))
+                          shapes.say(record["kind"], record["truth"])))
     return pairs
 
 
@@ -324,7 +319,7 @@ def run_irrelevant_image(seeds: list[int], out: Path, world: Path, heldout_sampl
     folder = out / "irrelevant-image"
     start, samples = sft_and_samples(folder, world, "text", sft_with_sums(world, folder / "sft-with-sums.json"),
                                      seed=0, extra_texts=SUM_TEXTS)
-    questions = demo.read_heldout(world / "heldout.jsonl")
+    questions = read_jsonl(world / "heldout.jsonl")
     pairs, report = load_pairs(samples)
     print(report.summary())
     results = {TEXT_START: [{"seed": 0, "pairs": 0, **sums_scores(start, world, questions),
@@ -416,7 +411,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     started = time.time()
     setup = SimpleNamespace(seed=0, device="cpu", data=None, eval_data=None, image_folder=None)
-    demo.dpo_start(setup)  # the SFT demo's model and its rated samples, made now if missing
+    runs.dpo_start(setup)  # the SFT demo's model and its rated samples, made now if missing
     start, world = Path(setup.model), Path(setup.image_folder)
     out = Path(args.out) / args.ablation
     out.mkdir(parents=True, exist_ok=True)

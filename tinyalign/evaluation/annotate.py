@@ -1,8 +1,8 @@
 """Sample answers from a model and have a judge rate them: the paper's data collection (section 3.2).
 
-    python -m tinyalign.annotate --model runs/sft/model --prompts prompts.jsonl --image-folder images/ \\
+    python -m tinyalign.evaluation.annotate --model runs/sft/model --prompts prompts.jsonl --image-folder images/ \\
         --out scored.jsonl --judge-url https://api.openai.com/v1 --judge-model gpt-4o   # key: $OPENAI_API_KEY
-    python -m tinyalign.annotate ... --judge rules       # the shapes world's rule-based annotator
+    python -m tinyalign.evaluation.annotate ... --judge rules       # the shapes world's rule-based annotator
 
 Prompts: JSONL `{"id", "image"?, "prompt"}` (the rule-based judge also needs "kind" and "truth", as the
 demo writes them). For each prompt, N answers are sampled (default 4, temperature 0.7) and each is
@@ -25,11 +25,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .arguments import at_least, non_negative, positive
-from .checkpoint import FolderLock, complete_lines, write_text_atomic, writing
-from .data import DataError, build_pairs, read_records, read_scored
+from ..data import DataError, build_pairs, read_records, read_scored
+from ..demo.world import rate_answer
+from ..infra.arguments import at_least, non_negative, positive
+from ..infra.files import FolderLock, complete_lines, write_atomic, writing
+from ..infra.weights import load_model
+from ..processor import Processor
+from ..speed.decoding import generate_stream
+from ..steer import check_ratings
 from .judge import ChatClient, JudgeError, image_part
-from .steer import check_ratings
 
 # The judge's instructions: reasoning first (it rates better after thinking), then a strict last line.
 RUBRIC = """You rate answers of a vision-language assistant. Look at the image and the question, then rate
@@ -58,7 +62,7 @@ def parse_ratings(reply: str) -> dict:
 
 
 class OpenAIJudge:
-    """Any OpenAI-compatible chat-completions endpoint (tinyalign/judge.py); the image goes inline."""
+    """Any OpenAI-compatible chat-completions endpoint (evaluation/judge.py); the image goes inline."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0,
                  retries: int = 3, backoff: float = 2.0):
@@ -81,11 +85,9 @@ class RuleJudge:
     """The shapes world's annotator: it knows the truth of each prompt ("kind", "truth")."""
 
     def rate_record(self, record: dict, answer: str) -> dict:
-        from .demo import annotate
-
         if "kind" not in record or "truth" not in record:
             raise JudgeError(f"prompt {record.get('id')}: the rule-based judge needs 'kind' and 'truth'")
-        return annotate(record["kind"], record["truth"], answer)
+        return rate_answer(record["kind"], record["truth"], answer)
 
 
 def read_done(out: Path) -> tuple[list[dict], set]:
@@ -115,7 +117,7 @@ def annotate_prompts(prompts: list[dict], out, sample, judge, image_folder=None,
     try:
         kept, done = read_done(out)
         # Rewritten without the failed lines and a torn tail (whole, then renamed), then appended to.
-        write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in kept))
+        write_atomic(out, "".join(json.dumps(r) + "\n" for r in kept))
         rated, failed = rate_and_append(prompts, done, out, sample, judge, image_folder, max_prompts)
     finally:
         lock.release()
@@ -170,8 +172,6 @@ def model_sampler(model, processor, image_folder, n: int, temperature: float, ma
     batching over `slots` rows, each prompt prefilled once for its n samples (generate_stream).
     numbering: prompt id -> its line in the prompts file; a sample's randomness is keyed by that
     line, so a rerun that resumes draws exactly what one uninterrupted run would have."""
-    from .generate import generate_stream
-
     def sample(records):
         def prompt(r):
             ids = processor.encode([{"from": "human", "value": with_image_tag(r)}], where=f"prompt {r['id']}",
@@ -191,8 +191,6 @@ def model_sampler(model, processor, image_folder, n: int, temperature: float, ma
 
 
 def main(argv=None):
-    from . import Processor, load_model
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--prompts", required=True, help="JSONL of {id, image?, prompt}")

@@ -1,6 +1,6 @@
 """The paper's study in miniature (its Table 4), on the shapes world, in one command.
 
-    python -m tinyalign.study                 # about 8 minutes on a 2-core CPU; results in runs/study/
+    python -m tinyalign.lab.study                 # about 8 minutes on a 2-core CPU; results in runs/study/
 
 Each step is the command a user would type, printed and then run, so the study is also a worked
 example of the whole pipeline:
@@ -9,7 +9,7 @@ example of the whole pipeline:
    data repeats a few systematic mistakes (yellow called green, triangles called squares, three
    counted as two), as visual instruction data carries the habits of its sources;
 2. the data collection: 4 answers sampled per prompt from that model, each rated on the five
-   attributes (`python -m tinyalign.annotate --judge rules`, the rule-based stand-in for Gemini);
+   attributes (`python -m tinyalign.evaluation.annotate --judge rules`, the rule-based stand-in for Gemini);
 3. four methods from the same start, each with its script:
    SFT on the dataset's own answers, rejection sampling (`--select best`), SteerLM and DPO;
 4. all five models greedy-decoded on the same held-out questions; a side-by-side table in
@@ -31,14 +31,17 @@ import sys
 import time
 from pathlib import Path
 
-from .arguments import positive
-from .demo import (CONFUSIONS, DEMO_DATA, DEMO_SFT, SFT_ANSWER_NOISE, annotate, greedy_answers, read_heldout, say,
-                   sft_answer_value, value_of)
-from .evaluation import write_atomic, write_json
+from ..data import read_jsonl
+from ..demo.runs import DEMO_DATA, DEMO_SFT, greedy_answers
+from ..demo.world import CONFUSIONS, SFT_ANSWER_NOISE, rate_answer, say, sft_answer_value, value_of
+from ..infra.arguments import positive
+from ..infra.files import write_atomic, write_json
+from ..infra.weights import load_model
+from ..processor import Processor
+from ..steer import steer_prompt
 from .page import write_page
-from .steer import steer_prompt
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 START = DEMO_SFT / "model"
 # What SteerLM is asked for at evaluation: the ratings a correct, concise answer gets in this world.
 STEER_ASK = {"helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 1, "verbosity": 2}
@@ -86,15 +89,13 @@ def write_sft_data(prompts: list[dict], path: Path, seed: int = 0) -> None:
 def evaluate(model_dir: Path, heldout: list[dict], image_folder: Path, steer: dict | None = None) -> tuple[dict, list]:
     """Greedy answers to the held-out questions, scored against the truth and by the annotator.
     -> (the scores, [{answer, exact, ratings} per question])."""
-    from . import Processor, load_model
-
     model = load_model(model_dir)
     processor = Processor.from_pretrained(model_dir)
     questions = [steer_prompt(r["prompt"], steer) if steer else r["prompt"] for r in heldout]
     answers = [processor.decode(ids) for ids in
                greedy_answers(model, processor, questions, [image_folder / r["image"] for r in heldout])]
     truths = [value_of(r["kind"], r["answer"]) for r in heldout]
-    ratings = [annotate(r["kind"], t, a) for r, t, a in zip(heldout, truths, answers)]
+    ratings = [rate_answer(r["kind"], t, a) for r, t, a in zip(heldout, truths, answers)]
     exact = [a == r["answer"] for a, r in zip(answers, heldout)]
     hard = [e for e, r in zip(exact, heldout) if is_hard(r)]
     scores = {
@@ -176,10 +177,10 @@ def main(argv=None):
     start, world = Path(args.start or REPO / START).resolve(), Path(args.world or REPO / DEMO_DATA).resolve()
     if args.start is None and (args.fresh or not (start / "config.json").exists()):
         run(["python", "train_sft.py", "--seed", str(args.seed)])
-    prompts = read_heldout(world / "prompts.jsonl")
+    prompts = read_jsonl(world / "prompts.jsonl")
 
     # 2. Sample and rate (the annotate command resumes by itself if interrupted).
-    run(["python", "-m", "tinyalign.annotate", "--model", shown(start), "--prompts", shown(world / "prompts.jsonl"),
+    run(["python", "-m", "tinyalign.evaluation.annotate", "--model", shown(start), "--prompts", shown(world / "prompts.jsonl"),
          "--image-folder", shown(world), "--judge", "rules", "--n", "4", "--max-new-tokens", "24",
          "--out", shown(out / "samples.jsonl"), "--seed", str(args.seed)])
     write_sft_data(prompts, out / "sft.json", seed=args.seed)
@@ -197,7 +198,7 @@ def main(argv=None):
         models[name] = folder / "model"
 
     # 4. Side by side on the held-out questions.
-    heldout = read_heldout(world / "heldout.jsonl")
+    heldout = read_jsonl(world / "heldout.jsonl")
     results, answers = {}, {}
     for name, folder in models.items():
         print(f"evaluating {name} ...", flush=True)

@@ -1,8 +1,8 @@
 """Speed and memory of the DPO step and of decoding, ours next to transformers', measured in one run.
 
     python tests/reference_bench.py --preset llava-1.5-7b  # one GPU, ours and transformers side by side
-    python -m tinyalign.bench --preset llava-1.5-7b        # ours alone (no transformers needed)
-    python -m tinyalign.bench --preset tiny                # the same code on a CPU in about a minute
+    python -m tinyalign.speed.benchmark --preset llava-1.5-7b        # ours alone (no transformers needed)
+    python -m tinyalign.speed.benchmark --preset tiny                # the same code on a CPU in about a minute
 
 Workload (the paper's DPO data): pairs of one 336 px image (576 image tokens), a ~64-token question
 and two answers of ~200 tokens; reference log-probs precomputed (constants here), as train_dpo.py
@@ -30,6 +30,7 @@ the frozen tower forward once per image. MFU = achieved / the card's peak dense 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -43,12 +44,17 @@ from types import SimpleNamespace
 
 import torch
 
-from .arguments import at_least, non_negative
-from .config import PRESETS, LlavaConfig, preset
-from .data import PairExample
-from .losses import dpo_loss
-from .packing import model_inputs, pack_pairs
-from .processor import IGNORE_INDEX, Encoded
+from ..config import PRESETS, LlavaConfig, preset
+from ..data import PairExample
+from ..generate import cache_length, generate, plain_decoder
+from ..infra.arguments import at_least, non_negative
+from ..losses import dpo_loss
+from ..model import random_model
+from ..packing import pack_pairs
+from ..processor import IGNORE_INDEX, Encoded
+from ..training import autocast, compile_blocks, train_decoder, train_projector
+from .decoding import compiled_decoder, generate_stream
+from .fused import fused_projections
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, from the datasheets
 
@@ -189,8 +195,6 @@ def copy_bandwidth(device) -> float | None:
 
 
 def our_model(cfg, device, dtype, seed=0):
-    from .weights import random_model
-
     return random_model(cfg, seed=seed, dtype=dtype, device=device)
 
 
@@ -214,31 +218,27 @@ def optimizer_in_backward(model, lr: float):
 
 
 def our_dpo_step(model, pairs, processor, device, optimizer, beta=0.1):
-    from .training import autocast
-
     batch = pack_pairs(pairs, processor)
-    batch["pixel_values"] = pixel_batch(model.cfg, len(pairs), device, model.dtype)
-    ref_c, ref_r = batch["ref_chosen"].to(device), batch["ref_rejected"].to(device)
+    batch.inputs["pixel_values"] = pixel_batch(model.cfg, len(pairs), device, model.dtype)
 
     def step():
+        on_device = batch.to(device)  # each step moves its batch, as train_dpo.py's do
         with autocast(device):  # what train_dpo.py runs under: bf16 on CUDA, float32 on a CPU
-            chosen, rejected = model(**model_inputs(batch, device)).chunk(2)
-            loss = dpo_loss(chosen, rejected, ref_c, ref_r, beta)[0].mean()
+            chosen, rejected = on_device.chosen_and_rejected(model(**on_device.inputs))
+            loss = dpo_loss(chosen, rejected, on_device.ref_chosen, on_device.ref_rejected, beta)[0].mean()
         loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return loss
 
-    return step, int((batch["document_ids"] >= 0).sum())
+    return step, batch.real_tokens
 
 
 def paper_lora(model, adapter_dtype=None):
     """The paper's DPO recipe on a model: tower frozen, projector trained, LoRA r128/alpha256 on the
     decoder. adapter_dtype: keep the adapters in this dtype instead of train_decoder's float32 (bf16:
     no casts of A and B at every use, at the price of bf16 updates; a benchmark variant only)."""
-    from .training import train_decoder, train_projector
-
     model.requires_grad_(False)
     train_projector(model)
     train_decoder(model, lora_r=128, lora_alpha=256, lora_dropout=0.05)
@@ -266,13 +266,18 @@ def decode_rate(run, new_tokens: int, device, repeat: int = 3) -> float:
     return (new_tokens - 1) / max(many - one, 1e-9)
 
 
-def our_decode(model, cfg, device, prompt_len, compile_step):
-    from .generate import generate
+def fast_generate(model, *args, compiled: bool, fused: bool = True, **kwargs):
+    """generate() as every generation row runs it: q/k/v and gate/up fused (speed/fused.py; fused=False
+    for the A/B of tests/profile_bench.py), and with compiled the compiled decode step."""
+    with torch.no_grad(), (fused_projections(model) if fused else contextlib.nullcontext()):
+        return generate(model, *args, decoder=compiled_decoder if compiled else plain_decoder, **kwargs)
 
+
+def our_decode(model, cfg, device, prompt_len, compile_step):
     ids = torch.randint(3, 1000, (1, prompt_len), device=device)
     ids[0, 1:1 + cfg.image_seq_length] = cfg.image_token_index
     pixels = pixel_batch(cfg, 1, device, model.dtype)
-    return lambda n: generate(model, ids, pixels, max_new_tokens=n, eos_token_id=-1, compile_step=compile_step)
+    return lambda n: fast_generate(model, ids, pixels, max_new_tokens=n, eos_token_id=-1, compiled=compile_step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,8 +305,6 @@ def static_generation(model, ids, pixels, budgets, n: int, rows: int, temperatur
                       shared: bool = False):
     """Today's path: batches of rows // n prompts, each decoding until its longest answer is done.
     shared: generate(num_samples=n) (each prompt prefilled once); else each prompt repeated n times."""
-    from .generate import cache_length, compiled_decoder, generate
-
     per_batch = max(1, rows // n)
     pixels = pixels.to(model.dtype)
     if compiled:  # one cache (and one compiled step) sized for the longest answer serves every batch
@@ -312,16 +315,14 @@ def static_generation(model, ids, pixels, budgets, n: int, rows: int, temperatur
             part, longest = slice(start, start + per_batch), max(budgets[start:start + per_batch])
             prompt, image, copies = (ids[part], pixels[part], n) if shared else \
                 (ids[part].repeat_interleave(n, 0), pixels[part].repeat_interleave(n, 0), 1)
-            generate(model, prompt, image, max_new_tokens=longest, temperature=temperature, eos_token_id=-1, seed=0,
-                     num_samples=copies, compile_step=compiled)
+            fast_generate(model, prompt, image, max_new_tokens=longest, temperature=temperature, eos_token_id=-1,
+                          seed=0, num_samples=copies, compiled=compiled)
 
     return run
 
 
 def continuous_generation(model, ids, pixels, budgets, n: int, rows: int, temperature: float, compiled: bool):
     """generate_stream: rows refilled as answers finish, each prompt prefilled once for its n samples."""
-    from .generate import generate_stream
-
     prompts = [(ids[i], pixels[i:i + 1].to(model.dtype)) for i in range(len(ids))]
     return lambda: list(generate_stream(model, prompts, num_samples=n, slots=rows, max_new_tokens=budgets,
                                         temperature=temperature, eos_token_id=-1, seed=0, compile_step=compiled))
@@ -374,7 +375,7 @@ def measure(results: dict, name: str, fn):
     print(f"   {results[name]}", flush=True)
 
 
-def main(argv=None, extra_rows=None, command: str = "python -m tinyalign.bench"):
+def main(argv=None, extra_rows=None, command: str = "python -m tinyalign.speed.benchmark"):
     """extra_rows(ctx) -> [(after_row, name, fn, needs)]: more rows, each run right after the named
     row of ours (the transformers reference path: tests/reference_bench.py)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -425,14 +426,12 @@ def main(argv=None, extra_rows=None, command: str = "python -m tinyalign.bench")
         model = paper_lora(our_model(cfg, device, dtype), adapter_dtype)
         model.language_model.gradient_checkpointing = args.gradient_checkpointing
         if compiled:
-            model.language_model.compile_blocks()
+            compile_blocks(model)
         model.train()
         return dpo_row(our_dpo_step(model, pairs, processor, device, trainable_optimizer(model, 5e-5)), args.pairs,
                        flops_lora)
 
     def ours_full():
-        from .training import train_decoder, train_projector
-
         m = our_model(cfg, device, dtype).requires_grad_(False)
         train_projector(m)
         train_decoder(m, lora_r=0, lora_alpha=0, lora_dropout=0.0)  # every decoder weight
@@ -478,12 +477,10 @@ def main(argv=None, extra_rows=None, command: str = "python -m tinyalign.bench")
 
     def batched_decode_step():
         """The decode step of a batch of --eval-rows rows against its own floor (bytes or FLOPs)."""
-        from .generate import generate
-
         rows_, new = args.eval_rows, args.decode_tokens
         ids, pixels = gen_ids[:rows_], gen_pixels[:rows_].to(dtype)
-        rate = decode_rate(lambda k: generate(decoder("ours"), ids, pixels, max_new_tokens=k, eos_token_id=-1,
-                                              compile_step=compiled), new, device)
+        rate = decode_rate(lambda k: fast_generate(decoder("ours"), ids, pixels, max_new_tokens=k, eos_token_id=-1,
+                                                   compiled=compiled), new, device)
         floor = generation_floor(cfg, dtype, gen_len, [new], 1, rows_, bandwidth, peak)
         step = 1 / rate
         return {"rows": rows_, "s_per_step": step, "tokens_per_s": rows_ * rate,

@@ -27,7 +27,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from .checkpoint import complete_lines, locked, writing
+from ..data import read_jsonl
+from ..infra.files import complete_lines, locked, writing
 
 PROMPTS = Path(__file__).parent / "judge_prompts"
 
@@ -96,7 +97,7 @@ def read_prompt(source: str | None, name: str) -> JudgePrompt:
     if not path.exists():
         raise FileNotFoundError(f"--judge-prompt {path}: file not found")
     if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = read_jsonl(path)
         found = [r for r in records if r.get("name") == name]
         if not found:
             raise ValueError(f"{path}: no judge prompt named {name!r} (it has {[r.get('name') for r in records]})")

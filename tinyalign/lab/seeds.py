@@ -1,7 +1,7 @@
 """The demos' figures over several seeds and float roundings: one row per run, then mean and range.
 
-    python -m tinyalign.seeds                                    # seeds 0-4, vector instructions on, then off: hours
-    python -m tinyalign.seeds --seeds 0 1 --simd native --parts dpo  # a quicker look at the DPO demo
+    python -m tinyalign.lab.seeds                                    # seeds 0-4, vector instructions on, then off: hours
+    python -m tinyalign.lab.seeds --seeds 0 1 --simd native --parts dpo  # a quicker look at the DPO demo
 
 One run of a demo is one draw. Its seed fixes the shapes world, the starting weights, the sampled
 answers and the data order; the CPU's float rounding, which another machine changes, then moves
@@ -10,7 +10,7 @@ instructions off, so sums are added in another order (the thread count does not:
 2 threads gave bit-identical runs, 2026-11-27). A figure worth printing in the README holds across
 both, so this runs the whole pipeline in a fresh folder per (seed, threads, simd), each step
 the command a user types (`python train_sft.py --seed S`, then `train_dpo.py`, `train_steerlm.py`
-and `python -m tinyalign.study` on that SFT model), and tabulates what each printed. The README's
+and `python -m tinyalign.lab.study` on that SFT model), and tabulates what each printed. The README's
 demo figures and the tests' thresholds come from this table.
 
 Results: OUT/seeds.md (the tables) and OUT/seeds.json (every figure of every run); each run's folder
@@ -28,10 +28,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .arguments import at_least
-from .evaluation import write_atomic, write_json
+from ..data import read_jsonl
+from ..infra.arguments import at_least
+from ..infra.files import write_atomic, write_json
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PARTS = ("sft", "dpo", "steerlm", "study")
 
 
@@ -42,14 +43,14 @@ def commands(part: str, seed: int, folder: Path) -> list[list[str]]:
         "sft": [[py, str(REPO / "train_sft.py"), "--seed", s]],
         "dpo": [[py, str(REPO / "train_dpo.py"), "--seed", s, "--cache-dir", str(folder / "cache")]],
         "steerlm": [[py, str(REPO / "train_steerlm.py"), "--seed", s]],
-        "study": [[py, "-m", "tinyalign.study", "--seed", s, "--start", str(folder / "runs/demo-sft/model"),
+        "study": [[py, "-m", "tinyalign.lab.study", "--seed", s, "--start", str(folder / "runs/demo-sft/model"),
                    "--world", str(folder / "runs/demo-data"), "--out", str(folder / "runs/study")]],
     }[part]
 
 
 def last_eval(metrics: Path, key: str) -> dict:
     """The last held-out line of a metrics.jsonl that has `key`."""
-    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    lines = read_jsonl(metrics)
     found = [r for r in lines if r.get("split") == "eval" and key in r]
     if not found:
         raise ValueError(f"{metrics}: no held-out line with {key!r} (did the run finish?)")

@@ -1,6 +1,6 @@
 """The study's page: a static `index.html` to look at answers, not only at averages.
 
-`python -m tinyalign.study` writes it beside its table. For a sample of held-out questions it shows
+`python -m tinyalign.lab.study` writes it beside its table. For a sample of held-out questions it shows
 the image, the truth and every method's answer side by side with its rating; then a few of the pairs
 DPO trained on, chosen and rejected with their ratings. No server, no script library: open the file.
 
@@ -19,8 +19,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .data import ATTRIBUTES, build_pairs, read_scored
-from .evaluation import write_atomic
+from ..data import ATTRIBUTES, build_pairs, read_scored
+from ..infra.files import write_atomic
 
 PICTURES = "page-images"
 

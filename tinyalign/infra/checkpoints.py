@@ -1,0 +1,120 @@
+"""Training checkpoints: step-numbered folders under out/checkpoints/ and one pointer to the newest.
+
+One small file, out/checkpoints/latest, names the newest complete checkpoint. A save writes a new
+folder under a temporary name, flushes it to disk (fsync), renames it into place, and only then
+replaces the pointer file (itself written whole, infra/files.py). So at every instant the pointer
+names a complete checkpoint, or there is none yet; whatever a crash leaves half-done has a name no
+reader looks at, and the next run removes it (`remove_leftovers`).
+
+The files are safetensors (tensors) and JSON (everything else): loading a checkpoint never runs code,
+unlike a pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .files import crash_point, fsync_path, fsync_tree, recover_folder, standalone, write_atomic, writing
+
+KEEP = 2  # checkpoints kept: the newest and the one before (see `Run.check_finite`)
+
+
+def checkpoints_folder(out) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def latest_checkpoint(out) -> Path | None:
+    """The folder out/checkpoints/latest names, or None when no checkpoint was ever published."""
+    pointer = checkpoints_folder(out) / "latest"
+    if not pointer.exists():
+        return None
+    folder = checkpoints_folder(out) / pointer.read_text().strip()
+    if not (folder / "state.json").exists() or not (folder / "tensors.safetensors").exists():
+        raise FileNotFoundError(f"{pointer} names {folder.name}, which is incomplete or missing: the checkpoint "
+                                "folder was changed by hand")
+    return folder
+
+
+def published(out) -> list[Path]:
+    """Every complete checkpoint still on disk, oldest first."""
+    root = checkpoints_folder(out)
+    return sorted(p for p in root.glob("step-*") if (p / "state.json").exists()) if root.exists() else []
+
+
+def save_checkpoint(out, step: int, tensors: dict, state: dict) -> Path:
+    """Write a checkpoint (tensors -> safetensors, state -> JSON) and make it the latest one."""
+    root = checkpoints_folder(out)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}-{time.time_ns()}"  # unique: a rerun of the same step never touches the published one
+    tmp = root / f".tmp-{name}"
+    tmp.mkdir()
+    try:
+        crash_point("checkpoint: folder made, nothing written")
+        with writing(tmp / "tensors.safetensors"):
+            save_file({k: standalone(v) for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+        crash_point("checkpoint: tensors written")
+        with writing(tmp / "state.json"):
+            (tmp / "state.json").write_text(json.dumps(state, default=str))
+        crash_point("checkpoint: state written")
+        fsync_tree(tmp)
+        os.replace(tmp, root / name)
+        fsync_path(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    crash_point("checkpoint: folder renamed, pointer not yet moved")
+    write_atomic(root / "latest", name)
+    crash_point("checkpoint: pointer moved")
+    for old in published(out)[:-KEEP]:
+        shutil.rmtree(old)
+    crash_point("checkpoint: older ones removed")
+    return root / name
+
+
+def load_checkpoint(folder: Path) -> tuple[dict, dict]:
+    """-> (tensors, state) of a checkpoint folder."""
+    return load_file(str(folder / "tensors.safetensors")), json.loads((folder / "state.json").read_text())
+
+
+def set_latest(out, folder: Path | None) -> None:
+    """Point `latest` at an older checkpoint (or at none)."""
+    pointer = checkpoints_folder(out) / "latest"
+    if folder is None:
+        pointer.unlink(missing_ok=True)
+    else:
+        write_atomic(pointer, folder.name)
+
+
+def remove_leftovers(out) -> list[str]:
+    """What crashed saves left behind: temporary checkpoint folders and pointer files, checkpoints
+    never published (or no longer named), and the temporary or set-aside copies of out/model/.
+    Returns what was removed (or restored)."""
+    out = Path(out)
+    done = []
+    root = checkpoints_folder(out)
+    if root.exists():
+        latest = (root / "latest").read_text().strip() if (root / "latest").exists() else None
+        names = [p.name for p in published(out)]
+        if latest is not None and latest not in names:
+            keep = set(names)  # a pointer to nothing complete: changed by hand; delete nothing, resume says so
+        else:
+            newest = names.index(latest) if latest in names else -1  # no pointer: nothing was ever published
+            keep = set(names[max(0, newest - KEEP + 1):newest + 1])  # the pointer's and the one before it
+        for path in root.iterdir():
+            if path.name.startswith(".tmp-") or path.name.startswith(".latest.tmp-") or \
+                    (path.name.startswith("step-") and path.name not in keep):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                done.append(str(path))
+    done += recover_folder(out / "model")  # the final model's folder: an interrupted save_model
+    return done
+
+
+def tensors_not_finite(tensors: dict) -> list[str]:
+    return [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
