@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from tinyalign import Processor, load_model
-from tinyalign.data import DataError, collate_pairs, load_pairs, pair_examples, pair_logps, read_jsonl
+from tinyalign.batches import collate_pairs, pair_logps
+from tinyalign.data import DataError, load_pairs, pair_examples, read_jsonl
 from tinyalign.evaluation import benchmarks
 from tinyalign.evaluation.answers import generate_answers
 from tinyalign.evaluation.judge import ChatClient, Judge, JudgePrompt, read_prompt, request
@@ -129,7 +130,10 @@ def read_answers_file(path, question_ids, where: str) -> dict:
     {question_id, text} (LLaVA's answer files) or {question_id, choices: [{turns}]} (FastChat's model
     answers; the answer is the list of turns). An id that is not a question, or a question with no
     answer, is an error naming both."""
-    data = benchmarks.read_json(path) if str(path).endswith(".json") else read_jsonl(path, error=benchmarks.BenchmarkError)
+    if str(path).endswith(".json"):
+        data = benchmarks.read_json(path)
+    else:
+        data = read_jsonl(path, error=benchmarks.BenchmarkError)
     if isinstance(data, list) and data and "instruction" in data[0]:  # AlpacaEval outputs
         data = {r["instruction"]: r.get("output") for r in data}
     elif isinstance(data, list):
@@ -376,7 +380,8 @@ def run_mtbench(args) -> dict:
     questions = benchmarks.read_mtbench(args.questions)[:args.limit]
     references = {}
     if args.references:  # FastChat's reference answers (e.g. gpt-4.jsonl): model-answer format
-        references = {str(r["question_id"]): r["choices"][0]["turns"] for r in read_jsonl(args.references, error=benchmarks.BenchmarkError)}
+        references = {str(r["question_id"]): r["choices"][0]["turns"]
+                      for r in read_jsonl(args.references, error=benchmarks.BenchmarkError)}
     for q in questions:
         if "reference" in q:
             references.setdefault(str(q["question_id"]), q["reference"])

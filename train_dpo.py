@@ -20,15 +20,18 @@ from pathlib import Path
 import torch
 
 from tinyalign import Processor, demo, load_model
-from tinyalign.data import PairBatch, load_pairs, mean_per_token, pair_examples, pair_logps
-from tinyalign.infra.arguments import add_loss_options, common_arguments, loss_hyperparameters, non_negative, parse_recipe
+from tinyalign.batches import PairBatch, mean_per_token, pair_logps
+from tinyalign.data import load_pairs, pair_examples
+from tinyalign.infra.arguments import (add_loss_options, common_arguments, loss_hyperparameters, non_negative,
+                                      parse_recipe)
 from tinyalign.infra.processes import (distribute, finish_distributed, init_distributed, mean_over_ranks, my_share,
                                        refuse_unsupported)
 from tinyalign.infra.reference import ReferenceCache
 from tinyalign.infra.run import Run
 from tinyalign.losses import PREFERENCE_LOSSES, PreferenceLoss, reward_metrics
 from tinyalign.packing import pair_batch
-from tinyalign.training import autocast, optimizer_and_schedule, optimizer_step, paper_recipe, seed_everything, split_held_out
+from tinyalign.training import (autocast, optimizer_and_schedule, optimizer_step, paper_recipe, seed_everything,
+                                split_held_out)
 
 PAPER = dict(epochs=3, batch_size=8, grad_accum=4, lr=5e-5, projector_lr=2e-5, lora_r=128, lora_alpha=256,
              max_length=3000, eval_every=100, save_every=200, eval_fraction=0.02, sft_weight=0.0,
@@ -95,7 +98,8 @@ def main(argv=None):
         raise SystemExit(f"{args.data}: no usable pairs")
 
     def batch_of(examples) -> PairBatch:  # B pairs -> 2B answers: plain rows, or packed ones with --packing
-        return pair_batch(examples, processor, args.packing, args.pack_tokens, preference.image_conditional).to(args.device)
+        batch = pair_batch(examples, processor, args.packing, args.pack_tokens, preference.image_conditional)
+        return batch.to(args.device)
 
     # ---- the reference: the starting model's log-probs, then (unless --ref live) no reference model --
     reference = None
@@ -188,7 +192,8 @@ def dpo_step(policy, batch: PairBatch, preference: PreferenceLoss, hyperparamete
         loss = loss - args.sft_weight * chosen.mean()
     if args.chosen_nll_weight:  # the same, per token of the chosen answer
         chosen_tokens, _ = batch.chosen_and_rejected(batch.answer_tokens)
-        loss = loss - args.chosen_nll_weight * (chosen if args.average_logps else chosen / chosen_tokens.clamp(min=1)).mean()
+        per_token = chosen if args.average_logps else chosen / chosen_tokens.clamp(min=1)
+        loss = loss - args.chosen_nll_weight * per_token.mean()
 
     metrics = {"loss": loss.item(), **reward_metrics(chosen_rewards, rejected_rewards),
                "logps/chosen": chosen.mean().item(), "logps/rejected": rejected.mean().item(),
@@ -248,7 +253,9 @@ def precompute_reference(model, examples, batch_of, preference: PreferenceLoss, 
         batch = batch_of(chunk)
         with autocast(args.device):
             chosen, rejected = pair_logps(model, batch, args.average_logps)
-            corrupted = corrupted_logps(model, None, batch, args.average_logps)[0].tolist() if images else [None] * len(chunk)
+            corrupted = [None] * len(chunk)
+            if images:  # mDPO: the chosen answers under a corrupted image too
+                corrupted = corrupted_logps(model, None, batch, args.average_logps)[0].tolist()
         for e, c, r, cc in zip(chunk, chosen.tolist(), rejected.tolist(), corrupted):
             if e.ref_chosen is None or e.ref_rejected is None:  # a data file's own values stay
                 e.ref_chosen, e.ref_rejected = c, r

@@ -22,7 +22,8 @@ from tinyalign.infra.processes import (distribute, finish_distributed, init_dist
 from tinyalign.infra.run import Run
 from tinyalign.losses import sft_loss
 from tinyalign.packing import sft_batch
-from tinyalign.training import autocast, optimizer_and_schedule, optimizer_step, paper_recipe, seed_everything, split_held_out
+from tinyalign.training import (autocast, optimizer_and_schedule, optimizer_step, paper_recipe, seed_everything,
+                                split_held_out)
 
 PAPER = dict(epochs=3, batch_size=16, grad_accum=2, lr=4e-4, projector_lr=2e-5, lora_r=128, lora_alpha=256,
              max_length=2048, eval_every=200, save_every=500, eval_fraction=0.02, packing=True)
@@ -107,7 +108,8 @@ def train(args, model, processor, train_records, held_records, rank=0, world=1) 
             n_tokens = sum_over_ranks(batch.answer_tokens.sum(), world).clamp(min=1)
             with autocast(args.device):
                 answer_logps = trainer(**batch.inputs)  # [B]: log p(answer | image, question)
-                loss = sft_loss(answer_logps, n_tokens) * world / len(steps[step])  # x world: DDP averages over processes
+                # x world: DDP averages the gradients over processes; / accumulation: a step's mean
+                loss = sft_loss(answer_logps, n_tokens) * world / len(steps[step])
             run.check_finite(loss, step + 1)
             loss.backward()
             step_loss += loss.item()

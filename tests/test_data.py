@@ -168,7 +168,7 @@ def test_too_long_sequences_are_dropped_and_counted(tmp_path):
 def test_corrupt_image_is_a_small_crop_drawn_from_the_pair_id():
     """mDPO's corrupted image: at most 20% of the picture, the same crop for the same pair every time
     (the reference pass and every epoch see one image), another for another pair."""
-    from tinyalign.data import corrupt_image
+    from tinyalign.batches import corrupt_image
     from tinyalign.images import load_image
 
     photo = IMAGES / "chelsea.png"

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tinyalign import random_model
-from tinyalign.data import Conversation, Pair, collate_pairs, collate_sft, pair_examples, sft_examples
-from tinyalign.data import read_jsonl
+from tinyalign.batches import collate_pairs, collate_sft
+from tinyalign.data import Conversation, Pair, pair_examples, read_jsonl, sft_examples
 from tinyalign.demo.world import demo_config, demo_processor, make_world
 from tinyalign.losses import dpo_loss
 from tinyalign.packing import pack_pairs, pack_sft, place, pair_document

@@ -14,12 +14,12 @@ from test_parity import make_batch
 import tinyalign
 import train_dpo
 import train_sft
-from tinyalign.data import collate_pairs, pair_examples, pair_logps, read_pairs
+from tinyalign.batches import collate_pairs, pair_logps
+from tinyalign.data import pair_examples, read_jsonl, read_pairs
 from tinyalign.infra.checkpoints import latest_checkpoint, load_checkpoint
-from tinyalign.data import read_jsonl
 from tinyalign.demo.world import say, wrong_values
-from tinyalign.lora import LoRALinear, apply_lora, merge_lora
 from tinyalign.infra.arguments import loss_hyperparameters
+from tinyalign.lora import LoRALinear, apply_lora, merge_lora
 from tinyalign.losses import PREFERENCE_LOSSES, Targets, orpo_loss, simpo_loss
 from tinyalign.training import micro_batches
 
@@ -346,7 +346,7 @@ def test_help_shows_the_paper_and_the_demo_default(capsys):
 def readme_step_names() -> list[str]:
     """The dotted names (`train_dpo.x`, `tinyalign.m.x`) the README's "How a DPO step runs" lists."""
     text = (REPO / "README.md").read_text()
-    section = text.split("### How a DPO step runs", 1)[1].split("\n#", 1)[0]
+    section = text.split("## How a DPO step runs", 1)[1].split("\n#", 1)[0]
     names = re.findall(r"`((?:train_dpo|train_sft|tinyalign)(?:\.\w+)+)`", section)
     return [n for n in names if not n.endswith(".py")]  # file names (`train_sft.py`) are not functions
 
@@ -410,7 +410,7 @@ def test_mdpo_trains_with_the_chosen_answer_under_a_corrupted_image(tiny_world, 
     learning rate 0, with the file's reference log-probs for the two answers and the corrupted image's
     computed before training by the same (start) model, the first loss is mdpo_loss of independently
     computed log-probs."""
-    from tinyalign.data import collate_corrupted
+    from tinyalign.batches import collate_corrupted
     from tinyalign.losses import mdpo_loss
 
     pairs_path = write_pairs(tiny_world, tmp_path / "pairs.jsonl")

@@ -12,7 +12,8 @@ import torch
 import train_dpo
 from test_training import dpo_args, metrics, write_pairs
 from tinyalign import Processor, load_model
-from tinyalign.data import collate_pairs, pair_examples, pair_logps, read_pairs
+from tinyalign.batches import collate_pairs, pair_logps
+from tinyalign.data import pair_examples, read_pairs
 from tinyalign.lab import workshop
 from tinyalign.losses import PREFERENCE_LOSSES
 from tinyalign.packing import pack_pairs

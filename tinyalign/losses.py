@@ -119,7 +119,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     When the policy is the reference, h = 0 and the loss is ln 2 = 0.693 for every pair."""
     h = log_ratio_difference(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    return losses, implicit_rewards(policy_chosen, ref_chosen, beta), implicit_rewards(policy_rejected, ref_rejected, beta)
+    return (losses, implicit_rewards(policy_chosen, ref_chosen, beta),
+            implicit_rewards(policy_rejected, ref_rejected, beta))
 
 
 def ipo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -128,7 +129,8 @@ def ipo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     stops pushing once the margin reaches 1 / (2 beta)."""
     h = log_ratio_difference(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     losses = (h - 1 / (2 * beta)) ** 2
-    return losses, implicit_rewards(policy_chosen, ref_chosen, beta), implicit_rewards(policy_rejected, ref_rejected, beta)
+    return (losses, implicit_rewards(policy_chosen, ref_chosen, beta),
+            implicit_rewards(policy_rejected, ref_rejected, beta))
 
 
 def hinge_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -136,7 +138,8 @@ def hinge_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_c
     """SLiC's hinge (Zhao et al. 2023, arXiv 2305.10425): max(0, 1 - beta h)."""
     h = log_ratio_difference(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     losses = torch.relu(1 - beta * h)
-    return losses, implicit_rewards(policy_chosen, ref_chosen, beta), implicit_rewards(policy_rejected, ref_rejected, beta)
+    return (losses, implicit_rewards(policy_chosen, ref_chosen, beta),
+            implicit_rewards(policy_rejected, ref_rejected, beta))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ class Llava(nn.Module):
                 packed=None, repeat_images: int = 1) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab], transformers' convention.
 
-        targets (losses.Targets, what a batch of tinyalign/data.py carries): which tokens to score. The
+        targets (losses.Targets, what a batch of tinyalign/batches.py carries): which tokens to score. The
         forward then returns instead each answer's summed log-probability [S], computed on those
         positions only and in chunks, so the [B, T, vocab] logits never exist. Training calls this,
         through forward so that a DDP or FSDP wrapper sees it.

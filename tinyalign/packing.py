@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import Batch, PairBatch, PairExample, SFTExample, collate_corrupted, collate_pairs, collate_sft, load_pixels, \
-    reference_tensors
+from .batches import Batch, PairBatch, collate_corrupted, collate_pairs, collate_sft, load_pixels, reference_tensors
+from .data import PairExample, SFTExample
 from .losses import Targets
 from .processor import IGNORE_INDEX, Encoded
 
@@ -147,10 +147,11 @@ def collate_documents(documents: list[Document], n_sequences: int, processor, ma
 
 def pack_pairs(examples: list[PairExample], processor, max_tokens: int | None = None, pixel_cache=None) -> PairBatch:
     """A DPO batch with shared prefixes (and, with max_tokens, several pairs per row). Answers 0..B-1
-    are the chosen ones, B..2B-1 the rejected ones: the order of data.PairBatch."""
+    are the chosen ones, B..2B-1 the rejected ones: the order of batches.PairBatch."""
     B = len(examples)
     documents = [pair_document(e, k, B + k) for k, e in enumerate(examples)]
-    return PairBatch(collate_documents(documents, 2 * B, processor, max_tokens, pixel_cache), *reference_tensors(examples))
+    inputs = collate_documents(documents, 2 * B, processor, max_tokens, pixel_cache)
+    return PairBatch(inputs, *reference_tensors(examples))
 
 
 def pack_sft(examples: list[SFTExample], processor, max_tokens: int | None = None, pixel_cache=None) -> Batch:
@@ -166,7 +167,7 @@ def pack_sft(examples: list[SFTExample], processor, max_tokens: int | None = Non
 
 def pair_batch(examples: list[PairExample], processor, packing: bool = False, pack_tokens: int | None = None,
                corrupted: bool = False, pixel_cache=None) -> PairBatch:
-    """B pairs as plain rows (data.collate_pairs) or, with packing, as packed ones (`pack_pairs`).
+    """B pairs as plain rows (batches.collate_pairs) or, with packing, as packed ones (`pack_pairs`).
     corrupted: also the chosen answers under corrupted images, for a loss that compares images (mDPO)."""
     batch = (pack_pairs(examples, processor, pack_tokens, pixel_cache) if packing
              else collate_pairs(examples, processor, pixel_cache))
@@ -177,6 +178,6 @@ def pair_batch(examples: list[PairExample], processor, packing: bool = False, pa
 
 def sft_batch(examples: list[SFTExample], processor, packing: bool = False, pack_tokens: int | None = None,
               pixel_cache=None) -> Batch:
-    """Conversations as plain rows (data.collate_sft) or packed ones (`pack_sft`)."""
+    """Conversations as plain rows (batches.collate_sft) or packed ones (`pack_sft`)."""
     return pack_sft(examples, processor, pack_tokens, pixel_cache) if packing else collate_sft(examples, processor,
                                                                                                pixel_cache)

@@ -153,7 +153,7 @@ def dpo_start(args) -> None:
             model = model or load_model(start, device=args.device)
             sample_and_rate(model, demo_processor(), read_jsonl(prompts[split]), DEMO_DATA, samples[split],
                             seed=args.seed * 2 + i)  # a sampling stream of its own per split and seed
-            sidecar.write_text(made_by + "\n")
+            write_atomic(sidecar, made_by + "\n")
     args.model, args.image_folder = str(start), args.image_folder or str(DEMO_DATA)
     args.data, args.eval_data = args.data or str(samples["train"]), args.eval_data or str(samples["held-out"])
 
@@ -185,7 +185,7 @@ def steerlm_start(args) -> None:
     args.model = str(sft_model(args.seed, args.device))
     if not args.data:
         path = DEMO_DATA / "steer.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rated_styles(read_jsonl(DEMO_DATA / "prompts.jsonl"))))
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rated_styles(read_jsonl(DEMO_DATA / "prompts.jsonl"))))
         args.data = str(path)
     args.image_folder = args.image_folder or str(DEMO_DATA)
 

@@ -33,6 +33,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from ..config import LlavaConfig, TextConfig, VisionConfig
 from ..data import ATTRIBUTES
 from ..images import ImageProcessor
+from ..infra.files import write_atomic
 from ..processor import SYSTEM_PROMPTS, Processor
 from ..steer import STEER_TEMPLATES, steer_prompt
 
@@ -202,9 +203,9 @@ def make_world(folder, seed: int = 0, n_sft: int = 4000, n_prompts: int = 1500, 
         else:
             heldout_prompts.append({"id": f"heldout-prompt-{i}", "image": image, "prompt": prompt, "kind": kind,
                                     "truth": right})
-    files["sft"].write_text(json.dumps(sft, indent=1))
+    write_atomic(files["sft"], json.dumps(sft, indent=1))
     for key, records in [("prompts", prompts), ("heldout", heldout), ("heldout_prompts", heldout_prompts)]:
-        files[key].write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_atomic(files[key], "".join(json.dumps(r) + "\n" for r in records))
     files["images"] = folder
     return files
 
@@ -244,9 +245,9 @@ def make_benchmarks(folder, seed: int = 7, n: int = 100) -> dict:
             answer = "ABCD"[rotated.index(truth(scene, kind))]
             mmbench.append("\t".join([str(i + shift * 1_000_000), question(kind), "",
                                       *(rotated + [""] * (4 - len(rotated))), answer, kind, encoded, "shapes"]))
-    (folder / "pope" / "coco_pope_random.json").write_text("".join(json.dumps(r) + "\n" for r in pope))
-    (folder / "mmbench_dev_shapes.tsv").write_text("\n".join(mmbench) + "\n")
-    (folder / "preference_heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    write_atomic(folder / "pope" / "coco_pope_random.json", "".join(json.dumps(r) + "\n" for r in pope))
+    write_atomic(folder / "mmbench_dev_shapes.tsv", "\n".join(mmbench) + "\n")
+    write_atomic(folder / "preference_heldout.jsonl", "".join(json.dumps(r) + "\n" for r in pairs))
     return {"pope_dir": folder / "pope", "image_folder": folder, "mmbench": folder / "mmbench_dev_shapes.tsv",
             "pairs": folder / "preference_heldout.jsonl"}
 

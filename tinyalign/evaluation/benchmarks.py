@@ -289,7 +289,8 @@ def read_llava_bench(folder) -> list[dict]:
     folder = Path(folder)
     questions = read_jsonl(folder / "questions.jsonl", error=BenchmarkError)
     captions = {c["image"]: c.get("caption", "") for c in read_jsonl(folder / "context.jsonl", error=BenchmarkError)}
-    references = {r["question_id"]: r["text"] for r in read_jsonl(folder / "answers_gpt4.jsonl", error=BenchmarkError)}
+    references = {r["question_id"]: r["text"]
+                  for r in read_jsonl(folder / "answers_gpt4.jsonl", error=BenchmarkError)}
     for n, q in enumerate(questions, 1):
         where = f"{folder / 'questions.jsonl'} record {n}"
         require(q, ["question_id", "image", "text", "category"], where)

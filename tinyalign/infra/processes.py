@@ -30,8 +30,10 @@ def distribute(model, args, world: int):
 def refuse_unsupported(args, world: int, image_conditional: bool) -> None:
     """What several processes cannot do yet, refused by name before any work."""
     if world > 1 and args.fsdp and (args.demo or getattr(args, "ref", None) == "live"):
-        raise SystemExit("--fsdp: the demo's report and --ref live run the model on rank 0 alone, which a sharded "
-                         "model cannot do; use --ref precomputed and a --model")
+        dpo = hasattr(args, "ref")  # train_dpo.py's --ref live needs the model on rank 0 too
+        raise SystemExit("--fsdp: the demo's report " + ("and --ref live run" if dpo else "runs") + " the model on rank 0 "
+                         "alone, which a sharded model cannot do; " + ("use --ref precomputed and a --model" if dpo else
+                                                                       "give a --model"))
     if world > 1 and image_conditional:
         raise SystemExit(f"--loss-type {args.loss_type} runs in one process for now: its step has two forwards "
                          "(the corrupted image's too), and DDP allows one per backward")

@@ -335,10 +335,23 @@ def adapter_state(module: nn.Module, prefix: str = "") -> dict:
 
 
 def save_adapter(module: nn.Module, folder, r: int, alpha: float, dropout: float, targets=TARGETS):
-    """adapter_model.safetensors + adapter_config.json, in PEFT's layout and names."""
+    """adapter_model.safetensors + adapter_config.json, in PEFT's layout and names; written into a
+    temporary folder beside `folder` and renamed into place, as save_model writes a model."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state(module, prefix="base_model.model.model.language_model."), str(folder / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
-              "target_modules": list(targets), "bias": "none"}
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))
+    try:
+        with writing(tmp):
+            save_file(adapter_state(module, prefix="base_model.model.model.language_model."),
+                      str(tmp / "adapter_model.safetensors"))
+            config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+                      "lora_dropout": dropout, "target_modules": list(targets), "bias": "none"}
+            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        fsync_tree(tmp)
+        usual_permissions(tmp)
+        replace_folder(tmp, folder, what="adapter")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

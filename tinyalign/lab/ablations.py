@@ -31,8 +31,9 @@ from types import SimpleNamespace
 
 import torch
 
-from ..data import Pair, collate_pairs, load_pairs, pair_examples, pair_logps, read_jsonl
-from ..demo import runs
+from ..batches import collate_pairs, pair_logps
+from ..data import Pair, load_pairs, pair_examples, read_jsonl
+from ..demo.runs import dpo_start, exact_answer_accuracy, greedy_answers, sample_and_rate
 from ..demo import world as shapes
 from ..infra.arguments import at_least
 from ..infra.files import write_atomic, write_json
@@ -123,7 +124,7 @@ def train_arm(start: Path, data: Path, heldout: Path, world: Path, out: Path, se
 
 def measure(model_dir: Path, world: Path, questions: list[dict]) -> float:
     """Exact answers, greedy, on the held-out questions."""
-    return runs.exact_answer_accuracy(load_model(model_dir), Processor.from_pretrained(model_dir), questions, world)
+    return exact_answer_accuracy(load_model(model_dir), Processor.from_pretrained(model_dir), questions, world)
 
 
 def run_ablation(name: str, seeds: list[int], out: Path, start: Path, samples: Path, heldout_samples: Path,
@@ -181,7 +182,7 @@ def sft_and_samples(folder: Path, world: Path, name: str, sft_data: Path, seed: 
     samples = folder / f"{name}-samples.jsonl"
     if not samples.exists():
         print(f"Sampling 4 answers per prompt from {model_dir} and rating them...", flush=True)
-        runs.sample_and_rate(load_model(model_dir), processor, read_jsonl(world / "prompts.jsonl"), world,
+        sample_and_rate(load_model(model_dir), processor, read_jsonl(world / "prompts.jsonl"), world,
                              samples, seed=0)
     return model_dir, samples
 
@@ -286,7 +287,7 @@ def sums_scores(model_dir: Path, world: Path, heldout: list[dict]) -> dict:
     model, processor = load_model(model_dir), Processor.from_pretrained(model_dir)
 
     def greedy(questions, images):
-        return [processor.decode(ids) for ids in runs.greedy_answers(model, processor, questions, images)]
+        return [processor.decode(ids) for ids in greedy_answers(model, processor, questions, images)]
 
     alone = greedy([q for q, _ in SUMS], [None] * len(SUMS))
     cases = [(q, a, world / r["image"]) for q, a in SUMS for r in heldout[:DISTRACTORS]]
@@ -411,7 +412,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     started = time.time()
     setup = SimpleNamespace(seed=0, device="cpu", data=None, eval_data=None, image_folder=None)
-    runs.dpo_start(setup)  # the SFT demo's model and its rated samples, made now if missing
+    dpo_start(setup)  # the SFT demo's model and its rated samples, made now if missing
     start, world = Path(setup.model), Path(setup.image_folder)
     out = Path(args.out) / args.ablation
     out.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,8 @@ def without_branch_rule(batch):
     """A packed batch whose tokens all claim the shared branch: exactly what deleting the branch
     condition from `AttentionMask.mask_mod` does. The rejected answer then attends to the chosen one."""
     packed = batch.inputs["packed"]
-    return replace(batch, inputs={**batch.inputs, "packed": replace(packed, branch_ids=torch.zeros_like(packed.branch_ids))})
+    all_shared = replace(packed, branch_ids=torch.zeros_like(packed.branch_ids))
+    return replace(batch, inputs={**batch.inputs, "packed": all_shared})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,6 @@ import statistics
 import sys
 import time
 from functools import partial
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -48,6 +47,7 @@ from ..config import PRESETS, LlavaConfig, preset
 from ..data import PairExample
 from ..generate import cache_length, generate, plain_decoder
 from ..infra.arguments import at_least, non_negative
+from ..infra.files import write_atomic
 from ..losses import dpo_loss
 from ..model import random_model
 from ..packing import pack_pairs
@@ -528,14 +528,14 @@ def main(argv=None, extra_rows=None, command: str = "python -m tinyalign.speed.b
         reset_memory(device)
         measure(results, name, fn)
         results["elapsed_s"] = time.time() - started
-        Path(args.out).write_text(json.dumps(results, indent=1))  # after every row: a cut-off run keeps what it has
+        write_atomic(args.out, json.dumps(results, indent=1))  # after every row: a cut-off run keeps what it has
     held.clear()
 
     # ---- the paper's run, projected ---------------------------------------------------------
     rate = max(results.get(k, {}).get("pairs_per_s") or 0 for k in ("ours_lora", "ours_lora_compiled"))
     if rate:
         results["paper_run_hours"] = 5034 * 3 / rate / 3600  # ~5k pairs x 3 epochs
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    write_atomic(args.out, json.dumps(results, indent=1))
     print(table(results))
     return results
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..generate import CHECK_EVERY, cache_length, check_decoding, decode_step, plain_decoder, prefill, row_keys, sample_next
+from ..generate import (CHECK_EVERY, cache_length, check_decoding, decode_step, plain_decoder, prefill, row_keys,
+                        sample_next)
 from ..llama import KVCache
 from .fused import fused_projections
 
