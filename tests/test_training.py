@@ -1,6 +1,5 @@
 """The training scripts end to end on a tiny checkpoint: LoRA merge, reference log-probs, resume, NaN."""
 
-import importlib
 import inspect
 import json
 import re
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_hf_model
+from test_docs import resolve
 from test_parity import make_batch
 
 import tinyalign
@@ -41,6 +41,14 @@ def write_pairs(world, path):
         records.append({"id": r["id"], "image": r["image"], "prompt": r["prompt"],
                         "chosen": say(r["kind"], r["truth"]), "rejected": wrong})
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def write_pairs_with_reference(world, path):
+    """write_pairs' file, each record also carrying the paper's reference log-prob fields (-1 for the
+    chosen answer, -30 for the rejected one), so that a run reads them instead of computing them."""
+    records = read_jsonl(write_pairs(world, path))
+    path.write_text("".join(json.dumps({**r, "ref_win_logp": -1.0, "ref_rej_logp": -30.0}) + "\n" for r in records))
     return path
 
 
@@ -351,20 +359,6 @@ def readme_step_names() -> list[str]:
     return [n for n in names if not n.endswith(".py")]  # file names (`train_sft.py`) are not functions
 
 
-def resolve(dotted: str):
-    """Import the longest module prefix of `dotted`, then look the rest up as attributes."""
-    parts = dotted.split(".")
-    for cut in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ModuleNotFoundError:
-            continue
-        for name in parts[cut:]:
-            obj = getattr(obj, name)
-        return obj
-    raise ImportError(dotted)
-
-
 def test_readme_dpo_step_names_real_functions():
     names = readme_step_names()
     assert len(names) >= 20  # the section was found and read
@@ -413,10 +407,7 @@ def test_mdpo_trains_with_the_chosen_answer_under_a_corrupted_image(tiny_world, 
     from tinyalign.batches import collate_corrupted
     from tinyalign.losses import mdpo_loss
 
-    pairs_path = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
-    records = [json.loads(line) for line in pairs_path.read_text().splitlines()]
-    pairs_path.write_text("".join(json.dumps({**r, "ref_win_logp": -1.0, "ref_rej_logp": -30.0}) + "\n"
-                                  for r in records))
+    pairs_path = write_pairs_with_reference(tiny_world, tmp_path / "pairs.jsonl")
     out = tmp_path / "mdpo"
     train_dpo.main(dpo_args(tiny_world, pairs_path, out, "--loss-type", "mdpo", "--max-steps", "1", "--lr", "0",
                             "--projector-lr", "0", "--batch-size", "16", "--grad-accum", "1", "--eval-fraction", "0",
@@ -463,9 +454,7 @@ def test_a_throwaway_loss_registered_in_the_table_trains_two_steps_through_the_c
     with pytest.raises(SystemExit):
         train_dpo.parse(["--help"])
     assert "tilted: a test's own loss" in capsys.readouterr().out
-    pairs_path = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
-    records = [json.loads(line) for line in pairs_path.read_text().splitlines()]
-    pairs_path.write_text("".join(json.dumps({**r, "ref_win_logp": -1.0, "ref_rej_logp": -30.0}) + "\n" for r in records))
+    pairs_path = write_pairs_with_reference(tiny_world, tmp_path / "pairs.jsonl")
     out = tmp_path / "tilted"
     train_dpo.main(dpo_args(tiny_world, pairs_path, out, "--loss-type", "tilted", "--tilt", "0.7", "--max-steps", "2",
                             "--lr", "0", "--projector-lr", "0", "--batch-size", "8", "--grad-accum", "1",

@@ -1,7 +1,6 @@
 """docs/workshop.md's exercises: every solution (tinyalign/lab/workshop.py) runs and gives what the answers
 say, and every code reference of the reading order points at a real definition."""
 
-import json
 import math
 import re
 from pathlib import Path
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 import train_dpo
-from test_training import dpo_args, metrics, write_pairs
+from test_training import dpo_args, metrics, write_pairs_with_reference
 from tinyalign import Processor, load_model
 from tinyalign.batches import collate_pairs, pair_logps
 from tinyalign.data import pair_examples, read_pairs
@@ -54,9 +53,7 @@ def test_dpop_trains_through_the_loss_table(tiny_world, tmp_path, monkeypatch):
     the start model's log-probs and the file's reference log-probs."""
     monkeypatch.setitem(PREFERENCE_LOSSES, "dpop", None)  # removed again after the test
     workshop.register_dpop()
-    pairs_path = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
-    records = [json.loads(line) for line in pairs_path.read_text().splitlines()]
-    pairs_path.write_text("".join(json.dumps({**r, "ref_win_logp": -1.0, "ref_rej_logp": -30.0}) + "\n" for r in records))
+    pairs_path = write_pairs_with_reference(tiny_world, tmp_path / "pairs.jsonl")
     out = tmp_path / "dpop"
     train_dpo.main(dpo_args(tiny_world, pairs_path, out, "--loss-type", "dpop", "--max-steps", "1", "--lr", "0",
                             "--projector-lr", "0", "--batch-size", "16", "--grad-accum", "1", "--eval-fraction", "0",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..data import DataError, build_pairs, read_records, read_scored
+from ..data import DataError, build_pairs, read_jsonl, read_records, read_scored
 from ..demo.world import rate_answer
 from ..infra.arguments import at_least, non_negative, positive
 from ..infra.files import FolderLock, complete_lines, write_atomic, writing
@@ -94,17 +94,9 @@ def read_done(out: Path) -> tuple[list[dict], set]:
     """Rated prompts already in the output (kept), and their ids. Lines with an error are dropped
     here so that a rerun tries those prompts again, and so is a last line torn by a crash (that
     prompt is simply rated again)."""
-    lines, _ = complete_lines(out)
-    kept = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{out}:{n}: not valid JSON ({e}); only a torn last line is repaired by itself") from None
-        if isinstance(record, dict) and "responses" in record and "error" not in record:
-            kept.append(record)
+    lines, _ = complete_lines(out)  # a last line torn by a crash is left out here
+    records = read_jsonl(out, "\n".join(lines))  # any other line that is not a JSON object stops, named
+    kept = [r for r in records if "responses" in r and "error" not in r]
     return kept, {r["id"] for r in kept}
 
 
