@@ -190,3 +190,7 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
         logits = step_fn(token[:, None], next_pos, slot)[:, None]
         next_pos, slot = next_pos + 1, slot + 1
     return out[:, : int(length)]
+
+
+if __name__ == "__main__":  # the one-question command lived here before the layout change
+    raise SystemExit("python -m tinyalign.generate moved: python -m tinyalign.evaluation.ask --model DIR --prompt ...")
