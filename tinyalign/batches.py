@@ -70,8 +70,9 @@ class Batch:
 @dataclass
 class PairBatch(Batch):
     """B preference pairs. The forward returns 2B log-probs: the B chosen answers first, then the B
-    rejected ones, pair k's at k and B + k. This order is written down here alone: the collating
-    functions (`collate_pairs`, packing.pack_pairs) build it, `chosen_and_rejected` reads it.
+    rejected ones, pair k's at k and B + k. This order is written down here alone (`places`): the
+    collating functions (`collate_pairs`, packing.pack_pairs) put the answers there,
+    `chosen_and_rejected` reads them back.
 
     ref_*: the reference log-probs [B] that came with the pairs (the data file's, or the ones computed
     once before training), None unless every pair has them. corrupted: mDPO only, Llava.forward's
@@ -82,9 +83,14 @@ class PairBatch(Batch):
     ref_corrupted: torch.Tensor | None = None
     corrupted: dict | None = None
 
+    @staticmethod
+    def places(k: int, pairs: int) -> tuple[int, int]:
+        """Where pair k's chosen and rejected answers sit among the 2B answers of `pairs` pairs."""
+        return k, pairs + k
+
     def chosen_and_rejected(self, per_answer: torch.Tensor):
         """[2B] -> ([B] of the chosen answers, [B] of the rejected ones)."""
-        return per_answer.chunk(2)
+        return per_answer.chunk(2)  # the first half, then the second: `places`
 
 
 def mean_per_token(logps: torch.Tensor, inputs: dict) -> torch.Tensor:
@@ -119,7 +125,11 @@ def collate_pairs(examples: list[PairExample], processor: Processor, pixel_cache
     """Plain rows: the B chosen sequences, then the B rejected ones (2B rows). pixel_values holds each
     pair's images once; the forward runs the tower on them once and uses the features for both
     halves (`repeat_images=2`)."""
-    rows = processor.collate([e.chosen for e in examples] + [e.rejected for e in examples])
+    answers = [None] * (2 * len(examples))
+    for k, e in enumerate(examples):
+        chosen, rejected = PairBatch.places(k, len(examples))
+        answers[chosen], answers[rejected] = e.chosen, e.rejected
+    rows = processor.collate(answers)
     inputs = {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"],
               "pixel_values": load_pixels(processor, [p for e in examples for p in e.images], pixel_cache),
               "repeat_images": 2, "targets": Targets.from_labels(rows["labels"])}

@@ -149,7 +149,7 @@ def pack_pairs(examples: list[PairExample], processor, max_tokens: int | None = 
     """A DPO batch with shared prefixes (and, with max_tokens, several pairs per row). Answers 0..B-1
     are the chosen ones, B..2B-1 the rejected ones: the order of batches.PairBatch."""
     B = len(examples)
-    documents = [pair_document(e, k, B + k) for k, e in enumerate(examples)]
+    documents = [pair_document(e, *PairBatch.places(k, B)) for k, e in enumerate(examples)]
     inputs = collate_documents(documents, 2 * B, processor, max_tokens, pixel_cache)
     return PairBatch(inputs, *reference_tensors(examples))
 
