@@ -158,7 +158,7 @@ def corrupt_image(path, key: str, max_area: float = 0.2):
 
 
 def collate_corrupted(examples: list[PairExample], processor: Processor) -> dict:
-    """mDPO's third forward: Llava.forward's inputs for B rows, each pair's chosen answer again, its
+    """mDPO's second forward: Llava.forward's inputs for B rows, each pair's chosen answer again, its
     image(s) replaced by a corrupted crop (always plain rows)."""
     rows = processor.collate([e.chosen for e in examples])
     crops = [processor.images(corrupt_image(p, e.id)) for e in examples for p in e.images]

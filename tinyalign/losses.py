@@ -181,7 +181,7 @@ def mdpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_ch
               beta: float = 0.1, anchor: float = 0.0):
     """mDPO (Wang et al. 2024, arXiv 2406.11839, eqs. 3-6): DPO's term, plus two that make the
     preference depend on the image. With r(y | m) = log pi(y | m, x) - log pi_ref(y | m, x), m the true
-    image and m' a corrupted one (a small random crop of it, `data.corrupt_image`):
+    image and m' a corrupted one (a small random crop of it, `batches.corrupt_image`):
         conditional preference:  -log sigmoid(beta * (r(y_w | m) - r(y_w | m')))
             the same chosen answer must be likelier with the real image than with the corrupted one;
         anchored preference:     -log sigmoid(beta * r(y_w | m) - anchor)

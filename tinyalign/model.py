@@ -90,12 +90,14 @@ class Llava(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, input_ids, pixel_values=None, attention_mask=None, *, targets: Targets | None = None,
                 packed=None, repeat_images: int = 1) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab], transformers' convention.
+        """input_ids [B, T] (B rows) -> logits [B, T, vocab], transformers' convention; or, given
+        targets, one summed log-probability per answer [S] (what training uses).
 
-        targets (losses.Targets, what a batch of tinyalign/batches.py carries): which tokens to score. The
-        forward then returns instead each answer's summed log-probability [S], computed on those
-        positions only and in chunks, so the [B, T, vocab] logits never exist. Training calls this,
-        through forward so that a DDP or FSDP wrapper sees it.
+        targets (losses.Targets, what a batch of tinyalign/batches.py carries): which tokens to score,
+        and which of the S answers each counts toward (S = B for plain rows; a pair batch has 2B rows
+        and answers for its B pairs). Computed on those positions only and in chunks, so the
+        [B, T, vocab] logits never exist. Training calls this through forward, so that a DDP or FSDP
+        wrapper sees it.
         attention_mask [B, T]: 1 for real tokens, 0 for padding (None: no padding).
         packed (packing.PackedRows): the rows hold several sequences each (tinyalign/packing.py): their
             RoPE positions, document ids and branch ids, which the attention mask keeps apart.
