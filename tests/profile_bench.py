@@ -12,7 +12,7 @@ off by --deadline keeps what it has):
    products, attention, fused elementwise, other), the forward alone, and the variants
    ``--dpo-variants`` names, each applied on top of the last: LoRA dropout 0, the vision tower
    compiled, the decoder blocks compiled with max-autotune (LoRA weights in bf16 is a row of
-   ``python -m tinyalign.speed.benchmark``).
+   ``python -m tinyalign.speed.throughput``).
 3. ``decode``: the compiled decode step at batch 1, fused q/k/v and gate/up against the separate
    products in alternating rounds of one process, and a kernel profile of the fused step.
 4. ``generation``: annotate-style sampling (one 600-token multimodal prompt, 4 samples, T=0.7,
@@ -38,12 +38,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from tinyalign.speed import benchmark  # noqa: E402
+from tinyalign.speed import throughput  # noqa: E402
 from tinyalign.config import preset  # noqa: E402
 
 
 def median_time(fn, device, warmup=3, repeat=20) -> float:
-    return statistics.median(benchmark.timed(fn, device, warmup, repeat))
+    return statistics.median(throughput.timed(fn, device, warmup, repeat))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def linear_section(cfg, device, dtype, rows: int) -> dict:
     shapes = {"q/k/v/o": (t.hidden_size, t.hidden_size), "gate/up": (t.intermediate_size, t.hidden_size),
               "down": (t.hidden_size, t.intermediate_size), "qkv fused": (3 * t.hidden_size, t.hidden_size),
               "gate_up fused": (2 * t.intermediate_size, t.hidden_size), "lm_head": (t.vocab_size, t.hidden_size)}
-    bandwidth = benchmark.copy_bandwidth(device)
+    bandwidth = throughput.copy_bandwidth(device)
     out = {"rows": rows, "copy_bandwidth": bandwidth, "shapes": {}}
     for name, (n_out, n_in) in shapes.items():
         # Several weight copies in rotation, so the timing reads memory, not the L2 cache.
@@ -123,7 +123,7 @@ def profile_rows(step, device, steps=2, top=30) -> dict:
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        benchmark.sync(device)
+        throughput.sync(device)
     # Device kernels only. CPU-side records also carry device time (an aten op, a "## Call
     # CompiledFxGraph ##" span, and inductor's launch record named like its triton kernel), so
     # counting them too counts the same kernel twice (the 2026-11-27 H200 run did, see docs).
@@ -175,12 +175,12 @@ def dpo_section(cfg, device, dtype, n_pairs: int, deadline, out: dict, variants=
     from tinyalign.packing import pack_pairs
     from tinyalign.training import autocast, compile_blocks
 
-    processor = benchmark.SyntheticProcessor(cfg)
-    pairs = benchmark.synthetic_pairs(cfg, n_pairs, 64, 200)
-    flops = benchmark.dpo_step_flops(cfg, pairs, False, 128)
-    peak = benchmark.card_peak(device)[1]
+    processor = throughput.SyntheticProcessor(cfg)
+    pairs = throughput.synthetic_pairs(cfg, n_pairs, 64, 200)
+    flops = throughput.dpo_step_flops(cfg, pairs, False, 128)
+    peak = throughput.card_peak(device)[1]
     out.update(pairs=n_pairs, flops_per_step=flops)
-    model = benchmark.paper_lora(benchmark.our_model(cfg, device, dtype))
+    model = throughput.paper_lora(throughput.our_model(cfg, device, dtype))
     if device != "cpu":
         compile_blocks(model)
     model.train()
@@ -189,12 +189,12 @@ def dpo_section(cfg, device, dtype, n_pairs: int, deadline, out: dict, variants=
         step, tokens = step_and_tokens
         t = median_time(step, device, 2, 5)
         out[name] = {"s_per_step": t, "pairs_per_s": n_pairs / t, "tokens_per_step": tokens,
-                     "mfu": flops / t / 1e12 / peak if peak else None, "peak_gib": benchmark.peak_gib(device)}
+                     "mfu": flops / t / 1e12 / peak if peak else None, "peak_gib": throughput.peak_gib(device)}
         print(f"   {name}: {out[name]}", flush=True)
         save()  # a run killed by its time limit keeps every row measured so far
         return step
 
-    step = rate("step", benchmark.our_dpo_step(model, pairs, processor, device, benchmark.trainable_optimizer(model, 5e-5)))
+    step = rate("step", throughput.our_dpo_step(model, pairs, processor, device, throughput.trainable_optimizer(model, 5e-5)))
     out["profile"] = profile_rows(step, device)
     save()
     for g, v in out["profile"]["groups"].items():
@@ -202,7 +202,7 @@ def dpo_section(cfg, device, dtype, n_pairs: int, deadline, out: dict, variants=
 
     # The forward alone (reference log-probs are precomputed, so this is the policy's forward).
     batch = pack_pairs(pairs, processor)
-    batch.inputs["pixel_values"] = benchmark.pixel_batch(cfg, n_pairs, device, model.dtype)
+    batch.inputs["pixel_values"] = throughput.pixel_batch(cfg, n_pairs, device, model.dtype)
 
     def forward_only():
         with torch.no_grad(), autocast(device):
@@ -219,7 +219,7 @@ def dpo_section(cfg, device, dtype, n_pairs: int, deadline, out: dict, variants=
             out[name] = {"error": "not run: deadline"}
             continue
         DPO_VARIANTS[name](model)
-        rate(name, benchmark.our_dpo_step(model, pairs, processor, device, benchmark.trainable_optimizer(model, 5e-5)))
+        rate(name, throughput.our_dpo_step(model, pairs, processor, device, throughput.trainable_optimizer(model, 5e-5)))
     model = None  # free the GPU memory before the next model
     return out
 
@@ -231,21 +231,21 @@ def decode_section(cfg, device, dtype, new_tokens: int = 64, rounds: int = 3, ou
     gate/up fused (what generate does) against the five separate products, measured in alternation
     (fused, separate, fused, ...) so that drift over the run falls on both (issue 15's round saw no
     gain from fusing, 200 tokens/s against 208 and 217 in other runs, within their spread)."""
-    model = benchmark.our_model(cfg, device, dtype).eval()
+    model = throughput.our_model(cfg, device, dtype).eval()
     prompt_len = cfg.image_seq_length + 24
     ids = prompt_ids(cfg, 1, prompt_len, device)
-    pixels = benchmark.pixel_batch(cfg, 1, device, dtype)
+    pixels = throughput.pixel_batch(cfg, 1, device, dtype)
     compiled = device != "cpu"
     arm = {"fused": True}
 
     def run(n):  # the compiled step is traced once per arm (its guards see the fused products or none)
-        return benchmark.fast_generate(model, ids, pixels, max_new_tokens=n, eos_token_id=-1, compiled=compiled,
+        return throughput.fast_generate(model, ids, pixels, max_new_tokens=n, eos_token_id=-1, compiled=compiled,
                                        fused=arm["fused"])
 
     def rate(fused: bool) -> float:
         arm["fused"] = fused
         try:
-            return benchmark.decode_rate(run, new_tokens, device)
+            return throughput.decode_rate(run, new_tokens, device)
         finally:
             arm["fused"] = True
 
@@ -280,21 +280,21 @@ def prompt_ids(cfg, rows: int, prompt_len: int, device, seed=0):
 
 def generation_section(cfg, device, dtype, new_tokens: int, eval_batch: int, deadline, with_hf: bool) -> dict:
     prompt_len = cfg.image_seq_length + 24
-    model = benchmark.our_model(cfg, device, dtype).eval()
+    model = throughput.our_model(cfg, device, dtype).eval()
     compiled = device != "cpu"
     out = {"prompt_len": prompt_len, "new_tokens": new_tokens, "samples": 4, "eval_batch": eval_batch}
 
     def ours_annotate():  # today's annotate: the prompt repeated n times in one static batch
         ids = prompt_ids(cfg, 1, prompt_len, device).repeat(4, 1)
-        pixels = benchmark.pixel_batch(cfg, 1, device, dtype).repeat(4, 1, 1, 1)
+        pixels = throughput.pixel_batch(cfg, 1, device, dtype).repeat(4, 1, 1, 1)
         g = torch.Generator(device=device).manual_seed(0)
-        return benchmark.fast_generate(model, ids, pixels, max_new_tokens=new_tokens, temperature=0.7,
+        return throughput.fast_generate(model, ids, pixels, max_new_tokens=new_tokens, temperature=0.7,
                                        eos_token_id=-1, generator=g, compiled=compiled)
 
     def ours_eval():
         ids = prompt_ids(cfg, eval_batch, prompt_len, device)
-        pixels = benchmark.pixel_batch(cfg, eval_batch, device, dtype)
-        return benchmark.fast_generate(model, ids, pixels, max_new_tokens=new_tokens, eos_token_id=-1, compiled=compiled)
+        pixels = throughput.pixel_batch(cfg, eval_batch, device, dtype)
+        return throughput.fast_generate(model, ids, pixels, max_new_tokens=new_tokens, eos_token_id=-1, compiled=compiled)
 
     def record(name, fn, samples, repeat=3):
         t = median_time(fn, device, 1, repeat)
@@ -312,7 +312,7 @@ def generation_section(cfg, device, dtype, new_tokens: int, eval_batch: int, dea
 
     def hf_annotate():
         ids = prompt_ids(cfg, 1, prompt_len, device)
-        pixels = benchmark.pixel_batch(cfg, 1, device, dtype)
+        pixels = throughput.pixel_batch(cfg, 1, device, dtype)
         torch.manual_seed(0)
         return hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), do_sample=True,
                            temperature=0.7, top_k=0, num_return_sequences=4, max_new_tokens=new_tokens,
@@ -320,7 +320,7 @@ def generation_section(cfg, device, dtype, new_tokens: int, eval_batch: int, dea
 
     def hf_eval():
         ids = prompt_ids(cfg, eval_batch, prompt_len, device)
-        pixels = benchmark.pixel_batch(cfg, eval_batch, device, dtype)
+        pixels = throughput.pixel_batch(cfg, eval_batch, device, dtype)
         return hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), do_sample=False,
                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
 
@@ -354,7 +354,7 @@ def main(argv=None):
         p.error(f"--dpo-variants: unknown {unknown}; known: {list(DPO_VARIANTS)}")
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"preset": args.preset, "card": benchmark.card_peak(device)[0], "torch": torch.__version__,
+    meta = {"preset": args.preset, "card": throughput.card_peak(device)[0], "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "command": "python tests/profile_bench.py " + " ".join(argv or sys.argv[1:])}
     sections = {"linear": lambda: linear_section(cfg, device, dtype, 1),
                 "decode": lambda: decode_section(cfg, device, dtype, rounds=args.decode_rounds, out=partial, save=save),
@@ -378,7 +378,7 @@ def main(argv=None):
             print(f"   {result['error']}", flush=True)
         result.update(meta, seconds=time.time() - started)
         (folder / f"{name}.json").write_text(json.dumps(result, indent=1))
-        benchmark.reset_memory(device)
+        throughput.reset_memory(device)
 
 
 if __name__ == "__main__":

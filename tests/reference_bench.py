@@ -1,9 +1,9 @@
 """The transformers reference path of the GPU benchmark, kept out of tinyalign (which never imports
 transformers or peft): the same DPO step and decoding through `LlavaForConditionalGeneration`, run in
-the same process as ours by tinyalign.speed.benchmark.
+the same process as ours by tinyalign.speed.throughput.
 
     python tests/reference_bench.py --preset llava-1.5-7b      # ours and transformers, one table
-    python tests/reference_bench.py --preset tiny              # on a CPU (tests/test_bench.py runs it)
+    python tests/reference_bench.py --preset tiny              # on a CPU (tests/test_throughput.py runs it)
 
 Rows added (each next to ours): hf_lora (peft LoRA, the TRL way: chosen and rejected rows padded and
 concatenated, pixels repeated, full logits), hf_full (every weight, bf16 AdamW over all of them),
@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from tinyalign.speed import benchmark  # noqa: E402
-from tinyalign.speed.benchmark import pixel_batch, trainable_optimizer  # noqa: E402
+from tinyalign.speed import throughput  # noqa: E402
+from tinyalign.speed.throughput import pixel_batch, trainable_optimizer  # noqa: E402
 from tinyalign.config import to_hf_dict  # noqa: E402
 from tinyalign.losses import dpo_loss  # noqa: E402
 from tinyalign.processor import IGNORE_INDEX  # noqa: E402
@@ -155,10 +155,10 @@ def reference_rows(ctx):
 
     def generation(kind):
         ids, pixels, budgets, samples, width, temperature = ctx.work[kind]
-        floor = benchmark.generation_floor(ctx.cfg, ctx.dtype, ctx.gen_len, budgets, samples, width, ctx.bandwidth, ctx.peak)
+        floor = throughput.generation_floor(ctx.cfg, ctx.dtype, ctx.gen_len, budgets, samples, width, ctx.bandwidth, ctx.peak)
         run = hf_generation(decoder(), ids, pixels, budgets, samples, width, temperature)
         run(warm_up=True)  # a short call instead of a whole warm-up run: this path is slow
-        return benchmark.generation_row(run, ctx.device, len(budgets) * samples, sum(budgets) * samples, floor, 1,
+        return throughput.generation_row(run, ctx.device, len(budgets) * samples, sum(budgets) * samples, floor, 1,
                                     warmup=0)
 
     return [
@@ -174,7 +174,7 @@ def reference_rows(ctx):
 
 
 def main(argv=None):
-    return benchmark.main(argv, extra_rows=reference_rows, command="python tests/reference_bench.py")
+    return throughput.main(argv, extra_rows=reference_rows, command="python tests/reference_bench.py")
 
 
 if __name__ == "__main__":

@@ -1,2 +1,2 @@
 """Speed: what makes generation fast (fused projections, the compiled decode step, continuous batching)
-and the speed benchmark. May import the core and infra/."""
+and the speed measurements (throughput.py). May import the core and infra/."""

@@ -1,8 +1,8 @@
 """Speed and memory of the DPO step and of decoding, ours next to transformers', measured in one run.
 
     python tests/reference_bench.py --preset llava-1.5-7b  # one GPU, ours and transformers side by side
-    python -m tinyalign.speed.benchmark --preset llava-1.5-7b        # ours alone (no transformers needed)
-    python -m tinyalign.speed.benchmark --preset tiny                # the same code on a CPU in about a minute
+    python -m tinyalign.speed.throughput --preset llava-1.5-7b        # ours alone (no transformers needed)
+    python -m tinyalign.speed.throughput --preset tiny                # the same code on a CPU in about a minute
 
 Workload (the paper's DPO data): pairs of one 336 px image (576 image tokens), a ~64-token question
 and two answers of ~200 tokens; reference log-probs precomputed (constants here), as train_dpo.py
@@ -375,7 +375,7 @@ def measure(results: dict, name: str, fn):
     print(f"   {results[name]}", flush=True)
 
 
-def main(argv=None, extra_rows=None, command: str = "python -m tinyalign.speed.benchmark"):
+def main(argv=None, extra_rows=None, command: str = "python -m tinyalign.speed.throughput"):
     """extra_rows(ctx) -> [(after_row, name, fn, needs)]: more rows, each run right after the named
     row of ours (the transformers reference path: tests/reference_bench.py)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -1,4 +1,4 @@
-"""The GPU benchmark's code (tinyalign/benchmark.py + the transformers rows of tests/reference_bench.py),
+"""The GPU benchmark's code (tinyalign/throughput.py + the transformers rows of tests/reference_bench.py),
 run end to end on a CPU with --preset tiny."""
 
 import json
@@ -7,12 +7,12 @@ import re
 import reference_bench
 from conftest import ROOT
 
-from tinyalign.speed import benchmark
+from tinyalign.speed import throughput
 from tinyalign.config import preset
 
 
 def test_bench_tiny_runs_every_row(tmp_path):
-    out = tmp_path / "benchmark.json"
+    out = tmp_path / "throughput.json"
     results = reference_bench.main(["--preset", "tiny", "--steps", "1", "--decode-tokens", "8", "--skip", "compile",
                                     "--prompt-tokens", "16", "--answer-tokens", "24", "--gen-prompts", "3",
                                     "--gen-rows", "8", "--eval-prompts", "5", "--eval-rows", "2", "--answers", "2,9",
@@ -28,7 +28,7 @@ def test_bench_tiny_runs_every_row(tmp_path):
     assert results["gen_eval_continuous"]["samples"] == results["hf_gen_eval"]["samples"] == 5
     assert "hf_lora" in results  # measured where peft is installed, else recorded as failed with the reason
     # Packed pairs compute each pair's image and question once: exactly prompt + chosen + rejected.
-    pairs = benchmark.synthetic_pairs(preset("tiny"), 4, prompt_tokens=16, answer_tokens=24)
+    pairs = throughput.synthetic_pairs(preset("tiny"), 4, prompt_tokens=16, answer_tokens=24)
     prompt = [len(e.chosen.input_ids) - e.chosen.num_supervised for e in pairs]
     packed = sum(len(e.chosen.input_ids) + len(e.rejected.input_ids) - p for e, p in zip(pairs, prompt))
     assert results["ours_lora"]["tokens_per_step"] == packed
@@ -39,14 +39,14 @@ def test_bench_tiny_runs_every_row(tmp_path):
 
 def test_flop_count_by_hand():
     cfg = preset("tiny")
-    pairs = benchmark.synthetic_pairs(cfg, 1, prompt_tokens=10, answer_tokens=20)
+    pairs = throughput.synthetic_pairs(cfg, 1, prompt_tokens=10, answer_tokens=20)
     e = pairs[0]
     p = next(i for i, x in enumerate(e.chosen.labels) if x != -100)
     c, r = len(e.chosen.input_ids) - p, len(e.rejected.input_ids) - p
-    assert benchmark.visible_pairs(p, c, r) == p * (p + 1) // 2 + c * p + c * (c + 1) // 2 + r * p + r * (r + 1) // 2
-    full, lora = benchmark.dpo_step_flops(cfg, pairs, True, 0), benchmark.dpo_step_flops(cfg, pairs, False, 0)
+    assert throughput.visible_pairs(p, c, r) == p * (p + 1) // 2 + c * p + c * (c + 1) // 2 + r * p + r * (r + 1) // 2
+    full, lora = throughput.dpo_step_flops(cfg, pairs, True, 0), throughput.dpo_step_flops(cfg, pairs, False, 0)
     # Full fine-tuning adds exactly the weight gradients of the decoder's linear layers: 2 N per token.
-    assert full - lora == 2 * benchmark.decoder_linear_params(cfg) * (p + c + r)
+    assert full - lora == 2 * throughput.decoder_linear_params(cfg) * (p + c + r)
 
 
 def test_tinyalign_never_imports_transformers_or_peft():
