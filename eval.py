@@ -330,7 +330,8 @@ def run_llava_bench(args) -> dict:
     items = [request(prompts[q["category"]], texts[str(q["question_id"])], q["question_id"], context=q["caption"],
                      question=q["text"], answer_1=q["reference"], answer_2=texts[str(q["question_id"])])
              for q in questions]
-    pairs = judged(judge, items, benchmarks.parse_pair_scores, "llava_bench", args)
+    parse = benchmarks.parse_pair_scores if args.accept_any_rating else benchmarks.checked_pair_scores
+    pairs = judged(judge, items, parse, "llava_bench", args)
     reviews = [{"category": q["category"], "reference": a, "model": b} for q, (a, b) in zip(questions, pairs)]
     scores = benchmarks.relative_scores(reviews)
     result = headline("llava_bench", scores["overall"], "relative", [list(p) for p in pairs],
@@ -414,8 +415,13 @@ def run_mtbench(args) -> dict:
             items.append(request(prompts[(turn, with_reference)], a[turn - 1], f"{qid}-{turn}", **fields))
             meta.append({"question_id": q["question_id"], "turn": turn, "category": q["category"]})
     judge = make_judge(args)
-    ratings = [{**m, "rating": r} for m, r in zip(meta, judged(judge, items, benchmarks.parse_rating, "mtbench", args))]
+    parse = benchmarks.parse_rating if args.accept_any_rating else benchmarks.checked_rating
+    ratings = [{**m, "rating": r} for m, r in zip(meta, judged(judge, items, parse, "mtbench", args))]
     scores = benchmarks.mtbench_scores(ratings)
+    if scores["unrated"] == len(ratings):  # FastChat leaves -1 out of its means: a mean over nothing is no score
+        raise benchmarks.BenchmarkError(f"MT-Bench: none of the {len(ratings)} judgments holds a rating ([[n]]), so "
+                                        f"there is no score; nothing was written. The judge's replies are in "
+                                        f"{args.judge_cache}")
     result = headline("mtbench", scores["overall"], "mean", [r["rating"] for r in ratings if r["rating"] != -1],
                       turn_1=scores["turn_1"], turn_2=scores["turn_2"], unrated=scores["unrated"],
                       by_category=scores["by_category"], ratings=ratings, distractor_image=args.distractor_image,
@@ -527,6 +533,9 @@ def parse(argv=None):
         j.add_argument("--judge-timeout", type=positive, default=120.0)
         j.add_argument("--retries", type=at_least(0), default=3)
         j.add_argument("--backoff", type=non_negative, default=2.0, help="seconds before the first retry (then doubled)")
+        j.add_argument("--accept-any-rating", action="store_true", help="MT-Bench and LLaVA-Bench: take a judge's "
+                       "score as the official scripts parse it, even outside the 1-10 its prompt asks for (default: "
+                       "such a reply is a failed try, retried, then listed in judge_failures.json)")
         if name in ("pope", "mmbench"):
             a("--prompt-suffix", help="text after the question (default: LLaVA-1.5's short-answer instruction)")
         if name == "pope":

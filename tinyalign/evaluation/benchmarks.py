@@ -311,6 +311,25 @@ def parse_pair_scores(reply: str) -> tuple[float, float]:
     return float(parts[0]), float(parts[1])
 
 
+JUDGE_SCALE = (1, 10)  # MT-Bench's and LLaVA-Bench's judge prompts both ask for a score from 1 to 10
+
+
+def on_scale(score: float, what: str) -> float:
+    """A judge's score checked against the scale its prompt asks for: outside it, the reply is a
+    failed try (retried, then listed in judge_failures.json), never a score. The official scripts take
+    any number they can parse (a 15 counts as 15); eval.py's --accept-any-rating does the same."""
+    low, high = JUDGE_SCALE
+    if not low <= score <= high:
+        raise ValueError(f"{what} {score:g} is outside the judge's scale {low}-{high}")
+    return score
+
+
+def checked_pair_scores(reply: str) -> tuple[float, float]:
+    """parse_pair_scores, each of the two scores on the 1-10 scale."""
+    reference, model = parse_pair_scores(reply)
+    return on_scale(reference, "the reference's score"), on_scale(model, "the model's score")
+
+
 def relative_scores(reviews: list[dict]) -> dict:
     """reviews [{category, reference, model}]: the model's mean score as a percentage of the
     reference's, per category and over all (LLaVA-Bench's "relative score")."""
@@ -350,6 +369,13 @@ def parse_rating(reply: str) -> float:
         if found:
             return float(found.group(1))
     return -1.0
+
+
+def checked_rating(reply: str) -> float:
+    """parse_rating, then the 1-10 scale: a rating outside it is a failed try; no rating at all stays
+    -1, as FastChat has it (left out of the means)."""
+    rating = parse_rating(reply)
+    return rating if rating == -1 else on_scale(rating, "rating")
 
 
 def mtbench_scores(ratings: list[dict]) -> dict:

@@ -144,7 +144,10 @@ class ChatClient:
         self.calls += 1
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
             reply = json.loads(response.read())
-        return reply["choices"][0]["message"]["content"]
+        content = reply["choices"][0]["message"]["content"]
+        if not isinstance(content, str):  # a refusal or a tool call: nothing to grade with
+            raise ValueError(f"the reply holds no text (content: {content!r})")
+        return content
 
     def ask(self, messages: list[dict], parse: Callable[[str], object]):
         """-> (parsed value, raw reply). Raises JudgeError listing every failed try."""
@@ -162,18 +165,21 @@ class ChatClient:
 
 
 class JudgmentCache:
-    """Parsed judgments on disk, one JSON line each, appended (and fsynced) as they arrive.
+    """Judgments on disk, one JSON line each (the judge's raw reply with what it was parsed to),
+    appended (and fsynced) as they arrive.
 
-    Several processes may share one cache (two eval.py runs, say): the first verdict written for a
-    key stands, for all of them and for every rerun. Before asking the judge, a miss re-reads what
-    others appended meanwhile; a verdict arriving for a key that someone wrote first is dropped in
-    favour of that one (two processes asking at the very same moment may both pay for the call, but
-    they score with the same verdict); and a reader keeps the first line of a key, never a later one."""
+    Several processes may share one cache (two eval.py runs, say): the first usable verdict written
+    for a key stands, for all of them and for every rerun. A cached reply is parsed again by the rule
+    in force when it is read, so a reply an older rule accepted (a rating outside its scale) is not
+    used; its replacement is appended after it. Before asking the judge, a miss re-reads what others
+    appended meanwhile; a verdict arriving for a key that someone wrote first is dropped in favour of
+    that one (two processes asking at the very same moment may both pay for the call, but they score
+    with the same verdict)."""
 
     def __init__(self, path):
         self.path = Path(path)
         self.lock = threading.Lock()
-        self.entries = {}
+        self.entries = {}  # key -> every entry written for it, in the file's order
         self.offset = 0  # bytes of the file read so far
         self.hits = 0
         self.refresh()
@@ -184,38 +190,50 @@ class JudgmentCache:
         for line in lines:
             try:
                 entry = json.loads(line)
-                self.entries.setdefault(entry["key"], entry)  # the first verdict stands
-            except (json.JSONDecodeError, KeyError, TypeError):
+                self.entries.setdefault(entry["key"], []).append(entry)
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 pass  # a line torn by a crash: that judgment is simply asked again
+
+    def usable(self, key: str, parse):
+        """The first entry of `key` whose reply `parse` accepts, with its value parsed now; or None."""
+        for entry in self.entries.get(key, []):
+            try:
+                return {**entry, "value": parse(entry["reply"])}
+            except (ValueError, TypeError, AttributeError, KeyError):
+                continue
+        return None
 
     @staticmethod
     def key(judge_model: str, prompt_version: str, prompt, answer: str) -> str:
         return hashlib.sha256(json.dumps([judge_model, prompt_version, prompt, answer]).encode()).hexdigest()
 
-    def get(self, key: str):
+    def get(self, key: str, parse):
         with self.lock:
-            if key not in self.entries:
+            entry = self.usable(key, parse)
+            if entry is None:
                 self.refresh()  # judged by another process meanwhile?
-            entry = self.entries.get(key)
+                entry = self.usable(key, parse)
             if entry is not None:
                 self.hits += 1
         return entry
 
-    def put(self, key: str, value, reply: str, judge_model: str, prompt_version: str) -> dict:
-        """Append a verdict, unless one for this key was written first (then that one is returned)."""
+    def put(self, key: str, value, reply: str, judge_model: str, prompt_version: str, parse) -> dict:
+        """Append a verdict, unless a usable one for this key was written first (then that one is returned)."""
         entry = {"key": key, "value": value, "reply": reply, "judge": judge_model, "prompt_version": prompt_version}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.lock, locked(self.path.with_name(self.path.name + ".lock")):
             self.refresh()
-            if key in self.entries:
-                return self.entries[key]
+            first = self.usable(key, parse)
+            if first is not None:
+                return first
             with writing(self.path), self.path.open("a+b") as f:
                 if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
                     f.write(b"\n")  # end a line torn by a crash, so that ours is not glued to it
                 f.write((json.dumps(entry) + "\n").encode())
                 f.flush()
                 os.fsync(f.fileno())
-            self.entries[key] = entry
+                self.offset = f.tell()  # read up to here: the file is locked, the last line is ours
+            self.entries.setdefault(key, []).append(entry)
         return entry
 
 
@@ -242,7 +260,7 @@ class Judge:
         """items: from `request`. -> one {"value", "reply"} or {"error"} per item, in order."""
         def one(item):
             key = self.cache.key(self.client.model, item["version"], [item["system"], item["prompt"]], item["answer"])
-            hit = self.cache.get(key)
+            hit = self.cache.get(key, parse)
             if hit is not None:
                 return hit
             images = item.get("images", [])
@@ -254,7 +272,7 @@ class Judge:
                 value, reply = self.client.ask(messages, parse)
             except JudgeError as e:
                 return {"error": str(e)}
-            return self.cache.put(key, value, reply, self.client.model, item["version"])
+            return self.cache.put(key, value, reply, self.client.model, item["version"], parse)
 
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             return list(tqdm(pool.map(one, items), total=len(items), desc=desc, unit="item"))
