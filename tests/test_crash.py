@@ -295,3 +295,28 @@ def test_a_pointer_to_a_missing_checkpoint_deletes_nothing_and_resume_says_so(ti
     with pytest.raises(FileNotFoundError, match="names step-99999999-0, which is incomplete or missing"):
         train_sft.main(argv + ["--resume"])
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == kept
+
+
+@pytest.mark.parametrize("how", ["deleted by hand", "killed before the first pointer"])
+def test_a_missing_pointer_is_rebuilt_and_no_complete_checkpoint_is_deleted(tiny_world, uninterrupted, tmp_path,
+                                                                            how):
+    """checkpoints/latest missing beside complete step folders (deleted by hand or lost with a copy; or
+    the first save killed between its folder's rename and the pointer's): the next start deletes
+    nothing complete and rebuilds the pointer from the newest step folder that reads; a plain start
+    is then refused as a run in use of its folder, and --resume finishes it as if never stopped."""
+    out = tmp_path / "run"
+    argv = sft_args(tiny_world, out, *STEPS)
+    if how == "deleted by hand":
+        train_sft.main(argv + ["--stop-after", "2"])
+        (out / "checkpoints" / "latest").unlink()
+    else:
+        run_until_crash(train_sft.main, argv, "checkpoint: folder renamed, pointer not yet moved#1")
+        assert not (out / "checkpoints" / "latest").exists()
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert steps
+    with pytest.raises(SystemExit, match=r"holds a run \(checkpoints, metrics.jsonl\): continue it with --resume"):
+        train_sft.main(argv)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == steps  # nothing complete deleted
+    assert (out / "checkpoints" / "latest").read_text().strip() == steps[-1]
+    train_sft.main(argv + ["--resume"])
+    same_as_uninterrupted(out, uninterrupted["sft"])

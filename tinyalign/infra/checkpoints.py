@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .files import crash_point, fsync_path, fsync_tree, recover_folder, standalone, write_atomic, writing
@@ -102,10 +103,20 @@ def remove_leftovers(out) -> list[str]:
     if root.exists():
         latest = (root / "latest").read_text().strip() if (root / "latest").exists() else None
         names = [p.name for p in published(out)]
+        if latest is None:
+            # No pointer, yet complete step folders: a crash between a step folder's rename and the
+            # pointer's, or a pointer lost by hand or with a copy. A step folder is renamed into place
+            # only once complete, so nothing here is half-written: point at the newest one that reads.
+            readable = [name for name in names if readable_checkpoint(root / name)]
+            if readable:
+                write_atomic(root / "latest", readable[-1])
+                done.append(f"{root / 'latest'} was missing: it now names {readable[-1]}, the newest complete "
+                            "checkpoint")
+                latest = readable[-1]
         if latest is not None and latest not in names:
             keep = set(names)  # a pointer to nothing complete: changed by hand; delete nothing, resume says so
         else:
-            newest = names.index(latest) if latest in names else -1  # no pointer: nothing was ever published
+            newest = names.index(latest) if latest in names else -1  # no pointer and no checkpoint
             keep = set(names[max(0, newest - KEEP + 1):newest + 1])  # the pointer's and the one before it
         for path in root.iterdir():
             if path.name.startswith(".tmp-") or path.name.startswith(".latest.tmp-") or \
@@ -114,6 +125,17 @@ def remove_leftovers(out) -> list[str]:
                 done.append(str(path))
     done += recover_folder(out / "model")  # the final model's folder: an interrupted save_model
     return done
+
+
+def readable_checkpoint(folder: Path) -> bool:
+    """Its state parses and its tensors file's header reads (what resuming from it first needs)."""
+    try:
+        json.loads((folder / "state.json").read_text())["step"]
+        with safe_open(str(folder / "tensors.safetensors"), framework="pt") as f:
+            f.keys()
+    except Exception:  # noqa: BLE001 - any failure to read makes it no checkpoint to resume from
+        return False
+    return True
 
 
 def tensors_not_finite(tensors: dict) -> list[str]:
