@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import tinyalign
 import train_dpo
 import train_sft
 from tinyalign.infra.checkpoints import KEEP, latest_checkpoint
@@ -203,6 +204,35 @@ def test_resume_refuses_a_changed_data_file(tiny_world, tmp_path):
     data.write_text(json.dumps(records[:-1]))
     with pytest.raises(SystemExit, match=rf"--data {re.escape(str(data))}: the file changed since the checkpoint"):
         train_sft.main(argv + ["--resume"])
+
+
+def test_resume_refuses_a_model_replaced_in_place(tiny_world, tmp_path):
+    """The start model is checked by its content, not its path: another checkpoint written into the same
+    folder is named on --resume (resuming onto it would train a different run)."""
+    import shutil
+
+    start = tmp_path / "start"
+    shutil.copytree(tiny_world["checkpoint"], start)
+    out = tmp_path / "run"
+    argv = sft_args(tiny_world, out, *STEPS)
+    argv[argv.index("--model") + 1] = str(start)
+    train_sft.main(argv + ["--stop-after", "2"])
+    processor = tinyalign.Processor.from_pretrained(start)
+    tinyalign.save_model(tinyalign.random_model(tinyalign.load_model(start).cfg, seed=9), start, processor=processor)
+    with pytest.raises(SystemExit, match=rf"--model {re.escape(str(start))}: its files changed since the checkpoint"):
+        train_sft.main(argv + ["--resume"])
+
+
+def test_a_run_folder_resumes_wherever_it_now_lies(tiny_world, uninterrupted, tmp_path):
+    """--out is the run: a folder moved (or spelled with a trailing slash) resumes as the run it holds."""
+    out = tmp_path / "run"
+    argv = sft_args(tiny_world, out, *STEPS)
+    train_sft.main(argv + ["--stop-after", "2"])
+    moved = tmp_path / "elsewhere"
+    out.rename(moved)
+    argv[argv.index("--out") + 1] = str(moved) + "/"
+    train_sft.main(argv + ["--resume"])
+    same_as_uninterrupted(moved, uninterrupted["sft"])
 
 
 def test_resume_applies_what_is_safe_to_change(tiny_world, uninterrupted, tmp_path):

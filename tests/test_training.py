@@ -484,3 +484,28 @@ def test_resume_of_a_run_made_before_an_option_existed_takes_it_at_its_default(t
         train_dpo.main([*argv, "--resume", "--tilt", "0.9"])
     train_dpo.main([*argv, "--resume"])
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+
+
+def test_pairs_that_share_an_id_keep_their_own_reference_logps(tiny_world, tmp_path):
+    """The reference cache files each pair's values under the pair's content, not its id: pairs that
+    share an id (or id-less training pairs beside id-less held-out ones) each get the start model's
+    log-probs of their own answers, computed and read back from the cache alike."""
+    records = read_jsonl(write_pairs(tiny_world, tmp_path / "pairs.jsonl"))
+    shared = tmp_path / "shared.jsonl"
+    shared.write_text("".join(json.dumps({**r, "id": "same"}) + "\n" for r in records))  # one id for every pair
+    args = train_dpo.parse(dpo_args(tiny_world, shared, tmp_path / "x"))
+    model = tinyalign.load_model(tiny_world["checkpoint"])
+    processor = tinyalign.Processor.from_pretrained(tiny_world["checkpoint"])
+    preference = PREFERENCE_LOSSES[args.loss_type]
+
+    def batch_of(chunk):
+        return collate_pairs(chunk, processor)
+
+    with torch.no_grad():
+        for expected in ("computed now", "from the cache"):
+            examples, _ = pair_examples(read_pairs(shared)[0], processor, tiny_world["images"])
+            assert train_dpo.precompute_reference(model, examples, batch_of, preference, args).startswith(expected)
+            live_c, live_r = pair_logps(model, collate_pairs(examples, processor))
+            assert torch.allclose(torch.tensor([e.ref_chosen for e in examples]), live_c, atol=1e-5)
+            assert torch.allclose(torch.tensor([e.ref_rejected for e in examples]), live_r, atol=1e-5)
+    assert len({e.ref_chosen for e in examples}) > 1  # one id, yet each pair its own values

@@ -25,7 +25,7 @@ from .checkpoints import (latest_checkpoint, load_checkpoint, published, remove_
                           tensors_not_finite)
 from .files import FolderLock, crash_point, fsync_path, write_atomic, writing
 from .processes import like, whole
-from .weights import build_empty, save_adapter, save_model
+from .weights import build_empty, model_digest, save_adapter, save_model
 
 
 class Run:
@@ -192,13 +192,18 @@ class Run:
 # What --resume lets differ from the run's own arguments: how often to log and save, where to stop
 # this session, and how to compute (not what). Everything else would change the run: refused.
 SAFE_TO_CHANGE = ("stop_after", "eval_every", "save_every", "device", "compile", "gradient_checkpointing", "fsdp",
-                  "cache_dir", "resume", "overwrite")
+                  "cache_dir", "out", "resume", "overwrite")  # out: the run folder is the run, wherever it now lies
 NOT_SAVED = ("resume", "overwrite", "defaults")  # how this session started, not what the run is
 
 
 def data_digests(args) -> dict:
-    return {key: file_digest(getattr(args, key)) for key in ("data", "eval_data")
-            if getattr(args, key, None) and Path(getattr(args, key)).is_file()}
+    """What the run trains from, by content: the data files' digests and the start model's
+    (`--resume` names whichever changed since the checkpoint, even at the same path)."""
+    digests = {key: file_digest(getattr(args, key)) for key in ("data", "eval_data")
+               if getattr(args, key, None) and Path(getattr(args, key)).is_file()}
+    if getattr(args, "model", None) and Path(args.model).is_dir():
+        digests["model"] = model_digest(args.model)
+    return digests
 
 
 def gathered_model(model, args, keep: bool):
@@ -227,7 +232,8 @@ def refuse_changed_arguments(state: dict, args, folder: Path) -> None:
     changed = [f"--{key.replace('_', '-')}: {saved.get(key)!r} in the run, {now.get(key)!r} now"
                for key in sorted(set(saved) | set(now)) if key not in SAFE_TO_CHANGE and saved.get(key) != now.get(key)]
     digests = data_digests(args)
-    changed += [f"--{key.replace('_', '-')} {getattr(args, key)}: the file changed since the checkpoint"
+    changed += [f"--{key.replace('_', '-')} {getattr(args, key)}: "
+                + ("its files changed" if key == "model" else "the file changed") + " since the checkpoint"
                 for key, digest in state["data_digests"].items() if digests.get(key) != digest]
     if changed:
         raise SystemExit(f"--resume: {folder} was written by a run with other arguments:\n  " + "\n  ".join(changed)

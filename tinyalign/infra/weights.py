@@ -9,6 +9,7 @@ flight at a time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -203,6 +204,25 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu", vision_towe
     model.vision_tower.requires_grad_(False)
     model.source_dir = folder  # lets save_model carry the tokenizer along
     return model.eval()
+
+
+def model_digest(folder) -> str:
+    """A digest of a checkpoint folder's files that changes when any of them does: their names, sizes
+    and bytes. Files up to 8 MB are read whole; a larger one is sampled (32 slices of 64 KiB spread
+    over it, its header the first), so a 26 GB model is read 2 MB deep: a run can check its model
+    cheaply every time it saves or resumes."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with path.open("rb") as f:
+            if size <= 8 << 20:
+                digest.update(f.read())
+                continue
+            for k in range(32):
+                f.seek(k * (size - (64 << 10)) // 31)
+                digest.update(f.read(64 << 10))
+    return digest.hexdigest()[:20]
 
 
 def _find_clip_folder(folder: Path, raw: dict, vision_tower) -> Path:
