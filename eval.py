@@ -39,6 +39,7 @@ from tinyalign.evaluation.judge import ChatClient, Judge, JudgePrompt, read_prom
 from tinyalign.evaluation.report import headline, report, write_xlsx
 from tinyalign.infra.arguments import at_least, non_negative, positive
 from tinyalign.infra.files import write_atomic, write_json
+from tinyalign.infra.weights import model_digest
 from tinyalign.losses import implicit_rewards, reward_comparison
 from tinyalign.steer import STEER_TEMPLATES, parse_steer
 from tinyalign.training import autocast
@@ -64,9 +65,11 @@ def answers(args, items, benchmark, model_and_processor=None) -> dict:
     """Answers for every item, greedy unless an item names a temperature (resuming from
     OUT/<benchmark>/generations.jsonl)."""
     model, processor = model_and_processor or load(args)
+    made_by = {"model": model_digest(args.model), "template": args.template, "image_mode": args.image_mode,
+               "vision_tower": args.vision_tower and model_digest(args.vision_tower)}
     return generate_answers(model, processor, items, folder(args, benchmark) / "generations.jsonl",
                             args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[benchmark], args.batch_size, args.steer,
-                            args.steer_template, desc=benchmark, seed=getattr(args, "seed", 0))
+                            args.steer_template, desc=benchmark, seed=getattr(args, "seed", 0), made_by=made_by)
 
 
 def folder(args, benchmark) -> Path:

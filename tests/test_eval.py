@@ -13,7 +13,7 @@ from conftest import ChatStub, serve
 from tinyalign.demo.world import make_benchmarks
 from tinyalign.evaluation import benchmarks, report
 from tinyalign.evaluation.answers import generate_answers, read_generations
-from tinyalign.infra.files import write_json
+from tinyalign.infra.files import RunInUse, write_json
 
 eval_cli = importlib.import_module("eval")  # the top-level eval.py
 
@@ -473,3 +473,60 @@ def test_a_question_that_writes_control_tokens_is_text_to_the_model(tiny_world, 
     (ids,) = prompts[0].tolist()
     assert ids.count(processor.image_token_index) == processor.image_seq_length  # one image, not two
     assert processor.eos_token_id not in ids and ids.count(processor.bos_token_id) == 1
+
+
+# ---- saved answers belong to what made them -------------------------------------------------------
+
+def test_saved_answers_are_used_only_by_the_model_and_settings_that_made_them(tiny_world, bench_files, tmp_path,
+                                                                              monkeypatch):
+    """generations.jsonl files each answer under a key of its model's files and its generation settings:
+    another model, or another --max-new-tokens, into the same --out generates its own answers (and
+    scores them, under its own name); the same again generates nothing."""
+    import sys
+
+    import tinyalign
+    from tinyalign.demo.world import demo_config, demo_processor
+
+    other = tinyalign.save_model(tinyalign.random_model(demo_config(), seed=7), tmp_path / "other",
+                                 processor=demo_processor())
+    decoding = sys.modules["tinyalign.speed.decoding"]
+    real, started = decoding.ContinuousBatch.start, []
+    monkeypatch.setattr(decoding.ContinuousBatch, "start", lambda *a, **k: (started.append(1), real(*a, **k))[1])
+
+    def pope(model, out, tokens=4):
+        started.clear()
+        result = run("pope", "--model", model, "--pope-dir", bench_files["pope_dir"], "--image-folder",
+                     bench_files["image_folder"], "--out", out, "--max-new-tokens", tokens, "--prompt-suffix", "")
+        return result, len(started), (out / "pope" / "answers.jsonl").read_text()
+
+    shared = tmp_path / "shared"
+    _, made, _ = pope(tiny_world["checkpoint"], shared)
+    assert made == 12
+    assert pope(tiny_world["checkpoint"], shared)[1] == 0  # the same model and settings: nothing generated
+    result, made, answers = pope(other, shared)  # another model into the same folder
+    alone, _, answers_alone = pope(other, tmp_path / "alone")
+    assert made == 12 and answers == answers_alone and result["score"] == alone["score"]
+    assert all(json.loads(x)["model_id"] == "other" for x in answers.splitlines())
+    assert pope(other, shared, tokens=6)[1] == 12  # another answer length: answered again
+
+
+def test_two_evals_on_one_generations_file_are_refused_naming_the_first(tiny_world, bench_files, tmp_path):
+    """A live eval writing OUT/pope/generations.jsonl (here a process holding its lock) keeps a second
+    one out, named, instead of both appending answers for the same questions."""
+    import subprocess
+    import sys
+
+    (tmp_path / "pope").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from tinyalign.infra.files import FolderLock; "
+        f"FolderLock({str(tmp_path / 'pope')!r}, '.generations.jsonl.lock').acquire(); "
+        "print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunInUse, match=rf"generations.jsonl is in use by another run \(.*\"pid\": {holder.pid}"):
+            run("pope", "--model", tiny_world["checkpoint"], "--pope-dir", bench_files["pope_dir"],
+                "--image-folder", bench_files["image_folder"], "--out", tmp_path, "--max-new-tokens", 4)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "pope" / "generations.jsonl").exists()
