@@ -350,3 +350,27 @@ def test_a_missing_pointer_is_rebuilt_and_no_complete_checkpoint_is_deleted(tiny
     assert (out / "checkpoints" / "latest").read_text().strip() == steps[-1]
     train_sft.main(argv + ["--resume"])
     same_as_uninterrupted(out, uninterrupted["sft"])
+
+
+def test_temporary_files_a_kill_leaves_are_cleaned_by_the_next_start(tiny_world, uninterrupted, tmp_path):
+    """A resume killed while it cut metrics.jsonl back leaves .metrics.jsonl.tmp-PID; a reference-cache
+    save killed before its rename leaves ref_logps/.KEY.json.tmp-PID: the next start removes both
+    (a live process's are left alone) and the run ends as if never stopped."""
+    out = tmp_path / "run"
+    argv = sft_args(tiny_world, out, *STEPS)
+    run_until_crash(train_sft.main, argv, "run: step logged#3")  # step 3 logged after the step-2 checkpoint
+    run_until_crash(train_sft.main, argv + ["--resume"], "metrics.jsonl: written, not yet renamed")
+    assert list(out.glob(".metrics.jsonl.tmp-*"))
+    train_sft.main(argv + ["--resume"])
+    same_as_uninterrupted(out, uninterrupted["sft"])
+    assert not list(out.glob(".*.tmp-*"))
+
+    cache = tmp_path / "cache" / "ref_logps"
+    cache.mkdir(parents=True)
+    dead = cache / ".0123.json.tmp-999999999"  # no process has this id
+    live = cache / f".4567.json.tmp-{os.getpid()}"  # this one is being written by a live process
+    dead.write_text("{")
+    live.write_text("{")
+    pairs = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
+    train_dpo.main(dpo_args(tiny_world, pairs, tmp_path / "dpo", "--max-steps", "1"))
+    assert not dead.exists() and live.exists()

@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..data import file_digest
-from ..infra.files import FolderLock, complete_lines
+from ..infra.files import FolderLock, complete_lines, remove_stale_temporaries
 from ..speed.decoding import generate_stream
 from ..steer import steer_prompt
 
@@ -78,6 +78,7 @@ def generate_answers(model, processor, items: list[dict], path, max_new_tokens: 
     keys = {item["id"]: answer_key(item, settings, number[item["id"]]) for item in items}
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(path.parent, f".{path.name}.lock", what=str(path)).acquire()  # one writer at a time
+    remove_stale_temporaries(path.parent)  # result files whose writer was killed before its rename
     try:
         return generate_missing(model, processor, items, path, keys, number, max_new_tokens, batch_size, steer,
                                 steer_template, desc, seed)

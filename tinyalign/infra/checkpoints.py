@@ -22,7 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .files import crash_point, fsync_path, fsync_tree, recover_folder, standalone, write_atomic, writing
+from .files import (crash_point, fsync_path, fsync_tree, recover_folder, remove_stale_temporaries, standalone,
+                    write_atomic, writing)
 
 KEEP = 2  # checkpoints kept: the newest and the one before (see `Run.check_finite`)
 
@@ -124,6 +125,8 @@ def remove_leftovers(out) -> list[str]:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
                 done.append(str(path))
     done += recover_folder(out / "model")  # the final model's folder: an interrupted save_model
+    done += recover_folder(out / "adapter")
+    done += remove_stale_temporaries(out)  # metrics.jsonl cut back by a resume that was killed
     return done
 
 

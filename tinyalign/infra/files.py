@@ -158,6 +158,19 @@ def recover_folder(out_dir) -> list[str]:
     return done
 
 
+def remove_stale_temporaries(folder) -> list[str]:
+    """Remove the `.NAME.tmp-PID` files that `write_atomic` left in `folder` when its process was killed
+    between writing and renaming (a live process's are left alone). -> what was removed."""
+    done = []
+    folder = Path(folder)
+    for path in sorted(folder.glob(".*.tmp-*")) if folder.is_dir() else []:
+        pid = path.name.rsplit(".tmp-", 1)[-1]
+        if path.is_file() and pid.isdigit() and not pid_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            done.append(f"removed {path}")
+    return done
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from ..data import file_digest
-from .files import write_atomic
+from .files import remove_stale_temporaries, write_atomic
 from .weights import model_digest
 
 
@@ -26,6 +26,7 @@ class ReferenceCache:
 
     def __init__(self, args):
         self.path = Path(args.cache_dir) / "ref_logps" / f"{cache_key(args, model_digest(args.model))}.json"
+        remove_stale_temporaries(self.path.parent)  # a save killed before its rename
         self.entries = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def fill(self, examples, with_corrupted: bool) -> bool:
