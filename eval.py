@@ -32,8 +32,9 @@ import torch
 
 from tinyalign import Processor, load_model
 from tinyalign.batches import collate_pairs, pair_logps
-from tinyalign.data import DataError, load_pairs, pair_examples, read_jsonl
-from tinyalign.evaluation import benchmarks
+from tinyalign.data import DataError, load_pairs, pair_examples
+from tinyalign.evaluation import benchmark_files, benchmarks
+from tinyalign.evaluation.benchmark_files import BenchmarkError
 from tinyalign.evaluation.answers import generate_answers
 from tinyalign.evaluation.judge import ChatClient, Judge, JudgePrompt, read_prompt, request
 from tinyalign.evaluation.report import headline, report, write_xlsx
@@ -88,7 +89,7 @@ def judge_prompt(args, ours: str, official: str | None = None) -> JudgePrompt:
     source = getattr(args, "judge_prompt", None)
     if source and Path(source).suffix in (".jsonl", ".json"):
         if official is None:
-            raise benchmarks.BenchmarkError(f"--judge-prompt {source}: this benchmark has no prompt in that file; "
+            raise BenchmarkError(f"--judge-prompt {source}: this benchmark has no prompt in that file; "
                                        "pass a text file with the prompt instead")
         return read_prompt(source, official)
     return read_prompt(source, ours) if source else read_prompt(None, ours)
@@ -120,44 +121,13 @@ def model_name(args) -> str:
     return args.model_name or Path(args.model).name
 
 
-def image_path(image_folder, name: str, where: str) -> Path:
-    path = Path(image_folder or ".") / name
-    if not path.is_file():
-        raise benchmarks.BenchmarkError(f"{where}: image {path} not found")
-    return path
-
-
-def read_answers_file(path, question_ids, where: str) -> dict:
-    """Answers made elsewhere (--answers), {str(id): answer}, in the benchmark's own answer format:
-    a JSON object {id: text} (MM-Vet), a JSON list of {instruction, output} (AlpacaEval), or JSON lines
-    {question_id, text} (LLaVA's answer files) or {question_id, choices: [{turns}]} (FastChat's model
-    answers; the answer is the list of turns). An id that is not a question, or a question with no
-    answer, is an error naming both."""
-    if str(path).endswith(".json"):
-        data = benchmarks.read_json(path)
-    else:
-        data = read_jsonl(path, error=benchmarks.BenchmarkError)
-    if isinstance(data, list) and data and "instruction" in data[0]:  # AlpacaEval outputs
-        data = {r["instruction"]: r.get("output") for r in data}
-    elif isinstance(data, list):
-        answers = {}
-        for n, r in enumerate(data, 1):
-            key = r.get("question_id", r.get("id"))
-            if key is None:
-                raise benchmarks.BenchmarkError(f"{path} record {n}: no question_id")
-            if "category" in r and isinstance(question_ids, dict) and f"{r['category']}-{key}" in question_ids:
-                key = f"{r['category']}-{key}"  # POPE's per-split ids repeat across splits
-            answers[str(key)] = r["choices"][0]["turns"] if "choices" in r else r.get("text")
-        data = answers
-    data = {str(k): v for k, v in data.items()}
-    wanted = {str(q) for q in question_ids}
-    unknown = [k for k in data if k not in wanted]
-    if unknown:
-        raise benchmarks.BenchmarkError(f"{path}: answer id {unknown[0]!r} is not a question of {where}")
-    missing = sorted(wanted - set(data))
-    if missing:
-        raise benchmarks.BenchmarkError(f"{path}: no answer for question {missing[0]!r} of {where}")
-    return data
+def image_checker(args):
+    """image(folder, name, where) -> the file of a question's image, inside its folder (unless
+    --images-outside-folder), decoded and of a sane size: checked as the questions are read, before
+    any generation; each file once."""
+    seen = {}
+    return lambda folder, name, where: benchmark_files.checked_image(folder, name, where, args.images_outside_folder,
+                                                                     seen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,37 +139,13 @@ def pope_splits(args) -> dict[str, list[dict]]:
     """{split: questions with labels}: LLaVA's combined question file (--questions), labels from the
     split files; or POPE's own coco_pope_<split>.json files."""
     if args.questions:
-        splits = benchmarks.read_llava_pope(args.questions, args.pope_dir)
+        splits = benchmark_files.read_llava_pope(args.questions, args.pope_dir)
     else:
-        splits = {s: benchmarks.read_pope(Path(args.pope_dir) / f"coco_pope_{s}.json") for s in benchmarks.POPE_SPLITS
+        splits = {s: benchmark_files.read_pope(Path(args.pope_dir) / f"coco_pope_{s}.json") for s in benchmarks.POPE_SPLITS
                   if (Path(args.pope_dir) / f"coco_pope_{s}.json").exists()}
     if not splits:
-        raise benchmarks.BenchmarkError(f"{args.pope_dir}: no coco_pope_{{adversarial,popular,random}}.json files")
+        raise BenchmarkError(f"{args.pope_dir}: no coco_pope_{{adversarial,popular,random}}.json files")
     return {split: questions[:args.limit] for split, questions in splits.items()}
-
-
-def pope_answers_by_id(args, ids: dict) -> dict:
-    """--answers for POPE: LLaVA's answer lines. With LLaVA's question file the ids are unique; with
-    POPE's split files they repeat across splits, so a line names its split ("category") unless only
-    one split is loaded or the ids happen to be unique."""
-    by_qid = {}
-    for key, (split, qid) in ids.items():
-        by_qid.setdefault(str(qid), []).append(key)
-    raw = read_jsonl(args.answers, error=benchmarks.BenchmarkError)
-    out = {}
-    for n, r in enumerate(raw, 1):
-        qid = str(r.get("question_id"))
-        keys = [f"{r['category']}-{qid}"] if "category" in r else by_qid.get(qid, [])
-        if len(keys) > 1:
-            raise benchmarks.BenchmarkError(f"{args.answers} line {n}: question {qid} is in several splits "
-                                       f"({', '.join(keys)}); give the line a 'category' or use --questions")
-        if not keys or keys[0] not in ids:
-            raise benchmarks.BenchmarkError(f"{args.answers} line {n}: answer id {qid!r} is not a POPE question loaded")
-        out[keys[0]] = r.get("text", "")
-    missing = sorted(set(ids) - set(out))
-    if missing:
-        raise benchmarks.BenchmarkError(f"{args.answers}: no answer for POPE question {missing[0]}")
-    return out
 
 
 def run_pope(args) -> dict:
@@ -208,15 +154,15 @@ def run_pope(args) -> dict:
     suffix = benchmarks.POPE_SUFFIX if args.prompt_suffix is None else args.prompt_suffix
     ids = {f"{split}-{q['question_id']}": (split, q["question_id"]) for split, qs in splits.items() for q in qs}
     if args.answers:
-        texts = pope_answers_by_id(args, ids)
+        texts = benchmark_files.read_pope_answers(args.answers, ids)
     else:
-        items = []
+        items, image = [], image_checker(args)
         for split, questions in splits.items():
             for q in questions:
                 where = f"POPE {split} question {q['question_id']}"
                 text = q["text"] if q["text"].endswith(benchmarks.POPE_SUFFIX) else q["text"] + suffix  # LLaVA's file has it
                 items.append({"id": f"{split}-{q['question_id']}", "turns": [{"from": "human", "value": "<image>\n" + text}],
-                              "images": [image_path(args.image_folder, q["image"], where)]})
+                              "images": [image(args.image_folder, q["image"], where)]})
         texts = answers(args, items, "pope")
     per_split, samples, lines = {}, [], []
     for split, questions in splits.items():
@@ -235,7 +181,7 @@ def run_pope(args) -> dict:
 
 def mmbench_rows(args) -> list[dict]:
     """The TSV's rows; --limit keeps the first N questions with all their circular rows."""
-    rows = benchmarks.read_mmbench(args.tsv)
+    rows = benchmark_files.read_mmbench(args.tsv, check_images=not args.answers)
     if args.limit:
         kept = list(dict.fromkeys(r["index"] % benchmarks.CIRCULAR_STRIDE for r in rows))[:args.limit]
         rows = [r for r in rows if r["index"] % benchmarks.CIRCULAR_STRIDE in set(kept)]
@@ -250,7 +196,7 @@ def run_mmbench(args) -> dict:
     rows = mmbench_rows(args)
     ids = [str(r["index"]) for r in rows]
     if args.answers:
-        texts = read_answers_file(args.answers, ids, args.tsv)
+        texts = benchmark_files.read_answers(args.answers, dict.fromkeys(ids), args.tsv)
     else:
         items = [{"id": str(r["index"]), "images": [Image.open(io.BytesIO(r["image"]))],
                   "turns": [{"from": "human", "value": benchmarks.mmbench_prompt(r, args.prompt_suffix)}]} for r in rows]
@@ -294,12 +240,13 @@ def write_submission(args, rows: list[dict], texts: dict) -> None:
 
 def run_mmvet(args) -> dict:
     """Open questions graded 0-1 by the judge against the ground truth; total and per capability."""
-    questions = benchmarks.read_mmvet(args.questions)
+    questions = benchmark_files.read_mmvet(args.questions)
     questions = dict(list(questions.items())[:args.limit])
     if args.answers:
-        texts = read_answers_file(args.answers, set(questions), args.questions)
+        texts = benchmark_files.read_answers(args.answers, dict.fromkeys(questions), args.questions)
     else:
-        items = [{"id": qid, "images": [image_path(args.image_folder, q["imagename"], f"MM-Vet question {qid}")],
+        image = image_checker(args)
+        items = [{"id": qid, "images": [image(args.image_folder, q["imagename"], f"MM-Vet question {qid}")],
                   "turns": [{"from": "human", "value": "<image>\n" + q["question"]}]} for qid, q in questions.items()]
         texts = answers(args, items, "mmvet")
     write_json(folder(args, "mmvet") / "answers.json", {qid: texts[qid] for qid in questions})  # the official grader's input
@@ -315,12 +262,14 @@ def run_mmvet(args) -> dict:
 
 def run_llava_bench(args) -> dict:
     """The judge scores the reference answer and ours 1-10; ours as a percentage of the reference."""
-    questions = benchmarks.read_llava_bench(args.folder)[:args.limit]
+    questions = benchmark_files.read_llava_bench(args.folder)[:args.limit]
     image_folder = args.image_folder or Path(args.folder) / "images"
     if args.answers:
-        texts = read_answers_file(args.answers, [q["question_id"] for q in questions], args.folder)
+        texts = benchmark_files.read_answers(args.answers, dict.fromkeys(q["question_id"] for q in questions),
+                                             args.folder)
     else:
-        items = [{"id": q["question_id"], "images": [image_path(image_folder, q["image"], f"LLaVA-Bench question {q['question_id']}")],
+        image = image_checker(args)
+        items = [{"id": q["question_id"], "images": [image(image_folder, q["image"], f"LLaVA-Bench question {q['question_id']}")],
                   "turns": [{"from": "human", "value": "<image>\n" + q["text"]}]} for q in questions]
         texts = {str(k): v for k, v in answers(args, items, "llava_bench").items()}
     write_atomic(folder(args, "llava_bench") / "answers.jsonl", "".join(
@@ -354,8 +303,10 @@ def mtbench_answers(args, questions: list[dict]) -> dict:
     turn by turn, each turn seeing the earlier ones. Sampled with FastChat's per-category temperature
     (writing and roleplay 0.7, stem and humanities 0.1, the others greedy), or all greedy with --greedy."""
     if args.answers:
-        return read_answers_file(args.answers, [q["question_id"] for q in questions], args.questions)
-    images = [image_path(".", args.distractor_image, "--distractor-image")] if args.distractor_image else []
+        return benchmark_files.read_answers(args.answers, {q["question_id"]: len(q["turns"]) for q in questions},
+                                            args.questions)
+    # the user's own file, named on the command line: taken where it is (no folder to stay inside)
+    images = [benchmark_files.checked_image(None, args.distractor_image, "--distractor-image")] if args.distractor_image else []
     model_and_processor = load(args)
     texts = {}
     for turn in range(max(len(q["turns"]) for q in questions)):
@@ -381,21 +332,20 @@ def run_mtbench(args) -> dict:
     """Two-turn text questions, each turn graded 1-10 by FastChat's single-answer judges (with the
     reference answer for math, reasoning and coding). --distractor-image puts an unrelated image in
     the first turn (the paper's robustness test)."""
-    questions = benchmarks.read_mtbench(args.questions)[:args.limit]
+    questions = benchmark_files.read_mtbench(args.questions)[:args.limit]
     references = {}
     if args.references:  # FastChat's reference answers (e.g. gpt-4.jsonl): model-answer format
-        references = {str(r["question_id"]): r["choices"][0]["turns"]
-                      for r in read_jsonl(args.references, error=benchmarks.BenchmarkError)}
+        references = benchmark_files.read_mtbench_references(args.references)
     for q in questions:
         if "reference" in q:
             references.setdefault(str(q["question_id"]), q["reference"])
         if q["category"] in benchmarks.MTBENCH_REFERENCE_CATEGORIES and str(q["question_id"]) not in references:
-            raise benchmarks.BenchmarkError(f"{args.questions}: question {q['question_id']} ({q['category']}) is judged "
+            raise BenchmarkError(f"{args.questions}: question {q['question_id']} ({q['category']}) is judged "
                                        "against a reference answer, as FastChat does; pass --references "
                                        "(reference_answer/gpt-4.jsonl)")
     source = getattr(args, "judge_prompt", None)
     if source and Path(source).suffix != ".jsonl":
-        raise benchmarks.BenchmarkError(f"--judge-prompt {source}: MT-Bench has four judge prompts; pass FastChat's "
+        raise BenchmarkError(f"--judge-prompt {source}: MT-Bench has four judge prompts; pass FastChat's "
                                    "judge_prompts.jsonl")
     prompts = {kind: judge_prompt(args, ours, official) for kind, (ours, official) in MTBENCH_JUDGES.items()}
     history = mtbench_answers(args, questions)
@@ -422,7 +372,7 @@ def run_mtbench(args) -> dict:
     ratings = [{**m, "rating": r} for m, r in zip(meta, judged(judge, items, parse, "mtbench", args))]
     scores = benchmarks.mtbench_scores(ratings)
     if scores["unrated"] == len(ratings):  # FastChat leaves -1 out of its means: a mean over nothing is no score
-        raise benchmarks.BenchmarkError(f"MT-Bench: none of the {len(ratings)} judgments holds a rating ([[n]]), so "
+        raise BenchmarkError(f"MT-Bench: none of the {len(ratings)} judgments holds a rating ([[n]]), so "
                                         f"there is no score; nothing was written. The judge's replies are in "
                                         f"{args.judge_cache}")
     result = headline("mtbench", scores["overall"], "mean", [r["rating"] for r in ratings if r["rating"] != -1],
@@ -437,9 +387,9 @@ def run_mtbench(args) -> dict:
 def run_alpaca_eval(args) -> dict:
     """Our output against the reference output, the judge picking the better; shown in an order
     drawn per instruction (seeded), so position bias cancels out over the set."""
-    data = benchmarks.read_alpaca_eval(args.data)[:args.limit]
+    data = benchmark_files.read_alpaca_eval(args.data)[:args.limit]
     if args.answers:
-        texts = read_answers_file(args.answers, {r["instruction"] for r in data}, args.data)
+        texts = benchmark_files.read_answers(args.answers, dict.fromkeys(r["instruction"] for r in data), args.data)
         texts = {str(i): texts[r["instruction"]] for i, r in enumerate(data)}
     else:
         items = [{"id": str(i), "turns": [{"from": "human", "value": r["instruction"]}]} for i, r in enumerate(data)]
@@ -466,7 +416,8 @@ def run_preference(args) -> dict:
     pairs, report_ = load_pairs(args.data, 0)
     print(report_.summary())
     model, processor = load(args)
-    examples, _ = pair_examples(pairs[:args.limit], processor, args.image_folder, 100_000, False, args.data)
+    examples, _ = pair_examples(pairs[:args.limit], processor, args.image_folder, 100_000, False, args.data,
+                                images_anywhere=args.images_outside_folder)
     reference = load_model(args.reference, device=args.device, vision_tower=args.vision_tower)
     correct, margins = [], []
     with torch.no_grad():
@@ -524,7 +475,9 @@ def parse(argv=None):
         a("--steer-template", default="tinyalign", choices=sorted(STEER_TEMPLATES))
         a("--device", default=None, help="default: cuda when available")
         a("--answers", help="grade these answers (the benchmark's answer format) instead of generating")
-        a("--image-folder", help="folder the benchmark's image names are relative to")
+        a("--image-folder", help="folder the benchmark's image names are relative to; a name that leads out of "
+          "it (../, absolute, a symlink) is refused")
+        a("--images-outside-folder", action="store_true", help="follow image names that lead out of --image-folder")
         j = s.add_argument_group("judge (MM-Vet, LLaVA-Bench, MT-Bench, AlpacaEval)")
         j.add_argument("--judge-url", default="https://api.openai.com/v1")
         j.add_argument("--judge-model", default="gpt-4o")

@@ -90,9 +90,11 @@ def main(argv=None):
         print(f"held-out {held_report.summary()}")
     else:
         train_pairs, held_pairs = split_held_out(pairs, args.eval_fraction, args.seed)
-    train, report = pair_examples(train_pairs, processor, args.image_folder, args.max_length, args.skip_bad, args.data)
+    train, report = pair_examples(train_pairs, processor, args.image_folder, args.max_length, args.skip_bad, args.data,
+                                  images_anywhere=args.images_outside_folder)
     print(report.summary())
-    held, report = pair_examples(held_pairs, processor, args.image_folder, args.max_length, args.skip_bad, "held-out")
+    held, report = pair_examples(held_pairs, processor, args.image_folder, args.max_length, args.skip_bad, "held-out",
+                                 images_anywhere=args.images_outside_folder)
     print(report.summary())
     if not train:
         raise SystemExit(f"{args.data}: no usable pairs")

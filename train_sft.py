@@ -46,7 +46,8 @@ def parse(argv=None):
 def load_records(args):
     if args.select == "best":
         scored, report = read_scored(args.data)
-        return select_best(scored), report
+        print(report.summary())
+        return select_best(scored)
     return read_conversations(args.data)
 
 
@@ -80,9 +81,10 @@ def train(args, model, processor, train_records, held_records, rank=0, world=1) 
     """Token cross-entropy on the answers of `train_records` (SFT, rejection sampling and SteerLM all
     come here); held-out loss every --eval-every steps and at the end; the merged model to out/model."""
     examples, report = sft_examples(train_records, processor, args.image_folder, args.max_length, args.skip_bad,
-                                    args.data)
+                                    args.data, images_anywhere=args.images_outside_folder)
     print(report.summary())
-    held, _ = sft_examples(held_records, processor, args.image_folder, args.max_length, args.skip_bad, "held-out")
+    held, _ = sft_examples(held_records, processor, args.image_folder, args.max_length, args.skip_bad, "held-out",
+                           images_anywhere=args.images_outside_folder)
     if not examples:
         raise SystemExit(f"{args.data}: no usable training examples")
 

@@ -17,6 +17,19 @@ ASSETS = ROOT / "tests" / "assets"
 LLAMA_TOKENIZER = ASSETS / "llama-tokenizer" / "tokenizer.json"
 IMAGES = ASSETS / "images"
 
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG that claims width x height (a header and one tiny compressed block, no pixels to speak
+    of): what Pillow's size checks see, as a decompression bomb or a 177-byte 1 x 25000 strip shows it."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
 # Two threads by default (CI's two cores). TINYALIGN_TEST_THREADS=1 runs the suite single-threaded: a
 # different thread count changes float rounding the way another CPU does, and the suite must pass both.
 # Under pytest-xdist (`-n 2`, the README's command) each worker takes one thread, and so do the

@@ -3,12 +3,13 @@
 import json
 import os
 import random
+import shutil
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler
 
 import pytest
-from conftest import ChatStub, serve
+from conftest import IMAGES, ChatStub, serve
 
 from tinyalign.evaluation import annotate
 from tinyalign.evaluation.annotate import JudgeError, OpenAIJudge, annotate_prompts, parse_ratings
@@ -141,13 +142,50 @@ def test_an_interrupted_model_run_resumes_to_what_one_run_writes(tiny_world, tmp
     assert len({a["text"] for r in lines(whole) for a in r["responses"]}) > len(lines(whole))  # samples differ
 
 
-def test_prompts_file_without_a_prompt_is_named(tmp_path):
+@pytest.mark.parametrize("second,message", [
+    ('{"id": "b", "question": "q"}', r"prompts.jsonl record 1 \(id b\): 'prompt' must be non-empty text, got None"),
+    ('{"id": "b", "prompt": "<image>  "}', r"record 1 \(id b\): 'prompt' must be non-empty text"),
+    ('{"prompt": "q"}', r"prompts.jsonl record 1: 'id' must be text or a number, got None"),
+    ('{"id": "b", "prompt": "q", "image": ["x.png"]}', r"record 1 \(id b\): 'image' must be a path, got \['x.png'\]"),
+    ('{"id": "a", "prompt": "another q"}', r"prompts.jsonl record 1: id 'a' is also record 0's, with another prompt"),
+    ('{"id": "b", "prompt": "q", "image": "missing.png"}', r"record 1 \(id b\): image .*missing.png not found"),
+    ('{"id": "b", "prompt": "q", "image": "../secret.png"}', r"record 1: image .*secret.png leads outside the image "
+                                                            r"folder .*--images-outside-folder"),
+])
+def test_a_bad_prompt_is_named_before_any_model_is_loaded(tmp_path, second, message):
     from tinyalign.data import DataError
 
+    (tmp_path / "images").mkdir()
+    shutil.copy(IMAGES / "chelsea.png", tmp_path / "secret.png")
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"id": "a", "prompt": "q"}\n{"id": "b", "question": "q"}\n')
-    with pytest.raises(DataError, match=r"prompts.jsonl record 1: needs 'id' and 'prompt'"):
-        annotate.main(["--model", str(tmp_path), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")])
+    prompts.write_text('{"id": "a", "prompt": "q"}\n' + second + "\n")
+    with pytest.raises(DataError, match=message):  # --model names no model: the check must come first
+        annotate.main(["--model", str(tmp_path / "nothing"), "--prompts", str(prompts), "--out",
+                       str(tmp_path / "o.jsonl"), "--image-folder", str(tmp_path / "images")])
+
+
+def test_prompts_a_file_repeats_are_counted_and_an_image_outside_is_taken_only_when_asked(tmp_path):
+    from tinyalign.data import DataError
+    from tinyalign.evaluation.annotate import read_prompts
+
+    shutil.copy(IMAGES / "chelsea.png", tmp_path / "cat.png")
+    (tmp_path / "images").mkdir()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": 1, "prompt": "q", "image": "../cat.png"}\n' * 2)
+    with pytest.raises(DataError, match=r"record 0: image .*cat.png leads outside the image folder"):
+        read_prompts(prompts, tmp_path / "images")
+    records, report = read_prompts(prompts, tmp_path / "images", images_anywhere=True)
+    assert records == [{"id": 1, "prompt": "q", "image": "../cat.png"}]
+    assert report.dropped == {"the same record twice": 1}
+
+
+def test_an_out_that_is_a_folder_is_named(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "q"}\n')
+    with pytest.raises(SystemExit) as stop:
+        annotate.main(["--model", "m", "--prompts", str(prompts), "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    assert f"--out {tmp_path} is a folder; name the scored-samples file to write" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,11 +3,9 @@
 import importlib
 import json
 import shutil
-import struct
-import zlib
 
 import pytest
-from conftest import IMAGES
+from conftest import IMAGES, png_claiming
 from safetensors.torch import load_file, save_file
 
 import tinyalign
@@ -149,6 +147,9 @@ BAD_RECORDS = [
     ("pairs", {**PAIR, "ref_win_logp": float("nan"), "ref_rej_logp": -3.0}, r"ref_win_logp must be .*got nan"),
     ("pairs", {**PAIR, "ref_win_logp": -2.0, "ref_rej_logp": 1.5}, r"ref_rej_logp must be .*got 1.5"),
     ("pairs", {**PAIR, "ref_win_logp": -2.0, "ref_rej_logp": True}, r"ref_rej_logp must be .*got True"),
+    # below any log-probability a model gives: -1e30 saturates the loss, -1e308 overflows it
+    ("pairs", {**PAIR, "ref_win_logp": -1e30, "ref_rej_logp": -3.0}, r"ref_win_logp is -1e\+30, below any log-prob"),
+    ("pairs", {**PAIR, "ref_win_logp": -2.0, "ref_rej_logp": -1e308}, r"ref_rej_logp is -1e\+308, below any log-prob"),
     ("scored", {**SCORED, "responses": [{"text": 5, "scores": RATED}]}, r"response 0 text must be text"),
     ("scored", {**SCORED, "image": {"path": "a.png"}}, r"image must be a path"),
 ] + [("scored", {**SCORED, "responses": [{"text": "red", "scores": {**RATED, attribute: value}}]},
@@ -182,30 +183,24 @@ def test_a_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
         read_pairs(path)
 
 
-def png_header_only(path, width, height):
-    """A PNG that claims width x height (header only, no pixels): what Pillow's size check sees."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
-    return path
-
-
 @pytest.fixture
 def bad_images(tmp_path):
     """One record per kind of bad image, plus a good one."""
-    png_header_only(tmp_path / "bomb.png", 20000, 20000)
+    (tmp_path / "bomb.png").write_bytes(png_claiming(20000, 20000))
+    (tmp_path / "strip.png").write_bytes(png_claiming(1, 25000))  # 625 million pixels once padded to a square
+    (tmp_path / "thin.png").write_bytes(png_claiming(40, 4000))  # 100:1, under 4 of 336 pixels once padded and resized
     (tmp_path / "cut.jpg").write_bytes((IMAGES / "rocket.jpg").read_bytes()[:3000])  # a truncated JPEG
     (tmp_path / "text.png").write_text("not an image")
     shutil.copy(IMAGES / "chelsea.png", tmp_path / "ok.png")
-    names = ["bomb.png", "cut.jpg", "text.png", "missing.png", "ok.png"]
+    names = ["bomb.png", "strip.png", "thin.png", "cut.jpg", "text.png", "missing.png", "ok.png"]
     records = [{**PAIR, "id": f"r{i}", "image": name} for i, name in enumerate(names)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return tmp_path
 
 
 @pytest.mark.parametrize("image,message", [("bomb.png", "is too large to decode safely"),
+                                           ("strip.png", r"is too large to decode safely: 1 x 25000 pads to 25000 x "),
+                                           ("thin.png", r"is 40 x 4000, longer than 50:1"),
                                            ("cut.jpg", "is not readable"), ("text.png", "is not readable"),
                                            ("missing.png", "not found")])
 def test_each_bad_image_is_caught_up_front_and_named(bad_images, image, message):
@@ -224,8 +219,69 @@ def test_skip_bad_counts_every_bad_image_and_keeps_the_good_one(bad_images):
 
     pairs, _ = read_pairs(bad_images / "pairs.jsonl")
     examples, report = pair_examples(pairs, demo_processor(), image_folder=bad_images, skip_bad=True)
-    assert [e.id for e in examples] == ["r4"]
-    assert report.dropped == {"missing or unreadable image": 4}
+    assert [e.id for e in examples] == ["r6"]
+    assert report.dropped == {"missing or unreadable image": 6}
+
+
+@pytest.mark.parametrize("how", ["parent", "absolute", "symlink"])
+def test_an_image_path_that_leads_out_of_the_image_folder_is_refused_unless_asked(tmp_path, how):
+    """A crafted data file must not reach other files on the machine (annotate would upload them)."""
+    from tinyalign.data import DataError, pair_examples, read_pairs
+    from tinyalign.demo.world import demo_processor
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(IMAGES / "chelsea.png", tmp_path / "private.png")
+    (folder / "link.png").symlink_to(tmp_path / "private.png")
+    image = {"parent": "../private.png", "absolute": str(tmp_path / "private.png"), "symlink": "link.png"}[how]
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({**PAIR, "image": image}) + "\n")
+    pairs, _ = read_pairs(tmp_path / "pairs.jsonl")
+    for skip_bad in (False, True):  # not a bad image to skip: a file reaching out is stopped
+        with pytest.raises(DataError, match=r"record p1: image .* leads outside the image folder .*images \(to "
+                                             r".*private.png\); pass --images-outside-folder"):
+            pair_examples(pairs, demo_processor(), image_folder=folder, skip_bad=skip_bad)
+    examples, _ = pair_examples(pairs, demo_processor(), image_folder=folder, images_anywhere=True)
+    assert examples[0].images[0].resolve() == (tmp_path / "private.png").resolve()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_json_nested_too_deep_is_named_not_a_recursion_traceback(tmp_path, suffix):
+    from tinyalign.data import DataError, load_pairs
+
+    path = tmp_path / f"deep{suffix}"
+    nested = "[" * 100_000 + "]" * 100_000
+    path.write_text(nested if suffix == ".json" else json.dumps(PAIR) + "\n" + nested + "\n")
+    where = "deep.json: JSON nested too deep" if suffix == ".json" else "deep.jsonl line 2: JSON nested too deep"
+    with pytest.raises(DataError, match=where):
+        load_pairs(path)
+
+
+def test_the_format_is_the_files_not_its_first_records(tmp_path):
+    """Record 0 of a scored file without "responses" (a prompt annotate failed on) no longer makes
+    the rest read as pairs and dropped; a file that mixes the two formats is refused, naming both."""
+    from tinyalign.data import DataError, load_pairs
+
+    failed = {"id": "s0", "prompt": "What color?", "error": "judge timed out"}
+    scored = [failed] + [{**SCORED, "id": f"s{i}"} for i in range(1, 17)]
+    (tmp_path / "scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scored))
+    pairs, _ = load_pairs(tmp_path / "scored.jsonl")
+    assert [p.id for p in pairs] == [f"s{i}" for i in range(1, 17)]
+    (tmp_path / "mixed.jsonl").write_text(json.dumps(SCORED) + "\n" + json.dumps(PAIR) + "\n")
+    with pytest.raises(DataError, match=r"mixed.jsonl: record 0 holds scored samples .* but record 1 a pair"):
+        load_pairs(tmp_path / "mixed.jsonl")
+
+
+def test_an_sft_record_with_no_question_and_no_image_is_dropped_and_counted(tmp_path):
+    from tinyalign.data import read_conversations
+
+    turns = lambda q: [{"from": "human", "value": q}, {"from": "gpt", "value": "an answer"}]  # noqa: E731
+    records = [{"id": "empty", "conversations": turns("  ")}, {"id": "tag", "conversations": turns("<image>")},
+               {"id": "seen", "image": "a.png", "conversations": turns("<image>")},
+               {"id": "asked", "conversations": turns("What is it?")}]
+    (tmp_path / "sft.json").write_text(json.dumps(records))
+    kept, report = read_conversations(tmp_path / "sft.json")
+    assert [c.id for c in kept] == ["seen", "asked"]  # an image alone is a question ("describe this")
+    assert report.dropped == {"no question (no text and no image)": 2}
 
 
 def test_16_bit_grayscale_keeps_its_contrast(tmp_path):

@@ -8,7 +8,7 @@ import math
 import pytest
 from PIL import Image
 
-from tinyalign.evaluation import benchmarks
+from tinyalign.evaluation import benchmark_files, benchmarks
 from tinyalign.evaluation.report import bootstrap_ci, f1_of, relative_of
 
 
@@ -60,11 +60,11 @@ def test_pope_reader_names_a_bad_label(tmp_path):
     path = tmp_path / "coco_pope_random.json"
     path.write_text(json.dumps({"question_id": 1, "image": "a.jpg", "text": "Is there a cat?", "label": "yes"}) + "\n"
                     + json.dumps({"question_id": 2, "image": "b.jpg", "text": "Is there a dog?", "label": "maybe"}) + "\n")
-    with pytest.raises(benchmarks.BenchmarkError, match=r"coco_pope_random.json record 2 \(question 2\).*maybe"):
-        benchmarks.read_pope(path)
+    with pytest.raises(benchmark_files.BenchmarkError, match=r"coco_pope_random.json line 2 \(question 2\).*maybe"):
+        benchmark_files.read_pope(path)
     path.write_text('{"question_id": 1, "image": "a.jpg"\n')
-    with pytest.raises(benchmarks.BenchmarkError, match="line 1: not valid JSON"):
-        benchmarks.read_pope(path)
+    with pytest.raises(benchmark_files.BenchmarkError, match="line 1: not valid JSON"):
+        benchmark_files.read_pope(path)
 
 
 def test_llava_pope_question_file_takes_labels_by_position(tmp_path):
@@ -79,12 +79,12 @@ def test_llava_pope_question_file_takes_labels_by_position(tmp_path):
                  {"question_id": 12, "image": "c.jpg", "text": "Is there a cow?" + suffix, "category": "random"}]
     path = tmp_path / "llava_pope_test.jsonl"
     path.write_text("".join(json.dumps(q) + "\n" for q in questions))
-    splits = benchmarks.read_llava_pope(path, tmp_path)
+    splits = benchmark_files.read_llava_pope(path, tmp_path)
     assert [(q["question_id"], q["label"]) for q in splits["random"]] == [(10, "yes"), (12, "no")]
     assert [(q["question_id"], q["label"]) for q in splits["popular"]] == [(11, "no")]
     path.write_text("".join(json.dumps(q) + "\n" for q in questions[:2]))
-    with pytest.raises(benchmarks.BenchmarkError, match=r"1 questions of category 'random' but 2 labels"):
-        benchmarks.read_llava_pope(path, tmp_path)
+    with pytest.raises(benchmark_files.BenchmarkError, match=r"1 questions of category 'random' but 2 labels"):
+        benchmark_files.read_llava_pope(path, tmp_path)
 
 
 # ---- MMBench ------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def test_mmbench_reader(tmp_path):
     mmbench_tsv(path, [("0", "What is it?", "nan", "cat", "dog", "", "", "B", "animals"),
                        ("1", "Which colour?", "Look closely.", "red", "green", "blue", "yellow", "A", "colour"),
                        ("1000001", "Which colour?", "Look closely.", "green", "blue", "yellow", "red", "D", "colour")])
-    q = benchmarks.read_mmbench(path)
+    q = benchmark_files.read_mmbench(path)
     assert q[0]["options"] == ["cat", "dog"] and q[0]["hint"] == "" and q[0]["answer"] == "B" and q[0]["index"] == 0
     assert q[1]["options"] == ["red", "green", "blue", "yellow"] and q[1]["hint"] == "Look closely."
     assert q[2]["index"] == 1_000_001 and q[2]["answer"] == "D"
@@ -173,11 +173,11 @@ def test_mmbench_reader(tmp_path):
     assert benchmarks.mmbench_prompt(q[1]) == (
         "<image>\nLook closely.\nWhich colour?\nA. red\nB. green\nC. blue\nD. yellow\n" + benchmarks.MMBENCH_SUFFIX)
     mmbench_tsv(path, [("7", "What is it?", "", "cat", "dog", "", "", "C", "animals")])
-    with pytest.raises(benchmarks.BenchmarkError, match=r"line 2 \(index 7\): answer 'C'"):
-        benchmarks.read_mmbench(path)
+    with pytest.raises(benchmark_files.BenchmarkError, match=r"line 2 \(index 7\): answer 'C'"):
+        benchmark_files.read_mmbench(path)
     mmbench_tsv(path, [("seven", "What is it?", "", "cat", "dog", "", "", "A", "animals")])
-    with pytest.raises(benchmarks.BenchmarkError, match=r"line 2: index 'seven' is not a number"):
-        benchmarks.read_mmbench(path)
+    with pytest.raises(benchmark_files.BenchmarkError, match=r"line 2: index 'seven' is not a whole number"):
+        benchmark_files.read_mmbench(path)
 
 
 # ---- judged benchmarks --------------------------------------------------------------------------

@@ -116,9 +116,16 @@ def test_select_best_breaks_ties_deterministically():
     s = [Scored("a", ["img.png"], "<image>\nq", [("short", scores(4, 4, 4, 1, 1)), ("rich", scores(4, 4, 4, 3, 2)),
                                                   ("bad", scores(0, 0, 0))]),
          Scored("b", [], "q", [("x", scores(2, 2, 2)), ("y", scores(2, 2, 2))])]
-    best = select_best(s)
+    best, report = select_best(s)
+    assert report.kept == 2 and not report.dropped
     assert best[0].turns == [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "rich"}]
     assert best[0].images == ["img.png"] and best[1].turns[1]["value"] == "x"  # full tie: the earlier answer
+
+
+def test_select_best_counts_a_prompt_whose_answers_are_all_empty():
+    s = [Scored("a", [], "q", [(" ", scores(4, 4, 4)), ("", scores(1, 1, 1))]), Scored("b", [], "q", [("x", scores(2, 2, 2))])]
+    best, report = select_best(s)
+    assert [c.id for c in best] == ["b"] and report.dropped == {"every answer empty": 1}
 
 
 def test_scored_file_with_bad_ratings_is_named(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from conftest import ChatStub, serve
 
 from tinyalign.demo.world import make_benchmarks
-from tinyalign.evaluation import benchmarks, report
+from tinyalign.evaluation import benchmark_files, benchmarks, report
 from tinyalign.evaluation.answers import generate_answers, read_generations
 from tinyalign.infra.files import RunInUse, write_json
 
@@ -78,7 +78,7 @@ def test_pope_writes_llava_answers_and_scores_them(tiny_world, bench_files, tmp_
     result = run("pope", "--model", tiny_world["checkpoint"], "--pope-dir", bench_files["pope_dir"],
                  "--image-folder", bench_files["image_folder"], "--out", tmp_path, "--max-new-tokens", 4)
     lines = [json.loads(x) for x in (tmp_path / "pope" / "answers.jsonl").read_text().splitlines()]
-    questions = benchmarks.read_pope(bench_files["pope_dir"] / "coco_pope_random.json")
+    questions = benchmark_files.read_pope(bench_files["pope_dir"] / "coco_pope_random.json")
     assert [x["question_id"] for x in lines] == [q["question_id"] for q in questions]
     assert {x["category"] for x in lines} == {"random"}
     # The score is recomputed here from the answer file alone.
@@ -91,7 +91,7 @@ def test_pope_writes_llava_answers_and_scores_them(tiny_world, bench_files, tmp_
 def test_pope_grades_an_answers_file_with_llavas_question_file(bench_files, tmp_path):
     """LLaVA's llava_pope_test.jsonl (ids + category, its texts already ending in the short-answer
     instruction) and an answer file made elsewhere: graded, no model loaded (the --model does not exist)."""
-    questions = benchmarks.read_pope(bench_files["pope_dir"] / "coco_pope_random.json")
+    questions = benchmark_files.read_pope(bench_files["pope_dir"] / "coco_pope_random.json")
     llava = tmp_path / "llava_pope_test.jsonl"
     llava.write_text("".join(json.dumps({"question_id": 500 + i, "image": q["image"], "category": "random",
                                          "text": q["text"] + benchmarks.POPE_SUFFIX}) + "\n" for i, q in enumerate(questions)))
@@ -113,7 +113,7 @@ def test_mmbench_answers_each_row_once_scores_groups_and_submits_raw_text(tiny_w
     run("mmbench", "--model", tiny_world["checkpoint"], "--tsv", bench_files["mmbench"], "--out", tmp_path,
         "--max-new-tokens", 4)
     generations = read_generations(tmp_path / "mmbench" / "generations.jsonl")
-    rows = benchmarks.read_mmbench(bench_files["mmbench"])
+    rows = benchmark_files.read_mmbench(bench_files["mmbench"])
     assert len(rows) == 4 * 4 + 8 * 3  # colour questions: 4 rotations; shape and count: 3
     assert sorted(generations) == sorted(str(r["index"]) for r in rows)  # each row asked once
     predictions = {r["index"]: benchmarks.extract_option(generations[str(r["index"])], r["options"]) for r in rows}
@@ -142,7 +142,7 @@ def test_mmbench_answers_each_row_once_scores_groups_and_submits_raw_text(tiny_w
 
 def test_mmbench_grades_an_answers_file(bench_files, tmp_path):
     """LLaVA's answer lines {question_id, text} for every row: graded as they are, no model loaded."""
-    rows = benchmarks.read_mmbench(bench_files["mmbench"])
+    rows = benchmark_files.read_mmbench(bench_files["mmbench"])
     letters = {r["index"]: r["answer"] for r in rows}
     wrong = rows[3]["index"]  # a rotation of question 0 wrong: question 0 fails, the other 11 pass
     lines = [{"question_id": i, "text": f"I think {letter if i != wrong else 'Z'}"} for i, letter in letters.items()]
@@ -162,7 +162,7 @@ def test_interrupted_generation_resumes_where_it_stopped(tiny_world, bench_files
     decoding = sys.modules["tinyalign.speed.decoding"]
 
     model, processor = load_model(tiny_world["checkpoint"]), Processor.from_pretrained(tiny_world["checkpoint"])
-    questions = benchmarks.read_pope(bench_files["pope_dir"] / "coco_pope_random.json")
+    questions = benchmark_files.read_pope(bench_files["pope_dir"] / "coco_pope_random.json")
     items = [{"id": str(q["question_id"]), "images": [bench_files["image_folder"] / q["image"]],
               "turns": [{"from": "human", "value": "<image>\n" + q["text"]}]} for q in questions]
     full = generate_answers(model, processor, items, tmp_path / "full.jsonl", 4, batch_size=4)
@@ -373,11 +373,11 @@ def test_mtbench_samples_with_fastchats_temperatures(tiny_world, tmp_path, monke
     args = eval_cli.parse(["mtbench", "--model", str(tiny_world["checkpoint"]), "--questions",
                            str(mtbench_questions(tmp_path)), "--out", str(tmp_path / "run"), "--max-new-tokens", "3",
                            "--batch-size", "1"])
-    eval_cli.mtbench_answers(args, benchmarks.read_mtbench(args.questions))
+    eval_cli.mtbench_answers(args, benchmark_files.read_mtbench(args.questions))
     assert sorted(set(seen)) == [(0.0, 50), (0.7, 50)] and len(seen) == 4
     seen.clear()
     args.greedy, args.out = True, str(tmp_path / "greedy")
-    eval_cli.mtbench_answers(args, benchmarks.read_mtbench(args.questions))
+    eval_cli.mtbench_answers(args, benchmark_files.read_mtbench(args.questions))
     assert set(seen) == {(0.0, 50)}
 
 

@@ -106,6 +106,11 @@ def read_jsonl(path, text: str | None = None, error=None) -> list[dict]:
     """JSON lines, one object per line (blank lines skipped): the one JSON-lines reader of tinyalign
     (data files, benchmark files, metrics.jsonl). Errors name the file and the line; `error`: their
     class (DataError, or a subclass such as a benchmark file's BenchmarkError)."""
+    return [record for _, record in numbered_jsonl(path, text, error)]
+
+
+def numbered_jsonl(path, text: str | None = None, error=None) -> list[tuple[int, dict]]:
+    """read_jsonl's records with their line numbers, for messages that name a line."""
     error = error or DataError
     records = []
     for n, line in enumerate((read_text(path, error) if text is None else text).splitlines(), 1):
@@ -115,9 +120,11 @@ def read_jsonl(path, text: str | None = None, error=None) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise error(f"{path} line {n}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise error(f"{path} line {n}: JSON nested too deep to be a record") from None
         if not isinstance(record, dict):
             raise error(f"{path} line {n}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
+        records.append((n, record))
     return records
 
 
@@ -129,6 +136,8 @@ def read_records(path) -> list[dict]:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deep to be a data file") from None
     else:
         records = read_jsonl(path, text)
     for i, record in enumerate(records):
@@ -184,7 +193,12 @@ def read_conversations(path) -> tuple[list[Conversation], DataReport]:
         if any(t.get("from") == "gpt" and not t["value"].strip() for t in turns):
             report.drop("empty answer", name)
             continue
-        out.append(Conversation(str(r.get("id", i)), _images(r, name), turns))
+        images = _images(r, name)
+        asks = [t["value"].replace(IMAGE_TAG, "").strip() for t in turns if t.get("from") in ("human", "user")]
+        if not images and not any(asks):
+            report.drop("no question (no text and no image)", name)
+            continue
+        out.append(Conversation(str(r.get("id", i)), images, turns))
     report.kept = len(out)
     return out, report
 
@@ -206,10 +220,19 @@ def reference_logps(record: dict, average: bool, name: str = "record") -> tuple[
     return None, None
 
 
+# The lowest log-probability a model can give an answer: a few thousand tokens of -100 each at the very
+# worst (log p of a token below -100 is under 1e-43, float32's smallest). A value below this is not a
+# model's (-1e30 would saturate the loss; -1e308 overflows it).
+LOWEST_LOGP = -1e6
+
+
 def _log_prob(record: dict, key: str, name: str) -> float:
     value = record[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value > 0:
         raise DataError(f"{name}: {key} must be a log-probability (a finite number <= 0), got {value!r}")
+    if value < LOWEST_LOGP:
+        raise DataError(f"{name}: {key} is {value!r}, below any log-probability a model gives an answer "
+                        f"({LOWEST_LOGP:g})")
     return float(value)
 
 
@@ -303,25 +326,36 @@ def load_pairs(path, seed: int = 0, average: bool = False) -> tuple[list[Pair], 
     log-probs kept, summed or with `average` the averaged ones), or scored samples turned into pairs
     by the paper's rule (`build_pairs`, drawing with `seed`)."""
     records = read_records(path)
-    if records and "responses" in records[0]:
+    # The format is the file's, not its first record's: scored samples ("responses", or annotate's
+    # "error" line for a prompt the judge failed on) or pairs ("chosen"/"rejected"), never both.
+    scored_at = [i for i, r in enumerate(records) if "responses" in r or "error" in r]
+    paired_at = [i for i, r in enumerate(records) if "chosen" in r or "rejected" in r]
+    if scored_at and paired_at:
+        raise DataError(f"{path}: record {scored_at[0]} holds scored samples (\"responses\") but record "
+                        f"{paired_at[0]} a pair (\"chosen\", \"rejected\"): one file, one format")
+    if scored_at:
         scored, report = read_scored(path)
         print(report.summary())
         return build_pairs(scored, seed=seed)
     return read_pairs(path, average)
 
 
-def select_best(scored: list[Scored]) -> list[Conversation]:
+def select_best(scored: list[Scored]) -> tuple[list[Conversation], DataReport]:
     """Rejection sampling: the top-rated answer of each prompt as an SFT conversation. Ties go to
-    the higher total over all five attributes, then to the earlier answer."""
-    out = []
+    the higher total over all five attributes, then to the earlier answer. A prompt whose answers
+    are all empty gives nothing (counted)."""
+    report, out = DataReport("select_best"), []
     for s in scored:
         ranked = [(quality(sc), sum(sc.get(a, 0) for a in ATTRIBUTES), -j, text)
                   for j, (text, sc) in enumerate(s.responses) if text.strip()]
-        if ranked:
-            best = max(ranked)[3]
-            out.append(Conversation(s.id, s.images, [{"from": "human", "value": s.prompt},
-                                                     {"from": "gpt", "value": best}]))
-    return out
+        if not ranked:
+            report.drop("every answer empty", s.id)
+            continue
+        best = max(ranked)[3]
+        out.append(Conversation(s.id, s.images, [{"from": "human", "value": s.prompt},
+                                                 {"from": "gpt", "value": best}]))
+    report.kept = len(out)
+    return out, report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,31 +363,71 @@ def select_best(scored: list[Scored]) -> list[Conversation]:
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_images(images: list[str], image_folder, name: str) -> list[Path]:
+def resolve_images(images: list[str], image_folder, name: str, anywhere: bool = False) -> list[Path]:
+    """Each image's path: under `image_folder` when one is given (an absolute path stays itself), as
+    written otherwise. A data file may not reach out of the image folder, by "../", an absolute path
+    or a symlink: a crafted file could otherwise read, and with a remote judge upload, any image on
+    the machine. `anywhere` (--images-outside-folder) lets it."""
     paths = []
     for image in images:
         path = Path(image)
-        if not path.is_absolute() and image_folder is not None:
+        if image_folder is not None:
             path = Path(image_folder) / path
+            if not anywhere:
+                check_inside(path, image_folder, name)
         paths.append(path)
     return paths
 
 
-def check_image(path: Path, name: str):
+def check_inside(path: Path, folder, name: str):
+    """`path`, with every symlink followed, lies inside `folder`."""
+    real, root = path.resolve(), Path(folder).resolve()
+    if not real.is_relative_to(root):
+        raise DataError(f"{name}: image {path} leads outside the image folder {folder} (to {real}); "
+                        "pass --images-outside-folder if that is meant")
+
+
+# LLaVA pads an image to a square of its longest side before resizing it (REFERENCE.md, preprocessing):
+# the padded square, not the file, is what memory pays for. A 1 x 25000 PNG is 177 bytes on disk and
+# 625 million pixels once padded. And a strip thinner than 1/50 of its length is under 7 of 336 pixels
+# after the resize: nothing a model can see.
+MAX_ASPECT_RATIO = 50
+
+
+def check_image_size(size: tuple[int, int], label: str, name: str, error=None):
+    """Refuse, by its header alone, an image too large once padded or too thin to show anything."""
+    error = error or DataError
+    width, height = size
+    side = max(width, height)
+    if side * side > Image.MAX_IMAGE_PIXELS:
+        raise error(f"{name}: {label} is too large to decode safely: {width} x {height} pads to "
+                    f"{side} x {side}, over {Image.MAX_IMAGE_PIXELS:,} pixels; resize it")
+    if min(width, height) == 0 or side / min(width, height) > MAX_ASPECT_RATIO:
+        raise error(f"{name}: {label} is {width} x {height}, longer than {MAX_ASPECT_RATIO}:1; "
+                    f"padded to a square it would show nothing; crop it")
+
+
+def check_image(path, name: str, error=None, label: str | None = None):
     """Decode the whole image now, so that a missing, truncated or absurdly large one fails before
     training, not hours into it. Larger than Pillow's limit for a sane image (about 89 million pixels,
-    Image.MAX_IMAGE_PIXELS) counts as unreadable: a "decompression bomb" would take gigabytes."""
+    Image.MAX_IMAGE_PIXELS) counts as unreadable: a "decompression bomb" would take gigabytes.
+    `path`: a file, or bytes in a file object (then `label` says what it is in messages); `error`:
+    the class raised (DataError, or a benchmark file's BenchmarkError)."""
+    error, label = error or DataError, label or f"image {path}"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                check_image_size(im.size, label, name, error)
                 im.load()  # decodes every pixel: a truncated file fails here, not only its header
+    except DataError:
+        raise  # already names the record and the image (a DataError is a ValueError, caught below)
     except FileNotFoundError:
-        raise DataError(f"{name}: image {path} not found") from None
+        raise error(f"{name}: {label} not found") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise DataError(f"{name}: image {path} is too large to decode safely ({e})") from None
+        raise error(f"{name}: {label} is too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{name}: image {path} is not readable ({e})") from None
+        raise error(f"{name}: {label} is not readable ({e})") from None
 
 
 @dataclass
@@ -373,8 +447,8 @@ class PairExample:
     ref_corrupted: float | None = None  # the chosen answer under a corrupted image (mDPO only)
 
 
-def _prepare_images(images, image_folder, name, report, skip_bad):
-    paths = resolve_images(images, image_folder, name)
+def _prepare_images(images, image_folder, name, report, skip_bad, anywhere):
+    paths = resolve_images(images, image_folder, name, anywhere)  # outside the folder: an error even with --skip-bad
     try:
         for p in paths:
             check_image(p, name)
@@ -387,11 +461,11 @@ def _prepare_images(images, image_folder, name, report, skip_bad):
 
 
 def sft_examples(records: list[Conversation], processor: Processor, image_folder=None, max_length=None,
-                 skip_bad=False, source="data") -> tuple[list[SFTExample], DataReport]:
+                 skip_bad=False, source="data", images_anywhere=False) -> tuple[list[SFTExample], DataReport]:
     report, out = DataReport(source), []
     for r in records:
         name = f"{source} record {r.id}"
-        paths = _prepare_images(r.images, image_folder, name, report, skip_bad)
+        paths = _prepare_images(r.images, image_folder, name, report, skip_bad, images_anywhere)
         if paths is None:
             continue
         turns = r.turns
@@ -412,11 +486,11 @@ def sft_examples(records: list[Conversation], processor: Processor, image_folder
 
 
 def pair_examples(pairs: list[Pair], processor: Processor, image_folder=None, max_length=None, skip_bad=False,
-                  source="data") -> tuple[list[PairExample], DataReport]:
+                  source="data", images_anywhere=False) -> tuple[list[PairExample], DataReport]:
     report, out = DataReport(source), []
     for p in pairs:
         name = f"{source} record {p.id}"
-        paths = _prepare_images(p.images, image_folder, name, report, skip_bad)
+        paths = _prepare_images(p.images, image_folder, name, report, skip_bad, images_anywhere)
         if paths is None:
             continue
         chosen, rejected = (processor.encode([{"from": "human", "value": p.prompt}, {"from": "gpt", "value": a}],

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..data import DataError, build_pairs, read_jsonl, read_records, read_scored
+from ..data import (DataError, DataReport, build_pairs, check_image, read_jsonl, read_records, read_scored,
+                    resolve_images)
 from ..demo.world import rate_answer
 from ..infra.arguments import at_least, non_negative, positive
 from ..infra.files import FolderLock, complete_lines, write_atomic, writing
@@ -147,9 +148,41 @@ def rate_and_append(prompts, done, out, sample, judge, image_folder, max_prompts
 def _rate(judge, record, answer, image_folder):
     if isinstance(judge, RuleJudge):
         return judge.rate_record(record, answer)
-    image = record.get("image")
-    path = (Path(image_folder) / image if image_folder and image else Path(image)) if image else None
-    return judge.rate(record["prompt"].replace("<image>", "").strip(), answer, path)
+    return judge.rate(record["prompt"].replace("<image>", "").strip(), answer, prompt_image(record, image_folder))
+
+
+def prompt_image(record: dict, image_folder) -> Path | None:
+    """The file of a prompt's image (checked up front by read_prompts), or None."""
+    return Path(image_folder or ".") / record["image"] if record.get("image") else None
+
+
+def read_prompts(path, image_folder=None, images_anywhere=False) -> tuple[list[dict], DataReport]:
+    """The prompts file, checked whole before a model is loaded: each record has an id (text or a
+    number) and a prompt (text); an image, if any, is a path inside --image-folder that decodes and
+    has a sane size. An id twice with the same record is dropped and counted; with another record it
+    is an error naming both."""
+    report, prompts, first_at = DataReport(str(path)), [], {}
+    for i, r in enumerate(read_records(path)):
+        where = f"{path} record {i}"
+        if isinstance(r.get("id"), bool) or not isinstance(r.get("id"), (str, int)):
+            raise DataError(f"{where}: 'id' must be text or a number, got {r.get('id')!r}")
+        if not isinstance(r.get("prompt"), str) or not r["prompt"].replace("<image>", "").strip():
+            raise DataError(f"{where} (id {r['id']}): 'prompt' must be non-empty text, got {r.get('prompt')!r}")
+        if r.get("image") is not None and not isinstance(r["image"], str):
+            raise DataError(f"{where} (id {r['id']}): 'image' must be a path, got {r['image']!r}")
+        if r["id"] in first_at:
+            j = first_at[r["id"]]
+            if prompts[j] != r:
+                raise DataError(f"{where}: id {r['id']!r} is also record {j}'s, with another prompt or image")
+            report.drop("the same record twice", where)
+            continue
+        if r.get("image"):
+            for image in resolve_images([r["image"]], image_folder or ".", where, images_anywhere):
+                check_image(image, f"{where} (id {r['id']})")
+        first_at[r["id"]] = len(prompts)
+        prompts.append(r)
+    report.kept = len(prompts)
+    return prompts, report
 
 
 def with_image_tag(record: dict) -> str:
@@ -169,7 +202,7 @@ def model_sampler(model, processor, image_folder, n: int, temperature: float, ma
             ids = processor.encode([{"from": "human", "value": with_image_tag(r)}], where=f"prompt {r['id']}",
                                    num_images=1 if r.get("image") else 0).input_ids
             # The image is decoded when its prompt gets a row, not all of them up front.
-            image = (lambda: processor.images.batch([Path(image_folder or ".") / r["image"]])) if r.get("image") else None
+            image = (lambda: processor.images.batch([prompt_image(r, image_folder)])) if r.get("image") else None
             return ids, image
 
         numbers = [numbering[r["id"]] if numbering else i for i, r in enumerate(records)]
@@ -187,7 +220,10 @@ def main(argv=None):
     p.add_argument("--model", required=True)
     p.add_argument("--prompts", required=True, help="JSONL of {id, image?, prompt}")
     p.add_argument("--out", required=True, help="scored-samples JSONL (appended to; a rerun resumes)")
-    p.add_argument("--image-folder")
+    p.add_argument("--image-folder", help="folder the prompts' image paths are relative to (default: here); a path "
+                   "that leads out of it is refused")
+    p.add_argument("--images-outside-folder", action="store_true", help="follow image paths that lead out of "
+                   "--image-folder (a remote judge is sent each image)")
     p.add_argument("--n", type=at_least(1), default=4, help="answers sampled per prompt")
     p.add_argument("--temperature", type=non_negative, default=0.7, help="0: greedy (then the n answers are one)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=512)
@@ -207,10 +243,11 @@ def main(argv=None):
     if args.temperature == 0 and args.n > 1:
         print(f"warning: --temperature 0 is greedy decoding, so the {args.n} answers of a prompt will be the same "
               "one and no pair can be built from them", file=sys.stderr)
-    prompts = read_records(args.prompts)
-    for i, r in enumerate(prompts):
-        if "id" not in r or not isinstance(r.get("prompt"), str):
-            raise DataError(f"{args.prompts} record {i}: needs 'id' and 'prompt'")
+    if Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a folder; name the scored-samples file to write, e.g. "
+                f"{Path(args.out) / 'scored.jsonl'}")
+    prompts, report = read_prompts(args.prompts, args.image_folder, args.images_outside_folder)
+    print(report.summary())
     model = load_model(args.model, device=args.device)
     processor = Processor.from_pretrained(args.model)
     judge = RuleJudge() if args.judge == "rules" else OpenAIJudge(

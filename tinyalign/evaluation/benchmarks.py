@@ -1,53 +1,12 @@
-"""The paper's benchmarks: reading their official files, turning free-text answers into what each
-scores, and the scores themselves. No model and no network here: eval.py generates the answers and
-asks the judge; these functions are small enough to check by hand (tests/test_benchmarks.py does).
-
-Benchmarks and their files (users fetch them; see the README):
-- POPE: `coco_pope_{adversarial,popular,random}.json`, JSON lines {question_id, image, text, label yes|no}
-- MMBench: a TSV with base64 images (index, question, hint, A-D, answer (dev only), category, image)
-- MM-Vet: `mm-vet.json` {id: {imagename, question, answer, capability: [...]}} and an images folder
-- LLaVA-Bench in-the-wild: questions.jsonl, context.jsonl, answers_gpt4.jsonl
-- MT-Bench: FastChat's question.jsonl {question_id, category, turns: [2], reference?: [...]}
-- AlpacaEval: a JSON list {instruction, output (the reference model's), generator, dataset}
+"""The paper's benchmarks: turning free-text answers into what each scores, and the scores
+themselves, each as the benchmark's official script computes it. No model, no network and no files
+here: eval.py generates the answers and asks the judge, benchmark_files.py reads and checks the
+benchmarks' files; these functions are small enough to check by hand (tests/test_benchmarks.py does).
 """
 
 from __future__ import annotations
 
-import base64
-import csv
-import io
-import json
 import re
-import sys
-from pathlib import Path
-
-from ..data import DataError, read_jsonl
-
-
-class BenchmarkError(DataError):
-    """A benchmark file or answer file that cannot be used; the message names the file and record."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading files, with errors that say where (JSON lines: data.read_jsonl)
-# ---------------------------------------------------------------------------------------------
-
-
-def read_json(path):
-    path = Path(path)
-    if not path.exists():
-        raise BenchmarkError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BenchmarkError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
-
-
-def require(record: dict, fields: list[str], where: str) -> dict:
-    missing = [f for f in fields if f not in record]
-    if missing:
-        raise BenchmarkError(f"{where}: missing field(s) {missing}")
-    return record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,37 +15,6 @@ def require(record: dict, fields: list[str], where: str) -> dict:
 
 POPE_SPLITS = ("adversarial", "popular", "random")
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
-
-
-def read_pope(path) -> list[dict]:
-    records = read_jsonl(path, error=BenchmarkError)
-    for n, r in enumerate(records, 1):
-        require(r, ["question_id", "image", "text", "label"], f"{path} record {n}")
-        if r["label"] not in ("yes", "no"):
-            raise BenchmarkError(f"{path} record {n} (question {r['question_id']}): label must be yes or no, "
-                                 f"got {r['label']!r}")
-    return records
-
-
-def read_llava_pope(question_file, pope_dir) -> dict[str, list[dict]]:
-    """LLaVA's combined question file (`llava_pope_test.jsonl`: question_id, image, text, category) with
-    each question's label from POPE's file of its category, {split: [question...]}. The labels pair up
-    by position within a category, as LLaVA's llava/eval/eval_pope.py (lines 75-79) pairs them: the
-    k-th question of category c takes the label of the k-th line of coco_pope_c.json."""
-    questions = read_jsonl(question_file, error=BenchmarkError)
-    by_split = {}
-    for n, q in enumerate(questions, 1):
-        require(q, ["question_id", "image", "text", "category"], f"{question_file} record {n}")
-        by_split.setdefault(q["category"], []).append(dict(q))
-    for split, rows in by_split.items():
-        label_file = Path(pope_dir) / f"coco_pope_{split}.json"
-        labels = read_pope(label_file)
-        if len(labels) != len(rows):
-            raise BenchmarkError(f"{question_file}: {len(rows)} questions of category {split!r} but {len(labels)} "
-                                 f"labels in {label_file}; LLaVA pairs them by position, so the counts must agree")
-        for row, label in zip(rows, labels):
-            row["label"] = label["label"]
-    return by_split
 
 
 def yes_or_no(answer: str) -> str:
@@ -125,47 +53,6 @@ def pope_metrics(predictions: list[str], labels: list[str]) -> dict:
 LETTERS = "ABCD"
 MMBENCH_SUFFIX = "Answer with the option's letter from the given choices directly."
 CIRCULAR_STRIDE = 1_000_000  # VLMEvalKit: g_index = int(index % 1e6)
-
-
-def _missing(value) -> bool:
-    """An empty cell, as pandas reads it (NaN) from the official TSVs."""
-    return value is None or value.strip() in ("", "nan", "NaN")
-
-
-def read_mmbench(path) -> list[dict]:
-    """-> one dict per row: {index (int), question, hint, options: [text...], answer (letter or None),
-    category, l2_category, image (bytes), row (the TSV's other columns)}."""
-    path = Path(path)
-    if not path.exists():
-        raise BenchmarkError(f"{path}: file not found")
-    csv.field_size_limit(sys.maxsize)  # one field holds a whole base64 image
-    rows = list(csv.DictReader(io.StringIO(path.read_text()), delimiter="\t"))
-    out = []
-    for n, row in enumerate(rows, 2):  # line 1 is the header
-        where = f"{path} line {n}"
-        require(row, ["index", "question", "A", "B", "image"], where)
-        try:
-            index = int(float(row["index"]))
-        except ValueError:
-            raise BenchmarkError(f"{where}: index {row['index']!r} is not a number") from None
-        options = []
-        for letter in LETTERS:  # LLaVA's get_options: up to the first empty option
-            if _missing(row.get(letter)):
-                break
-            options.append(row[letter])
-        answer = None if _missing(row.get("answer")) else row["answer"].strip()
-        if answer is not None and answer not in LETTERS[:len(options)]:
-            raise BenchmarkError(f"{where} (index {index}): answer {answer!r} is not one of the options "
-                                 f"{list(LETTERS[:len(options)])}")
-        try:
-            image = base64.b64decode(row["image"], validate=True)
-        except ValueError:
-            raise BenchmarkError(f"{where} (index {index}): the image column is not base64") from None
-        out.append({"index": index, "question": row["question"], "options": options, "answer": answer,
-                    "hint": "" if _missing(row.get("hint")) else row["hint"],
-                    "category": row.get("category") or "all", "l2_category": row.get("l2-category") or None,
-                    "image": image, "row": {k: v for k, v in row.items() if k != "image"}})
-    return out
 
 
 def mmbench_prompt(row: dict, suffix: str | None = None) -> str:
@@ -252,15 +139,6 @@ def mmbench_scores(rows: list[dict], predictions: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_mmvet(path) -> dict:
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise BenchmarkError(f"{path}: expected an object keyed by question id, got {type(data).__name__}")
-    for qid, q in data.items():
-        require(q, ["imagename", "question", "answer", "capability"], f"{path} question {qid}")
-    return data
-
-
 def parse_unit_score(reply: str) -> float:
     """MM-Vet grading: the last line's number, a correctness score from 0.0 to 1.0."""
     numbers = re.findall(r"\d+(?:\.\d+)?", reply.strip().splitlines()[-1] if reply.strip() else "")
@@ -282,22 +160,6 @@ def mmvet_scores(questions: dict, grades: dict) -> dict:
     values = [grades[qid] for qid in questions]
     return {"total": 100 * sum(values) / max(len(values), 1),
             "by_capability": {c: 100 * sum(v) / len(v) for c, v in sorted(by_capability.items())}}
-
-
-def read_llava_bench(folder) -> list[dict]:
-    """questions.jsonl + context.jsonl (captions, by image) + answers_gpt4.jsonl (reference answers)."""
-    folder = Path(folder)
-    questions = read_jsonl(folder / "questions.jsonl", error=BenchmarkError)
-    captions = {c["image"]: c.get("caption", "") for c in read_jsonl(folder / "context.jsonl", error=BenchmarkError)}
-    references = {r["question_id"]: r["text"]
-                  for r in read_jsonl(folder / "answers_gpt4.jsonl", error=BenchmarkError)}
-    for n, q in enumerate(questions, 1):
-        where = f"{folder / 'questions.jsonl'} record {n}"
-        require(q, ["question_id", "image", "text", "category"], where)
-        if q["question_id"] not in references:
-            raise BenchmarkError(f"{where}: question {q['question_id']} has no reference answer in answers_gpt4.jsonl")
-        q["caption"], q["reference"] = captions.get(q["image"], ""), references[q["question_id"]]
-    return questions
 
 
 def parse_pair_scores(reply: str) -> tuple[float, float]:
@@ -350,15 +212,6 @@ MTBENCH_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "mat
 MTBENCH_DEFAULT_TEMPERATURE = 0.7
 
 
-def read_mtbench(path) -> list[dict]:
-    questions = read_jsonl(path, error=BenchmarkError)
-    for n, q in enumerate(questions, 1):
-        require(q, ["question_id", "category", "turns"], f"{path} record {n}")
-        if not isinstance(q["turns"], list) or not q["turns"]:
-            raise BenchmarkError(f"{path} record {n} (question {q['question_id']}): 'turns' must be a non-empty list")
-    return questions
-
-
 def parse_rating(reply: str) -> float:
     """MT-Bench single-answer grading, as FastChat's fastchat/llm_judge/common.py does it (patterns at
     lines 36-37, used at 175-183): the first "[[n]]", else the first "[n]", n digits with an optional
@@ -392,15 +245,6 @@ def mtbench_scores(ratings: list[dict]) -> dict:
     return {"overall": mean(rated), "turn_1": mean([r for r in rated if r["turn"] == 1]),
             "turn_2": mean([r for r in rated if r["turn"] == 2]), "unrated": len(ratings) - len(rated),
             "by_category": {c: mean(rows) for c, rows in sorted(by_category.items())}}
-
-
-def read_alpaca_eval(path) -> list[dict]:
-    data = read_json(path)
-    if not isinstance(data, list):
-        raise BenchmarkError(f"{path}: expected a JSON list of {{instruction, output}}")
-    for n, r in enumerate(data):
-        require(r, ["instruction", "output"], f"{path} item {n}")
-    return data
 
 
 def parse_preference(reply: str) -> str:

@@ -79,7 +79,9 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     a("--data", help="training data file (JSON or JSONL)")
     a("--eval-data", help="held-out data file; default: hold out --eval-fraction of --data")
     a("--eval-fraction", type=share, help="share of --data held out when there is no --eval-data")
-    a("--image-folder", help="folder that relative image paths in the data are relative to")
+    a("--image-folder", help="folder that relative image paths in the data are relative to; a path that leads "
+      "out of it (../, absolute, a symlink) is refused")
+    a("--images-outside-folder", action="store_true", help="follow image paths that lead out of --image-folder")
     a("--out", help="output folder (metrics.jsonl, checkpoint/, model/)")
     a("--epochs", type=positive)
     a("--batch-size", type=at_least(1), help="examples (pairs for DPO) per micro-batch")
