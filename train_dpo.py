@@ -119,8 +119,8 @@ def main(argv=None):
     trainer = distribute(model, args, world)  # compiled blocks; with several processes DDP, or FSDP2 shards
     optimizer, scheduler, steps = optimizer_and_schedule(model, args, len(train), world)  # AdamW, warmup + cosine
     run = Run(args.out, args, len(steps), rank)  # metrics.jsonl, resumable checkpoints, the progress bar
-    step = run.load_state(model, optimizer, scheduler) if args.resume else 0
-    if held and not args.resume:
+    step = run.load_state(model, optimizer, scheduler) if run.resuming else 0
+    if held and not run.resuming:
         run.log(0, start_metrics, split="eval")
     run.start_progress(step)
     model.train()

@@ -96,7 +96,7 @@ def train(args, model, processor, train_records, held_records, rank=0, world=1) 
     trainer = distribute(model, args, world)  # compiled blocks; with several processes DDP, or FSDP2 shards
     optimizer, scheduler, steps = optimizer_and_schedule(model, args, len(examples), world)  # AdamW, warmup + cosine
     run = Run(args.out, args, len(steps), rank)  # metrics.jsonl, resumable checkpoints, the progress bar
-    step = run.load_state(model, optimizer, scheduler) if args.resume else 0
+    step = run.load_state(model, optimizer, scheduler) if run.resuming else 0
     pixel_cache = {}  # the demo's images are tiny: decode each once
     run.start_progress(step)
     model.train()

@@ -103,6 +103,58 @@ def test_config_problems(hf_checkpoint, tmp_path):
         tinyalign.load_model(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("where,field,value,message", [
+    ("text_config", "rms_norm_eps", float("nan"), r"rms_norm_eps must be a number between 0 and 1, got nan"),
+    ("text_config", "rms_norm_eps", 0, r"rms_norm_eps must be a number between 0 and 1, got 0"),
+    ("text_config", "num_hidden_layers", 0, r"num_hidden_layers must be a whole number of at least 1, got 0"),
+    ("text_config", "num_key_value_heads", 0, r"num_key_value_heads must be a whole number of at least 1, got 0"),
+    ("text_config", "hidden_size", -64, r"hidden_size must be a whole number of at least 1, got -64"),
+    ("text_config", "vocab_size", 12.5, r"vocab_size must be a whole number of at least 1, got 12.5"),
+    ("text_config", "rope_parameters", {"rope_type": "default", "rope_theta": float("inf")},
+     r"rope_theta must be a finite number above 1, got inf"),
+    ("vision_config", "layer_norm_eps", float("nan"), r"vision layer_norm_eps must be a number between 0 and 1"),
+    ("vision_config", "patch_size", 5, r"vision image_size \d+ is not a multiple of patch_size 5"),
+])
+def test_a_config_value_no_model_has_is_named(hf_checkpoint, tmp_path, where, field, value, message):
+    """Python's json reads NaN and Infinity; a config holding them, or a count of 0, once loaded
+    without a word and computed garbage."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(hf_checkpoint[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config[where] = {**config[where], field: value}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: " + message):
+        tinyalign.load_model(folder)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("image_std", [0.27, 0, 0.28], r"image_std must be above 0 \(pixels are divided by it\), got \[0.27, 0, 0.28\]"),
+    ("image_std", [0.27, float("nan"), 0.28], r"image_std must be three finite numbers"),
+    ("image_mean", [0.5, 0.5], r"image_mean must be three finite numbers \(R, G, B\), got \[0.5, 0.5\]"),
+    ("image_mean", 0.5, r"image_mean must be three finite numbers"),
+])
+def test_an_image_normalisation_no_model_has_is_named(tiny_world, tmp_path, field, value, message):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_world["checkpoint"], folder)
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**pre, field: value}))
+    with pytest.raises(ValueError, match=r"preprocessor_config.json: " + message):
+        tinyalign.Processor.from_pretrained(folder)
+
+
+def test_a_tensor_holding_nan_is_named(sharded):
+    folder, weight_map = sharded
+    name = "language_model.model.layers.0.mlp.down_proj.weight"
+
+    def poison(state):
+        state[name] = state[name].clone()
+        state[name].view(-1)[3] = float("nan")
+    shard = rewrite_shard(folder, weight_map, name, poison)
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor 'language_model.layers.0.mlp.down_proj.weight' "
+                                              r"holds NaN or infinite values"):
+        tinyalign.load_model(folder)
+
+
 def test_unreadable_bin_shard(tmp_path):
     from tinyalign.infra.weights import iter_tensors
 

@@ -10,6 +10,7 @@ thread pool does not survive a fork), the resume in this process.
 import json
 import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 import tinyalign
 import train_dpo
 import train_sft
-from tinyalign.infra.checkpoints import KEEP, latest_checkpoint
+from tinyalign.infra.checkpoints import KEEP, CheckpointDamaged, latest_checkpoint
 from tinyalign.infra.files import CRASH_ENV, CRASH_EXIT_CODE, RunInUse
 from test_training import dpo_args, sft_args, write_pairs
 
@@ -285,8 +286,13 @@ def test_saved_model_has_usual_permissions_and_checkpoints_hold_no_pickle(tiny_w
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "model").stat().st_mode & 0o777 == 0o777 & ~umask
+    # every file the run publishes, safetensors included (which writes its own 0600), reads as the user's others do
+    published = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert any(p.suffix == ".safetensors" for p in published) and len(published) > 5
+    assert {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in published} == {
+        p.relative_to(out).as_posix(): oct(0o666 & ~umask) for p in published}
     folder = latest_checkpoint(out)
-    assert sorted(p.name for p in folder.iterdir()) == ["state.json", "tensors.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["checksums.json", "state.json", "tensors.safetensors"]
     json.loads((folder / "state.json").read_text())  # plain JSON: loading it runs no code
 
 
@@ -349,6 +355,91 @@ def test_a_missing_pointer_is_rebuilt_and_no_complete_checkpoint_is_deleted(tiny
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == steps  # nothing complete deleted
     assert (out / "checkpoints" / "latest").read_text().strip() == steps[-1]
     train_sft.main(argv + ["--resume"])
+    same_as_uninterrupted(out, uninterrupted["sft"])
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_its_start(tiny_world, uninterrupted, tmp_path):
+    """The rerun's advice (--resume) works: with no checkpoint yet, --resume starts the run again
+    (its partial metrics.jsonl replaced) and ends as one never stopped."""
+    out = tmp_path / "run"
+    argv = sft_args(tiny_world, out, *STEPS)
+    run_until_crash(train_sft.main, argv, "run: step logged#1")  # step 1 logged, its checkpoint not yet saved
+    assert (out / "metrics.jsonl").exists() and not list((out / "checkpoints").glob("step-*"))
+    with pytest.raises(SystemExit, match=r"continue it with --resume"):
+        train_sft.main(argv)
+    train_sft.main(argv + ["--resume"])
+    same_as_uninterrupted(out, uninterrupted["sft"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_at_the_step_boundary_and_the_run_resumes_the_same(tiny_world, uninterrupted,
+                                                                                   tmp_path, monkeypatch, signum):
+    """A preempted job (SIGTERM) or Ctrl-C (SIGINT) mid-step: the step finishes, a checkpoint of it is
+    saved (--save-every 3 would otherwise have lost steps 1-2), the process exits with 128 + the
+    signal, and --resume ends as a run never stopped."""
+    from tinyalign.infra.run import Run
+
+    out = tmp_path / "run"
+    argv = sft_args(tiny_world, out, *STEPS)
+    argv[argv.index("--save-every") + 1] = "3"
+    logged = Run.log
+
+    def log_and_get_signalled(self, step, metrics, split="train"):
+        if step == 2 and split == "train":
+            os.kill(os.getpid(), signum)  # arrives during the step, before it is logged
+        logged(self, step, metrics, split)
+    monkeypatch.setattr(Run, "log", log_and_get_signalled)
+    before = signal.getsignal(signum)
+    with pytest.raises(SystemExit) as stop:
+        train_sft.main(argv)
+    assert stop.value.code == 128 + signum
+    assert json.loads((latest_checkpoint(out) / "state.json").read_text())["step"] == 2
+    assert [r["step"] for r in lines(out) if r["split"] == "train"] == [1, 2] and not (out / "model").exists()
+    assert signal.getsignal(signum) == before  # the process's own handling is back
+    monkeypatch.setattr(Run, "log", logged)
+    train_sft.main(argv + ["--resume"])
+    same_as_uninterrupted(out, uninterrupted["sft"])
+
+
+def damage(folder: Path, how: str) -> str:
+    """Damage a checkpoint one way; -> what the refusal must say."""
+    if how == "a flipped byte in the tensors":
+        data = bytearray((folder / "tensors.safetensors").read_bytes())
+        data[-100] ^= 0xFF  # inside the last tensor's bytes: the header still reads
+        (folder / "tensors.safetensors").write_bytes(bytes(data))
+        return r"tensors.safetensors has changed since it was saved"
+    if how == "the step edited in state.json":
+        state = json.loads((folder / "state.json").read_text())
+        (folder / "state.json").write_text(json.dumps({**state, "step": state["step"] - 1}))
+        return r"state.json has changed since it was saved"
+    (folder / "checksums.json").unlink()  # a checkpoint of before the checksums, then cut short
+    text = (folder / "state.json").read_text()
+    (folder / "state.json").write_text(text[:len(text) // 2])
+    return rf"{folder.name}: the checkpoint does not read \(.*\)"
+
+
+@pytest.mark.parametrize("how", ["a flipped byte in the tensors", "the step edited in state.json",
+                                 "a truncated state.json without checksums"])
+def test_a_damaged_checkpoint_is_named_never_resumed_from(tiny_world, tmp_path, how):
+    out = tmp_path / "run"
+    argv = sft_args(tiny_world, out, *STEPS)
+    train_sft.main(argv + ["--stop-after", "2"])
+    said = damage(latest_checkpoint(out), how)
+    with pytest.raises(CheckpointDamaged, match=said + r".*; resume from an older step folder beside it"):
+        train_sft.main(argv + ["--resume"])
+
+
+def test_a_missing_pointer_is_rebuilt_from_the_newest_checkpoint_that_verifies(tiny_world, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    argv = sft_args(tiny_world, out, *STEPS)
+    train_sft.main(argv + ["--stop-after", "2"])
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    (out / "checkpoints" / "latest").unlink()
+    damage(out / "checkpoints" / steps[-1], "a flipped byte in the tensors")
+    with pytest.raises(SystemExit, match=r"continue it with --resume"):
+        train_sft.main(argv)
+    assert (out / "checkpoints" / "latest").read_text().strip() == steps[-2]  # the damaged newest is passed over
+    train_sft.main(argv + ["--resume"])  # from step 1: the same run still
     same_as_uninterrupted(out, uninterrupted["sft"])
 
 

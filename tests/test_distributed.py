@@ -1,5 +1,6 @@
 """Two processes (torchrun, gloo on CPU) train exactly like one process with the same global batch."""
 
+import json
 import os
 import subprocess
 import sys
@@ -119,3 +120,35 @@ def test_what_several_processes_cannot_do_is_refused_by_name(tiny_world, tmp_pat
         done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode != 0 and reason in done.stdout + done.stderr, done.stderr[-2000:]
         assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+SIGNAL_ONE_RANK = """
+import os, runpy, signal, sys
+from tinyalign.infra.run import Run
+logged = Run.log
+def log(self, step, metrics, split="train"):  # rank 1 alone is told to stop, during step 1
+    if step == 1 and split == "train" and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    logged(self, step, metrics, split)
+Run.log = log
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step_with_a_checkpoint(tiny_world, tmp_path):
+    """A scheduler may signal one process first: the others learn it at the step's end (one all-reduce
+    of a flag per step), all stop after the same step, rank 0 writes its checkpoint, and each exits 143."""
+    (tmp_path / "signal_one_rank.py").write_text(SIGNAL_ONE_RANK)
+    out = tmp_path / "two"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = sft_args(tiny_world, out, "--max-steps", "3", "--save-every", "0", "--lora-dropout", "0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "signal_one_rank.py"), str(ROOT / "train_sft.py"), *with_batch(args, 4)]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0 and "exitcode  : 143" in said, said[-3000:]
+    from tinyalign.infra.checkpoints import latest_checkpoint
+
+    assert json.loads((latest_checkpoint(out) / "state.json").read_text())["step"] == 1
+    assert [m["step"] for m in metrics(out)] == [1] and not (out / "model").exists()

@@ -509,3 +509,33 @@ def test_pairs_that_share_an_id_keep_their_own_reference_logps(tiny_world, tmp_p
             assert torch.allclose(torch.tensor([e.ref_chosen for e in examples]), live_c, atol=1e-5)
             assert torch.allclose(torch.tensor([e.ref_rejected for e in examples]), live_r, atol=1e-5)
     assert len({e.ref_chosen for e in examples}) > 1  # one id, yet each pair its own values
+
+
+@pytest.mark.parametrize("damage", ["an entry of +50", "an entry that is text", "the file cut short"])
+def test_a_damaged_reference_cache_is_computed_again_never_trained_from(tiny_world, tmp_path, capsys, damage):
+    args = train_dpo.parse(dpo_args(tiny_world, write_pairs(tiny_world, tmp_path / "pairs.jsonl"), tmp_path / "x"))
+    model = tinyalign.load_model(tiny_world["checkpoint"])
+    processor = tinyalign.Processor.from_pretrained(tiny_world["checkpoint"])
+    preference = PREFERENCE_LOSSES[args.loss_type]
+
+    def reference(examples):
+        return train_dpo.precompute_reference(model, examples, lambda c: collate_pairs(c, processor), preference, args)
+
+    examples, _ = pair_examples(read_pairs(args.data)[0], processor, tiny_world["images"])
+    with torch.no_grad():
+        assert reference(examples).startswith("computed now")
+        right = [v for e in examples for v in (e.ref_chosen, e.ref_rejected)]
+        (path,) = (tmp_path / "cache" / "ref_logps").glob("*.json")
+        entries = json.loads(path.read_text())
+        first = next(iter(entries))
+        if damage == "the file cut short":
+            path.write_text(path.read_text()[:100])
+        else:
+            entries[first] = [50.0, -3.0] if damage == "an entry of +50" else ["-1", -3.0]
+            path.write_text(json.dumps(entries))
+        examples, _ = pair_examples(read_pairs(args.data)[0], processor, tiny_world["images"])
+        assert reference(examples).startswith("computed now")  # not "from the cache"
+    assert [v for e in examples for v in (e.ref_chosen, e.ref_rejected)] == pytest.approx(right, abs=1e-5)
+    said = capsys.readouterr().out
+    assert ("does not read as JSON" in said) if damage == "the file cut short" else (
+        f"1 of {len(entries)} entries are not log-probabilities" in said)

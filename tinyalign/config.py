@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,10 +54,10 @@ class TextConfig:
     eos_token_id: int = 2
     pad_token_id: int | None = None
 
-    def __post_init__(self):
-        if self.head_dim is None:
+    def __post_init__(self):  # (a count of 0 is left for check_values to name)
+        if self.head_dim is None and self.num_heads:
             self.head_dim = self.hidden_size // self.num_heads
-        if self.num_heads % self.num_kv_heads:
+        if self.num_kv_heads and self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
 
 
@@ -131,6 +132,33 @@ _LLAVA_VISION_DEFAULTS = dict(hidden_size=1024, intermediate_size=4096, num_hidd
                               num_attention_heads=16, image_size=336, patch_size=14)
 
 
+def check_values(cfg: LlavaConfig, source: str) -> LlavaConfig:
+    """Refuse values no model has, naming the field: JSON lets a config say NaN, 0 or -3 where a
+    size, a count or an epsilon goes, and the model would then compute garbage without a word."""
+    sizes = {"hidden_size": cfg.text.hidden_size, "intermediate_size": cfg.text.intermediate_size,
+             "num_hidden_layers": cfg.text.num_layers, "num_attention_heads": cfg.text.num_heads,
+             "num_key_value_heads": cfg.text.num_kv_heads, "vocab_size": cfg.text.vocab_size,
+             "max_position_embeddings": cfg.text.max_position_embeddings, "vision hidden_size": cfg.vision.hidden_size,
+             "vision intermediate_size": cfg.vision.intermediate_size, "vision num_hidden_layers": cfg.vision.num_layers,
+             "vision num_attention_heads": cfg.vision.num_heads, "vision image_size": cfg.vision.image_size,
+             "vision patch_size": cfg.vision.patch_size, "vision num_channels": cfg.vision.num_channels}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{source}: {name} must be a whole number of at least 1, got {value!r}")
+    epsilons = {"rms_norm_eps": cfg.text.rms_norm_eps, "vision layer_norm_eps": cfg.vision.layer_norm_eps}
+    for name, value in epsilons.items():  # added to a variance before its square root: tiny and positive
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ValueError(f"{source}: {name} must be a number between 0 and 1, got {value!r}")
+    if not math.isfinite(cfg.text.rope_theta) or cfg.text.rope_theta <= 1:
+        raise ValueError(f"{source}: rope_theta must be a finite number above 1, got {cfg.text.rope_theta!r}")
+    if cfg.text.hidden_size % cfg.text.num_heads or cfg.vision.hidden_size % cfg.vision.num_heads:
+        raise ValueError(f"{source}: hidden_size must be a multiple of num_attention_heads (text and vision)")
+    if cfg.vision.image_size % cfg.vision.patch_size:
+        raise ValueError(f"{source}: vision image_size {cfg.vision.image_size} is not a multiple of patch_size "
+                         f"{cfg.vision.patch_size}")
+    return cfg
+
+
 def _refuse(source: str, what: str):
     raise ValueError(f"{source}: {what} is not supported by tinyalign (LLaVA-1.5: LLaMA decoder + CLIP ViT)")
 
@@ -152,7 +180,8 @@ def text_config_from_dict(d: dict, source: str) -> TextConfig:
     heads = d["num_attention_heads"]
     return TextConfig(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-        num_layers=d["num_hidden_layers"], num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
+        num_layers=d["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=heads if d.get("num_key_value_heads") is None else d["num_key_value_heads"],
         head_dim=d.get("head_dim"), rms_norm_eps=d["rms_norm_eps"],
         rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
         max_position_embeddings=d["max_position_embeddings"],
@@ -202,6 +231,7 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> LlavaConfig:
     )
     if cfg.text.pad_token_id is None:
         cfg.text.pad_token_id = d.get("pad_token_id")
+    check_values(cfg, source)
     _check_image_seq_length(cfg, d.get("image_seq_length"), source)
     return cfg
 
@@ -233,12 +263,12 @@ def config_from_original_dict(d: dict, vision: VisionConfig, source: str = "conf
     if mm_hidden is not None and mm_hidden != vision.hidden_size:
         raise ValueError(f"{source}: mm_hidden_size={mm_hidden} but the CLIP tower has hidden_size {vision.hidden_size}")
     text = text_config_from_dict({k: v for k, v in d.items() if k != "model_type"}, source)
-    return LlavaConfig(
+    return check_values(LlavaConfig(
         vision=vision, text=text,
         image_token_index=text.vocab_size,  # just past the vocabulary (32000, as llava-hf): never embedded
         vision_feature_layer=d.get("mm_vision_select_layer", -2),
         vision_feature_select_strategy="full" if select == "cls_patch" else "default",
-    )
+    ), source)
 
 
 def to_hf_dict(cfg: LlavaConfig) -> dict:

@@ -23,6 +23,7 @@ place `<image>` means an image is a human turn, where it is LLaVA's data format'
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +108,8 @@ class Processor:
         mean, std = CLIP_MEAN, CLIP_STD
         if (folder / "preprocessor_config.json").exists():
             pre = read_json(folder / "preprocessor_config.json")
-            mean, std = tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
+            mean, std = normalisation(pre.get("image_mean", mean), pre.get("image_std", std),
+                                      folder / "preprocessor_config.json")
         return cls(
             tokenizer=tokenizer,
             image_token_index=image_token_index if image_token_index is not None else image_index,
@@ -289,3 +291,15 @@ def load_tokenizer(folder: Path, tokenizer_file=None) -> Tokenizer:
         f"{folder}: no tokenizer.json or tokenizer.model. Pass tokenizer_file=<path to a tokenizer.json>, "
         "for example the one in llava-hf/llava-1.5-7b-hf (the LLaMA tokenizer)."
     )
+
+
+def normalisation(mean, std, source) -> tuple[tuple, tuple]:
+    """image_mean and image_std of a preprocessor_config.json: three finite numbers each, the
+    standard deviations above 0 (a pixel is divided by them)."""
+    for name, values in (("image_mean", mean), ("image_std", std)):
+        if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ValueError(f"{source}: {name} must be three finite numbers (R, G, B), got {values!r}")
+    if min(std) <= 0:
+        raise ValueError(f"{source}: image_std must be above 0 (pixels are divided by it), got {list(std)}")
+    return tuple(mean), tuple(std)

@@ -7,7 +7,8 @@ names a complete checkpoint, or there is none yet; whatever a crash leaves half-
 reader looks at, and the next run removes it (`remove_leftovers`).
 
 The files are safetensors (tensors) and JSON (everything else): loading a checkpoint never runs code,
-unlike a pickle.
+unlike a pickle. checksums.json, written last, holds the SHA-256 of both; a resume checks them, so a
+file damaged on disk or edited by hand is named instead of trained from.
 """
 
 from __future__ import annotations
@@ -19,13 +20,19 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .files import (crash_point, fsync_path, fsync_tree, recover_folder, remove_stale_temporaries, standalone,
-                    write_atomic, writing)
+from .files import (crash_point, fsync_path, fsync_tree, recover_folder, remove_stale_temporaries, sha256_file,
+                    standalone, usual_permissions, write_atomic, writing)
 
 KEEP = 2  # checkpoints kept: the newest and the one before (see `Run.check_finite`)
+CHECKED = ("tensors.safetensors", "state.json")  # a checkpoint's files, each with its SHA-256 in CHECKSUMS
+CHECKSUMS = "checksums.json"
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint whose files do not read, or no longer match the checksums written with them."""
 
 
 def checkpoints_folder(out) -> Path:
@@ -65,6 +72,9 @@ def save_checkpoint(out, step: int, tensors: dict, state: dict) -> Path:
         with writing(tmp / "state.json"):
             (tmp / "state.json").write_text(json.dumps(state, default=str))
         crash_point("checkpoint: state written")
+        with writing(tmp / CHECKSUMS):
+            (tmp / CHECKSUMS).write_text(json.dumps({name: sha256_file(tmp / name) for name in CHECKED}, indent=1))
+        usual_permissions(tmp)
         fsync_tree(tmp)
         os.replace(tmp, root / name)
         fsync_path(root)
@@ -81,8 +91,32 @@ def save_checkpoint(out, step: int, tensors: dict, state: dict) -> Path:
 
 
 def load_checkpoint(folder: Path) -> tuple[dict, dict]:
-    """-> (tensors, state) of a checkpoint folder."""
-    return load_file(str(folder / "tensors.safetensors")), json.loads((folder / "state.json").read_text())
+    """-> (tensors, state) of a checkpoint folder, its files checked against their checksums."""
+    verify_checkpoint(folder)
+    try:
+        return load_file(str(folder / "tensors.safetensors")), json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError, SafetensorError) as e:  # checkpoints of before the checksums, damaged
+        raise CheckpointDamaged(f"{folder}: the checkpoint does not read ({e}); {OLDER}") from None
+
+
+OLDER = "resume from an older step folder beside it (write its name into checkpoints/latest) or start over"
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Each file's SHA-256 against checksums.json (checkpoints written before there were checksums
+    have none: they are taken as they are)."""
+    if not (folder / CHECKSUMS).exists():
+        return
+    try:
+        expected = json.loads((folder / CHECKSUMS).read_text())
+    except ValueError:
+        raise CheckpointDamaged(f"{folder / CHECKSUMS}: not valid JSON; {OLDER}") from None
+    for name in CHECKED:
+        actual = sha256_file(folder / name)
+        if actual != expected.get(name):
+            raise CheckpointDamaged(f"{folder / name} has changed since it was saved (SHA-256 {actual[:12]}..., "
+                                    f"written as {str(expected.get(name))[:12]}...): damaged on disk or edited by "
+                                    f"hand; {OLDER}")
 
 
 def set_latest(out, folder: Path | None) -> None:
@@ -131,8 +165,10 @@ def remove_leftovers(out) -> list[str]:
 
 
 def readable_checkpoint(folder: Path) -> bool:
-    """Its state parses and its tensors file's header reads (what resuming from it first needs)."""
+    """Its files match their checksums, its state parses and its tensors file's header reads (what
+    resuming from it first needs)."""
     try:
+        verify_checkpoint(folder)
         json.loads((folder / "state.json").read_text())["step"]
         with safe_open(str(folder / "tensors.safetensors"), framework="pt") as f:
             f.keys()

@@ -12,6 +12,7 @@ TINYALIGN_CRASH_AT=name and the process dies right there, as under kill -9 (test
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -109,16 +110,27 @@ def write_atomic(path, data: str | bytes) -> Path:
     return path
 
 
+def sha256_file(path, chunk_bytes: int = 8 << 20) -> str:
+    """The SHA-256 of a file, read in 8 MB pieces (a checkpoint can be tens of GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_json(path, data) -> Path:
     return write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
 def usual_permissions(folder: Path) -> None:
-    """A temporary folder is made private (mode 0700); give the published one the user's usual mode
-    (0777 less the umask), so that another account or a model server can read it."""
+    """Give a folder about to be published, and everything in it, the user's usual modes (0777 for
+    folders, 0666 for files, less the umask), so that another account or a model server can read
+    it: a temporary folder is made private (0700), and safetensors writes its files 0600."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def replace_folder(tmp: Path, out_dir: Path, what: str = "model"):

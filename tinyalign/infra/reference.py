@@ -6,7 +6,8 @@ data files and every argument that changes the values (template, image mode, sum
 pairing seed, ...). Change any of these and the key changes, so the pass runs again. Inside, each
 pair's values are filed under a digest of the pair itself (its token ids and its images' bytes), never
 under its id: two pairs that share an id, or the held-out pairs beside training pairs without ids,
-each keep their own.
+each keep their own. The cache is derived data: a file that does not read, or an entry that is not
+a log-probability (finite, <= 0, not below data.LOWEST_LOGP), is set aside and computed again.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from pathlib import Path
 
-from ..data import file_digest
+from ..data import LOWEST_LOGP, file_digest
 from .files import remove_stale_temporaries, write_atomic
 from .weights import model_digest
 
@@ -27,7 +29,22 @@ class ReferenceCache:
     def __init__(self, args):
         self.path = Path(args.cache_dir) / "ref_logps" / f"{cache_key(args, model_digest(args.model))}.json"
         remove_stale_temporaries(self.path.parent)  # a save killed before its rename
-        self.entries = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.entries = self.read() if self.path.exists() else {}
+
+    def read(self) -> dict:
+        """The entries that hold log-probabilities; the others are left out (and computed again)."""
+        try:
+            raw = json.loads(self.path.read_text())
+        except (ValueError, RecursionError):
+            print(f"warning: {self.path} does not read as JSON: the reference log-probs are computed again")
+            return {}
+        if not isinstance(raw, dict):
+            raw = {}
+        entries = {k: v for k, v in raw.items() if isinstance(v, list) and 2 <= len(v) <= 3 and all(map(is_logp, v))}
+        if len(entries) < len(raw):
+            print(f"warning: {self.path}: {len(raw) - len(entries)} of {len(raw)} entries are not log-probabilities "
+                  f"(damaged or edited): those pairs are computed again")
+        return entries
 
     def fill(self, examples, with_corrupted: bool) -> bool:
         """Set the examples' reference log-probs from the cache; False (nothing set) unless it holds all."""
@@ -43,6 +60,11 @@ class ReferenceCache:
         self.entries.update({pair_digest(e): [e.ref_chosen, e.ref_rejected] + ([e.ref_corrupted] if with_corrupted else [])
                              for e in examples})
         write_atomic(self.path, json.dumps(self.entries))  # written whole, then renamed: never half a file
+
+
+def is_logp(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and LOWEST_LOGP <= value <= 0)
 
 
 def pair_digest(example) -> str:

@@ -12,6 +12,9 @@ import json
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from ..lora import apply_lora, merge_lora
 from .checkpoints import (latest_checkpoint, load_checkpoint, published, remove_leftovers, save_checkpoint, set_latest,
                           tensors_not_finite)
 from .files import FolderLock, crash_point, fsync_path, write_atomic, writing
-from .processes import like, whole
+from .processes import finish_distributed, like, sum_over_ranks, whole
 from .weights import build_empty, model_digest, save_adapter, save_model
 
 
@@ -34,14 +37,16 @@ class Run:
 
     While a run is live its folder is locked; a fresh run refuses a folder that holds a run unless
     --overwrite; --resume refuses changed arguments (all but SAFE_TO_CHANGE) and a changed --data,
-    then cuts metrics.jsonl back to what it held at the checkpoint, so each step appears once."""
+    then cuts metrics.jsonl back to what it held at the checkpoint, so each step appears once.
+    `resuming`: False for --resume of a run stopped before its first checkpoint (it starts again)."""
 
     def __init__(self, out, args, total_steps: int, rank: int = 0):
         self.out = Path(out)
         self.writes = rank == 0  # with several processes, rank 0 alone logs and writes
         # --fsdp: every process holds a share of the weights, so every process takes part in each
         # evaluation and save (their forward passes and gathers are collectives); rank 0 still writes.
-        self.sharded = bool(getattr(args, "fsdp", False)) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.sharded = bool(getattr(args, "fsdp", False)) and self.world > 1
         self.args = args
         self.total_steps = total_steps
         self.metrics_path = self.out / "metrics.jsonl"
@@ -49,18 +54,27 @@ class Run:
         self._t0, self._tokens = time.time(), 0
         self.bar = None
         self.lock = None
+        self.signalled, self._default_handlers = 0, {}
+        # A run stopped before its first checkpoint has nothing to resume but its start: --resume
+        # begins it again (decided from the folders alone, so that every process decides the same).
+        self.resuming = bool(args.resume) and any([
+            published(self.out), list(self.out.glob("checkpoints/diverged-*")),  # diverged: resume names it
+            (self.out / "model").exists(), (self.out / "checkpoint").exists()])  # the older layout
+        if args.resume and not self.resuming:
+            print(f"--resume: {self.out} holds no checkpoint yet (the run stopped before its first save): "
+                  "starting it from step 0")
         if self.writes:
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock = FolderLock(self.out).acquire()
             for what in remove_leftovers(self.out):
                 print(f"{self.out}: cleaned up after an interrupted run: {what}")
-            if not args.resume:
-                self.start_fresh()
+            if not self.resuming:
+                self.start_fresh(overwrite=bool(args.resume))
 
-    def start_fresh(self):
+    def start_fresh(self, overwrite: bool = False):
         """A fresh run in a folder that holds a run: refused, unless --overwrite (then that run goes)."""
         earlier = [p.name for p in (self.out / "checkpoints", self.metrics_path, self.out / "model") if p.exists()]
-        if earlier and not getattr(self.args, "overwrite", False):
+        if earlier and not (overwrite or getattr(self.args, "overwrite", False)):
             raise SystemExit(f"{self.out} holds a run ({', '.join(earlier)}): continue it with --resume, start over "
                              "with --overwrite (which deletes it), or choose another --out")
         for name in ("checkpoints", "model", "adapter"):
@@ -70,6 +84,7 @@ class Run:
 
     # -- logging -----------------------------------------------------------------------------
     def start_progress(self, first_step: int):
+        self.catch_signals()  # from here to the end, SIGTERM and Ctrl-C stop at a step boundary
         self.bar = tqdm(total=self.total_steps, initial=first_step, desc=f"{self.out.name}", dynamic_ncols=True,
                         disable=not self.writes)
 
@@ -165,12 +180,46 @@ class Run:
                 and step % self.args.eval_every == 0 and not last):
             self.log(step, evaluate(), split="eval")  # logs on rank 0 only
         stop = self.should_stop(step)
-        if stop or (self.args.save_every and step % self.args.save_every == 0 and not last):
+        signalled = self.signal_received() if not last else 0  # the last step saves and ends anyway
+        if stop or signalled or (self.args.save_every and step % self.args.save_every == 0 and not last):
             self.save_state(step, model, optimizer, scheduler)
-        if stop:
+        if stop or signalled:
             self.finish()
             print(f"stopped after step {step} of {self.total_steps}; continue with --resume")
+        if signalled:  # exit as a process ended by that signal reports it (143 for SIGTERM, 130 for Ctrl-C)
+            finish_distributed(self.world)
+            raise SystemExit(128 + signalled)
         return stop
+
+    # -- SIGTERM and Ctrl-C: a checkpoint at the next step boundary ----------------------------
+    def catch_signals(self):
+        """SIGTERM (a scheduler preempting the job, `kill`) and SIGINT (Ctrl-C) no longer end the
+        process mid-step, losing up to --save-every steps: the signal is noted, and at the end of
+        the step the run saves a checkpoint and stops. A second one stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._default_handlers[signum] = signal.signal(signum, self._note_signal)
+
+    def _note_signal(self, signum, frame):
+        if self.signalled:
+            self.restore_signals()
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} twice: stopping at once")
+        self.signalled = signum
+        print(f"\n{signal.Signals(signum).name}: a checkpoint at the end of this step, then the run stops "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def signal_received(self) -> int:
+        """The signal noted by any process (every rank stops at the same step), or 0."""
+        if self.world == 1:
+            return self.signalled
+        anyone = sum_over_ranks(torch.tensor([float(self.signalled > 0)]), self.world).item() > 0
+        return (self.signalled or signal.SIGTERM) if anyone else 0
+
+    def restore_signals(self):
+        for signum, handler in self._default_handlers.items():
+            signal.signal(signum, handler)
+        self._default_handlers = {}
 
     def should_stop(self, step: int) -> bool:
         """True when this session's --stop-after is reached (a checkpoint is saved, the run resumable)."""
@@ -184,7 +233,8 @@ class Run:
         self.release()
 
     def release(self):
-        """Unlock the folder (the process ending does too, however it ends)."""
+        """Unlock the folder (the process ending does too, however it ends); signals act as before."""
+        self.restore_signals()
         if self.lock is not None:
             self.lock.release()
 

@@ -136,6 +136,8 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, source: str, 
             f"{list(current.shape)}: the config and the weights disagree"
         )
     value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    if value.is_floating_point() and not torch.isfinite(value).all():  # a model never trains into NaN and back
+        raise CheckpointError(f"{source}: tensor {name!r} holds NaN or infinite values: the checkpoint is damaged")
     module._parameters[leaf] = nn.Parameter(value, requires_grad=current.requires_grad)
 
 
