@@ -158,8 +158,9 @@ def run_pope(args) -> dict:
     else:
         items, image = [], image_checker(args)
         for split, questions in splits.items():
+            source = args.questions or Path(args.pope_dir) / f"coco_pope_{split}.json"
             for q in questions:
-                where = f"POPE {split} question {q['question_id']}"
+                where = f"POPE {split} question {q['question_id']} ({source})"
                 text = q["text"] if q["text"].endswith(benchmarks.POPE_SUFFIX) else q["text"] + suffix  # LLaVA's file has it
                 items.append({"id": f"{split}-{q['question_id']}", "turns": [{"from": "human", "value": "<image>\n" + text}],
                               "images": [image(args.image_folder, q["image"], where)]})
@@ -246,7 +247,7 @@ def run_mmvet(args) -> dict:
         texts = benchmark_files.read_answers(args.answers, dict.fromkeys(questions), args.questions)
     else:
         image = image_checker(args)
-        items = [{"id": qid, "images": [image(args.image_folder, q["imagename"], f"MM-Vet question {qid}")],
+        items = [{"id": qid, "images": [image(args.image_folder, q["imagename"], f"MM-Vet question {qid} ({args.questions})")],
                   "turns": [{"from": "human", "value": "<image>\n" + q["question"]}]} for qid, q in questions.items()]
         texts = answers(args, items, "mmvet")
     write_json(folder(args, "mmvet") / "answers.json", {qid: texts[qid] for qid in questions})  # the official grader's input
@@ -269,7 +270,7 @@ def run_llava_bench(args) -> dict:
                                              args.folder)
     else:
         image = image_checker(args)
-        items = [{"id": q["question_id"], "images": [image(image_folder, q["image"], f"LLaVA-Bench question {q['question_id']}")],
+        items = [{"id": q["question_id"], "images": [image(image_folder, q["image"], f"LLaVA-Bench question {q['question_id']} ({args.folder})")],
                   "turns": [{"from": "human", "value": "<image>\n" + q["text"]}]} for q in questions]
         texts = {str(k): v for k, v in answers(args, items, "llava_bench").items()}
     write_atomic(folder(args, "llava_bench") / "answers.jsonl", "".join(

@@ -109,7 +109,7 @@ def test_config_problems(hf_checkpoint, tmp_path):
     ("text_config", "num_hidden_layers", 0, r"num_hidden_layers must be a whole number of at least 1, got 0"),
     ("text_config", "num_key_value_heads", 0, r"num_key_value_heads must be a whole number of at least 1, got 0"),
     ("text_config", "hidden_size", -64, r"hidden_size must be a whole number of at least 1, got -64"),
-    ("text_config", "vocab_size", 12.5, r"vocab_size must be a whole number of at least 1, got 12.5"),
+    ("text_config", "vocab_size", 12.5, r"text_config vocab_size must be a whole number, got 12.5"),
     ("text_config", "rope_parameters", {"rope_type": "default", "rope_theta": float("inf")},
      r"rope_theta must be a finite number above 1, got inf"),
     ("vision_config", "layer_norm_eps", float("nan"), r"vision layer_norm_eps must be a number between 0 and 1"),
@@ -128,7 +128,7 @@ def test_a_config_value_no_model_has_is_named(hf_checkpoint, tmp_path, where, fi
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("image_std", [0.27, 0, 0.28], r"image_std must be above 0 \(pixels are divided by it\), got \[0.27, 0, 0.28\]"),
+    ("image_std", [0.27, 0, 0.28], r"image_std must be above 0 \(pixels are divided by it\) and at most 1, got \[0.27, 0, 0.28\]"),
     ("image_std", [0.27, float("nan"), 0.28], r"image_std must be three finite numbers"),
     ("image_mean", [0.5, 0.5], r"image_mean must be three finite numbers \(R, G, B\), got \[0.5, 0.5\]"),
     ("image_mean", 0.5, r"image_mean must be three finite numbers"),

@@ -410,7 +410,7 @@ def test_missing_image_is_named_before_any_generation(tiny_world, bench_files, t
     pope.mkdir()
     (pope / "coco_pope_random.json").write_text(
         json.dumps({"question_id": 5, "image": "images/nope.png", "text": "Is there a cat?", "label": "no"}) + "\n")
-    with pytest.raises(SystemExit, match=r"POPE random question 5: image .*nope.png not found"):
+    with pytest.raises(SystemExit, match=r"POPE random question 5 \(.*coco_pope_random.json\): image .*nope.png not found"):
         run("pope", "--model", tiny_world["checkpoint"], "--pope-dir", pope, "--image-folder",
             bench_files["image_folder"], "--out", tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -141,10 +141,16 @@ def check_values(cfg: LlavaConfig, source: str) -> LlavaConfig:
              "max_position_embeddings": cfg.text.max_position_embeddings, "vision hidden_size": cfg.vision.hidden_size,
              "vision intermediate_size": cfg.vision.intermediate_size, "vision num_hidden_layers": cfg.vision.num_layers,
              "vision num_attention_heads": cfg.vision.num_heads, "vision image_size": cfg.vision.image_size,
-             "vision patch_size": cfg.vision.patch_size, "vision num_channels": cfg.vision.num_channels}
+             "vision patch_size": cfg.vision.patch_size, "vision num_channels": cfg.vision.num_channels,
+             "head_dim": cfg.text.head_dim}
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{source}: {name} must be a whole number of at least 1, got {value!r}")
+    token_ids = {"image_token_index": cfg.image_token_index, "bos_token_id": cfg.text.bos_token_id,
+                 "eos_token_id": cfg.text.eos_token_id, "pad_token_id": cfg.text.pad_token_id}
+    for name, value in token_ids.items():
+        if value is not None and (not _whole(value) or value < 0):
+            raise ValueError(f"{source}: {name} must be a token id (a whole number, 0 or more), got {value!r}")
     epsilons = {"rms_norm_eps": cfg.text.rms_norm_eps, "vision layer_norm_eps": cfg.vision.layer_norm_eps}
     for name, value in epsilons.items():  # added to a variance before its square root: tiny and positive
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
@@ -163,8 +169,49 @@ def _refuse(source: str, what: str):
     raise ValueError(f"{source}: {what} is not supported by tinyalign (LLaVA-1.5: LLaMA decoder + CLIP ViT)")
 
 
+def _typed(d, source: str, what: str, whole=(), numbers=(), objects=()) -> dict:
+    """The JSON types of a config's fields, checked before anything is computed from them (a count
+    given as text or a list would otherwise fail deep inside, in words that do not name the file)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: {what} must be an object, got {d!r:.80}")
+    for name in whole:
+        v = d.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{source}: {what}{name} must be a whole number, got {v!r:.80}")
+    for name in numbers:
+        v = d.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"{source}: {what}{name} must be a number, got {v!r:.80}")
+    for name in objects:
+        if d.get(name) is not None and not isinstance(d[name], dict):
+            raise ValueError(f"{source}: {what}{name} must be an object, got {d[name]!r:.80}")
+    return d
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _built(make, source: str):
+    """A config dataclass, its own checks' ValueError prefixed with the file it came from."""
+    try:
+        return make()
+    except ValueError as e:
+        raise ValueError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
+
+
 def text_config_from_dict(d: dict, source: str) -> TextConfig:
     """A LLaMA config dict (transformers' LlamaConfig field names) -> TextConfig."""
+    _typed(d, source, "text_config ", whole=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                             "num_attention_heads", "num_key_value_heads", "head_dim",
+                                             "max_position_embeddings", "bos_token_id", "pad_token_id"),
+           numbers=("rms_norm_eps", "rope_theta"), objects=("rope_parameters", "rope_scaling"))
+    for rope in (d.get("rope_parameters"), d.get("rope_scaling")):
+        _typed(rope or {}, source, "text_config rope ", numbers=("rope_theta",))
+    eos = d.get("eos_token_id", 2)
+    if not (isinstance(eos, int) and not isinstance(eos, bool)) and not (
+            isinstance(eos, list) and eos and all(isinstance(t, int) and not isinstance(t, bool) for t in eos)):
+        raise ValueError(f"{source}: text_config eos_token_id must be a token id or a list of them, got {eos!r:.80}")
     d = {**_LLAMA_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
     if d.get("model_type", "llama") != "llama":
         _refuse(source, f"decoder model_type {d['model_type']!r}")
@@ -178,16 +225,16 @@ def text_config_from_dict(d: dict, source: str) -> TextConfig:
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         _refuse(source, f"rope scaling {rope}")
     heads = d["num_attention_heads"]
-    return TextConfig(
+    return _built(lambda: TextConfig(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
         num_layers=d["num_hidden_layers"], num_heads=heads,
         num_kv_heads=heads if d.get("num_key_value_heads") is None else d["num_key_value_heads"],
         head_dim=d.get("head_dim"), rms_norm_eps=d["rms_norm_eps"],
-        rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+        rope_theta=float(rope["rope_theta"] if rope.get("rope_theta") is not None else d.get("rope_theta", 10000.0)),
         max_position_embeddings=d["max_position_embeddings"],
         bos_token_id=d.get("bos_token_id", 1), eos_token_id=_first(d.get("eos_token_id", 2)),
         pad_token_id=d.get("pad_token_id"),
-    )
+    ), source)
 
 
 def _first(x):
@@ -198,8 +245,11 @@ def vision_config_from_dict(d: dict | None, source: str) -> VisionConfig:
     """A CLIP (vision) config dict -> VisionConfig. A full CLIPConfig nests it under vision_config."""
     if d is None:
         d = _LLAVA_VISION_DEFAULTS
-    if "vision_config" in d:
+    if "vision_config" in _typed(d, source, "vision_config "):
         d = d["vision_config"]
+    _typed(d, source, "vision_config ", whole=("hidden_size", "intermediate_size", "num_hidden_layers",
+                                               "num_attention_heads", "image_size", "patch_size", "num_channels"),
+           numbers=("layer_norm_eps",))
     d = {**_CLIP_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
     if d.get("hidden_act", "quick_gelu") != "quick_gelu":
         _refuse(source, f"vision hidden_act {d['hidden_act']!r}")
@@ -218,17 +268,22 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> LlavaConfig:
     """llava-hf LlavaConfig dict -> LlavaConfig."""
     if d.get("projector_hidden_act", "gelu") != "gelu":
         _refuse(source, f"projector_hidden_act {d['projector_hidden_act']!r}")
+    _typed(d, source, "", whole=("image_token_index", "image_token_id", "image_seq_length", "vocab_size"),
+           objects=("text_config", "vision_config"))
     text_dict = dict(d.get("text_config") or {})
     if "vocab_size" not in text_dict and "vocab_size" in d:  # very old llava-hf configs
         text_dict["vocab_size"] = d["vocab_size"]
-    cfg = LlavaConfig(
+    layers = d.get("vision_feature_layer", -2)
+    if not _whole(layers) and not (isinstance(layers, list) and layers and all(map(_whole, layers))):
+        raise ValueError(f"{source}: vision_feature_layer must be a layer index or a list of them, got {layers!r:.80}")
+    cfg = _built(lambda: LlavaConfig(
         vision=vision_config_from_dict(d.get("vision_config"), source),
         text=text_config_from_dict(text_dict, source),
         image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
-        vision_feature_layer=d.get("vision_feature_layer", -2),
+        vision_feature_layer=layers,
         vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
         projector_bias=d.get("multimodal_projector_bias", True),
-    )
+    ), source)
     if cfg.text.pad_token_id is None:
         cfg.text.pad_token_id = d.get("pad_token_id")
     check_values(cfg, source)
@@ -263,12 +318,13 @@ def config_from_original_dict(d: dict, vision: VisionConfig, source: str = "conf
     if mm_hidden is not None and mm_hidden != vision.hidden_size:
         raise ValueError(f"{source}: mm_hidden_size={mm_hidden} but the CLIP tower has hidden_size {vision.hidden_size}")
     text = text_config_from_dict({k: v for k, v in d.items() if k != "model_type"}, source)
-    return check_values(LlavaConfig(
+    _typed(d, source, "", whole=("mm_vision_select_layer",))
+    return check_values(_built(lambda: LlavaConfig(
         vision=vision, text=text,
         image_token_index=text.vocab_size,  # just past the vocabulary (32000, as llava-hf): never embedded
         vision_feature_layer=d.get("mm_vision_select_layer", -2),
         vision_feature_select_strategy="full" if select == "cls_patch" else "default",
-    ), source)
+    ), source), source)
 
 
 def to_hf_dict(cfg: LlavaConfig) -> dict:
@@ -305,9 +361,15 @@ def to_hf_dict(cfg: LlavaConfig) -> dict:
 
 
 def read_json(path: Path) -> dict:
+    """A config file's JSON object; errors name the file."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not a JSON config ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

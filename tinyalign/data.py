@@ -190,6 +190,9 @@ def read_conversations(path) -> tuple[list[Conversation], DataReport]:
         if any(not isinstance(t, dict) or not isinstance(t.get("value"), str) for t in turns):
             report.drop("a turn without a text value", name)
             continue
+        if any(not isinstance(t.get("from"), str) for t in turns):
+            report.drop("a turn whose speaker ('from') is not text", name)
+            continue
         if any(t.get("from") == "gpt" and not t["value"].strip() for t in turns):
             report.drop("empty answer", name)
             continue

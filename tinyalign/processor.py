@@ -294,12 +294,14 @@ def load_tokenizer(folder: Path, tokenizer_file=None) -> Tokenizer:
 
 
 def normalisation(mean, std, source) -> tuple[tuple, tuple]:
-    """image_mean and image_std of a preprocessor_config.json: three finite numbers each, the
-    standard deviations above 0 (a pixel is divided by them)."""
+    """image_mean and image_std of a preprocessor_config.json: three numbers each, in the range of a
+    pixel scaled to 0-1, the standard deviations above 0 (a pixel is divided by them)."""
     for name, values in (("image_mean", mean), ("image_std", std)):
         if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
             raise ValueError(f"{source}: {name} must be three finite numbers (R, G, B), got {values!r}")
-    if min(std) <= 0:
-        raise ValueError(f"{source}: image_std must be above 0 (pixels are divided by it), got {list(std)}")
+    if min(std) <= 0 or max(std) > 1:  # pixels are scaled to 0-1, then divided by the standard deviations
+        raise ValueError(f"{source}: image_std must be above 0 (pixels are divided by it) and at most 1, got {list(std)}")
+    if min(mean) < 0 or max(mean) > 1:
+        raise ValueError(f"{source}: image_mean must lie in 0-1 (pixels are scaled to 0-1 first), got {list(mean)}")
     return tuple(mean), tuple(std)

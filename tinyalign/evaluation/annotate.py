@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..data import (DataError, DataReport, build_pairs, check_image, read_jsonl, read_records, read_scored,
+from ..data import (DataError, DataReport, build_pairs, check_image, numbered_jsonl, read_records, read_scored,
                     resolve_images)
 from ..demo.world import rate_answer
 from ..infra.arguments import at_least, non_negative, positive
@@ -96,8 +96,12 @@ def read_done(out: Path) -> tuple[list[dict], set]:
     here so that a rerun tries those prompts again, and so is a last line torn by a crash (that
     prompt is simply rated again)."""
     lines, _ = complete_lines(out)  # a last line torn by a crash is left out here
-    records = read_jsonl(out, "\n".join(lines))  # any other line that is not a JSON object stops, named
-    kept = [r for r in records if "responses" in r and "error" not in r]
+    numbered = numbered_jsonl(out, "\n".join(lines))  # any other line that is not a JSON object stops, named
+    for n, r in numbered:  # the file is rewritten from these: a line that cannot be one is named, never lost
+        if isinstance(r.get("id"), bool) or not isinstance(r.get("id"), (str, int)):
+            raise DataError(f"{out} line {n}: 'id' must be text or a number, got {r.get('id')!r:.80}; fix or "
+                            "remove the line")
+    kept = [r for _, r in numbered if "responses" in r and "error" not in r]
     return kept, {r["id"] for r in kept}
 
 
@@ -170,6 +174,8 @@ def read_prompts(path, image_folder=None, images_anywhere=False) -> tuple[list[d
             raise DataError(f"{where} (id {r['id']}): 'prompt' must be non-empty text, got {r.get('prompt')!r}")
         if r.get("image") is not None and not isinstance(r["image"], str):
             raise DataError(f"{where} (id {r['id']}): 'image' must be a path, got {r['image']!r}")
+        if "<image>" in r["prompt"] and not r.get("image"):
+            raise DataError(f"{where} (id {r['id']}): the prompt has an <image> tag but the record no image")
         if r["id"] in first_at:
             j = first_at[r["id"]]
             if prompts[j] != r:

@@ -29,13 +29,13 @@ def read_generations(path, keys: dict | None = None) -> dict:
     """id -> answer text, from a generations file (a line cut short by a crash is ignored: regenerated).
     keys {id: key}: only the answers made exactly so (`answer_key`); others are left in the file, unused."""
     done = {}
-    for line in complete_lines(Path(path))[0]:
+    for line in complete_lines(Path(path), skip_bad=True)[0]:
         try:
             record = json.loads(line)
-            if keys is None or keys.get(record["id"]) == record.get("key"):
+            if isinstance(record["text"], str) and (keys is None or keys.get(record["id"]) == record.get("key")):
                 done[record["id"]] = record["text"]
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            pass
+        except (json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError):
+            pass  # not an answer this code wrote: that question is answered again
     return done
 
 

@@ -203,8 +203,11 @@ def read_llava_pope(question_file, pope_dir) -> dict[str, list[dict]]:
         for field in ("image", "text", "category"):
             a_text(q[field], f"{where} (question {q['question_id']})", field)
     by_split = {}
-    for _, q in without_repeats(lines, lambda q: f"{q['category']}-{q['question_id']}", question_file,
+    for n, q in without_repeats(lines, lambda q: f"{q['category']}-{q['question_id']}", question_file,
                                 "category-question_id"):
+        if not (Path(pope_dir) / f"coco_pope_{q['category']}.json").is_file():
+            raise BenchmarkError(f"{question_file} line {n}: category {q['category']!r} has no label file "
+                                 f"coco_pope_{q['category']}.json in {pope_dir}")
         by_split.setdefault(q["category"], []).append(dict(q))
     for split, rows in by_split.items():
         label_file = Path(pope_dir) / f"coco_pope_{split}.json"
@@ -274,6 +277,11 @@ def read_mmbench(path, check_images: bool = True) -> list[dict]:
     if table.fieldnames is None:
         raise BenchmarkError(f"{path}: empty file (no header, no rows)")
     rows = [(n, _mmbench_row(row, f"{path} line {n}", check_images)) for n, row in not_empty(lines, path, "rows")]
+    answered = [n for n, row in rows if row["answer"] is not None]
+    if answered and len(answered) < len(rows):  # a dev file (answers: scored) or a test file (none: submitted)
+        n = next(n for n, row in rows if row["answer"] is None)
+        raise BenchmarkError(f"{path} line {n}: no answer, although line {answered[0]} has one: a dev file answers "
+                             "every row, a test file none")
     return [row for _, row in without_repeats(rows, lambda row: row["index"], path, "index")]
 
 
@@ -354,15 +362,15 @@ def read_llava_bench(folder) -> list[dict]:
             a_text(q[field], f"{where} (question {q['question_id']})", field)
     contexts = read_lines(context_file)
     for n, c in contexts:
-        require(c, ["image"], f"{context_file} line {n}")
+        require(c, ["image", "caption"], f"{context_file} line {n}")
         a_text(c["image"], f"{context_file} line {n}", "image")
-        a_text(c.get("caption", ""), f"{context_file} line {n}", "caption", empty_ok=True)
+        a_text(c["caption"], f"{context_file} line {n}", "caption")
     references = read_lines(answers_file)
     for n, r in references:
         require(r, ["question_id", "text"], f"{answers_file} line {n}")
         an_id(r["question_id"], f"{answers_file} line {n}")
         a_text(r["text"], f"{answers_file} line {n}", "text")
-    captions = {c["image"]: c.get("caption", "")
+    captions = {c["image"]: c["caption"]
                 for _, c in without_repeats(contexts, lambda c: c["image"], context_file, "image")}
     reference = {str(r["question_id"]): r["text"] for _, r in without_repeats(
         references, lambda r: str(r["question_id"]), answers_file)}
@@ -371,7 +379,10 @@ def read_llava_bench(folder) -> list[dict]:
         if str(q["question_id"]) not in reference:
             raise BenchmarkError(f"{questions_file} line {n}: question {q['question_id']} has no reference answer "
                                  f"in {answers_file.name}")
-        out.append({**q, "caption": captions.get(q["image"], ""), "reference": reference[str(q["question_id"])]})
+        if q["image"] not in captions:  # the judge reads the caption; LLaVA's script stops without one too
+            raise BenchmarkError(f"{questions_file} line {n}: image {q['image']!r} has no caption in "
+                                 f"{context_file.name}")
+        out.append({**q, "caption": captions[q["image"]], "reference": reference[str(q["question_id"])]})
     return out
 
 

@@ -27,8 +27,9 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from ..data import read_jsonl
+from ..data import numbered_jsonl, read_text
 from ..infra.files import complete_lines, locked, writing
+from .benchmark_files import BenchmarkError, a_text, read_json
 
 PROMPTS = Path(__file__).parent / "judge_prompts"
 
@@ -97,22 +98,27 @@ def read_prompt(source: str | None, name: str) -> JudgePrompt:
     if not path.exists():
         raise FileNotFoundError(f"--judge-prompt {path}: file not found")
     if path.suffix == ".jsonl":
-        records = read_jsonl(path)
-        found = [r for r in records if r.get("name") == name]
+        records = numbered_jsonl(path, error=BenchmarkError)
+        found = [(n, r) for n, r in records if r.get("name") == name]
         if not found:
-            raise ValueError(f"{path}: no judge prompt named {name!r} (it has {[r.get('name') for r in records]})")
-        r = found[0]
-        return JudgePrompt(f"{path.name}:{name}", r["prompt_template"], r.get("system_prompt"),
-                           _version(name, r.get("system_prompt"), r["prompt_template"]))
+            raise ValueError(f"{path}: no judge prompt named {name!r} (it has {[r.get('name') for _, r in records]})")
+        n, r = found[0]
+        template = a_text(r.get("prompt_template"), f"{path} line {n}", "prompt_template")
+        system = r.get("system_prompt") and a_text(r["system_prompt"], f"{path} line {n}", "system_prompt")
+        return JudgePrompt(f"{path.name}:{name}", template, system, _version(name, system, template))
     if path.suffix == ".json":
-        rules = json.loads(path.read_text())
-        if name not in rules:
-            raise ValueError(f"{path}: no rule named {name!r} (it has {sorted(rules)})")
-        role, prompt = _literal(rules[name]["role"]), _literal(rules[name]["prompt"])
+        rules = read_json(path)
+        if not isinstance(rules, dict) or name not in rules:
+            raise ValueError(f"{path}: no rule named {name!r} (it has {sorted(rules) if isinstance(rules, dict) else []})")
+        rule = rules[name]
+        if not isinstance(rule, dict):
+            raise ValueError(f"{path}: rule {name!r} must be an object {{role, prompt}}, got {rule!r:.80}")
+        role = _literal(a_text(rule.get("role"), f"{path} rule {name!r}", "role"))
+        prompt = _literal(a_text(rule.get("prompt"), f"{path} rule {name!r}", "prompt"))
         template = LLAVA_REVIEW_LAYOUT.replace("ROLE", role).replace("PROMPT", prompt)
         return JudgePrompt(f"{path.name}:{name}", template, LLAVA_REVIEW_SYSTEM,
                            _version(name, LLAVA_REVIEW_SYSTEM, template))
-    text = path.read_text()
+    text = read_text(path, BenchmarkError)
     return JudgePrompt(path.name, text, None, _version(path.stem, text))
 
 
@@ -186,12 +192,12 @@ class JudgmentCache:
 
     def refresh(self) -> None:
         """Take in the lines appended since the last read, by this process or another."""
-        lines, self.offset = complete_lines(self.path, self.offset)
+        lines, self.offset = complete_lines(self.path, self.offset, skip_bad=True)
         for line in lines:
             try:
                 entry = json.loads(line)
                 self.entries.setdefault(entry["key"], []).append(entry)
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            except (json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError):
                 pass  # a line torn by a crash: that judgment is simply asked again
 
     def usable(self, key: str, parse):

@@ -271,13 +271,22 @@ def locked(path):
         os.close(fd)
 
 
-def complete_lines(path: Path, start: int = 0) -> tuple[list[str], int]:
+def complete_lines(path: Path, start: int = 0, skip_bad: bool = False) -> tuple[list[str], int]:
     """The lines of a file appended to line by line, from byte `start`, without a torn last one (a
-    crash mid-write leaves a line with no newline): -> (lines, the offset just past the last whole one)."""
+    crash mid-write leaves a line with no newline): -> (lines, the offset just past the last whole one).
+    A line that is not UTF-8 is an error naming the file and line, or with `skip_bad` (a cache, whose
+    lost lines are simply made again) left out."""
     if not path.exists():
         return [], start
     with path.open("rb") as f:
         f.seek(start)
         data = f.read()
     end = data.rfind(b"\n") + 1
-    return data[:end].decode("utf-8").splitlines(), start + end
+    lines = []
+    for n, raw in enumerate(data[:end].split(b"\n")[:-1], 1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            if not skip_bad:
+                raise ValueError(f"{path} line {n}: not UTF-8 text; save the file as UTF-8") from None
+    return lines, start + end
