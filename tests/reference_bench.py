@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from tinyalign.speed import throughput  # noqa: E402
 from tinyalign.speed.throughput import pixel_batch, trainable_optimizer  # noqa: E402
-from tinyalign.config import to_hf_dict  # noqa: E402
+from tinyalign.config_json import to_hf_dict  # noqa: E402
 from tinyalign.losses import dpo_loss  # noqa: E402
 from tinyalign.processor import IGNORE_INDEX  # noqa: E402
 from tinyalign.training import autocast  # noqa: E402

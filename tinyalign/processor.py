@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Tokenizer
 
-from .config import VisionConfig, config_from_hf_dict, is_original_llava, read_json, vision_config_from_dict
+from .config import VisionConfig
+from .config_json import config_from_hf_dict, is_original_llava, read_json, vision_config_from_dict
 from .images import CLIP_MEAN, CLIP_STD, ImageProcessor
 
 IGNORE_INDEX = -100

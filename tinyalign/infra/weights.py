@@ -23,8 +23,9 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..config import (LlavaConfig, config_from_hf_dict, config_from_original_dict, is_original_llava, read_json,
-                      to_hf_dict, vision_config_from_dict)
+from ..config import LlavaConfig
+from ..config_json import (config_from_hf_dict, config_from_original_dict, is_original_llava, read_json, to_hf_dict,
+                           vision_config_from_dict)
 from ..lora import LoRALinear, TARGETS
 from ..model import Llava
 from .files import crash_point, fsync_tree, recover_folder, replace_folder, standalone, usual_permissions, writing
