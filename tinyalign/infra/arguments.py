@@ -100,10 +100,11 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
                                       "(continue with --resume)")
     a("--eval-every", type=at_least(0), help="held-out evaluation every N steps (and always at the end; 0: only there)")
     a("--save-every", type=at_least(0), help="resumable checkpoint every N steps (and always at the end; 0: only there)")
+    a("--snapshot-every", type=at_least(0), default=0, help="also write the model every N steps as a plain checkpoint "
+      "folder, OUT/snapshots/step-N, kept (to look at training midway: python -m tinyalign.lab.tokens, eval.py); 0: none")
     a("--resume", action="store_true", help="continue the run in --out from its newest checkpoint; only "
-      "--stop-after, --eval-every, --save-every, --device, --compile, --gradient-checkpointing, --fsdp and --cache-dir "
-      "may "
-      "differ from the run's own arguments (anything else is refused, naming what differs)")
+      "--stop-after, --eval-every, --save-every, --snapshot-every, --device, --compile, --gradient-checkpointing, "
+      "--fsdp and --cache-dir may differ from the run's own arguments (anything else is refused, naming what differs)")
     a("--overwrite", action="store_true", help="start over in an --out that holds a run, deleting its checkpoints, "
       "metrics and model (a demo run always starts over)")
     a("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")

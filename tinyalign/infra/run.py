@@ -169,6 +169,17 @@ class Run:
         merge_lora(model)
         return save_model(model, self.out / "model", processor=processor)
 
+    def save_snapshot(self, step: int, model):
+        """--snapshot-every: the model as it is at this step, LoRA merged into a copy (training goes on
+        with its adapters), as a plain checkpoint folder OUT/snapshots/step-N that load_model, eval.py and
+        the per-token view read. Snapshots are kept; written whole or not at all, as every model folder."""
+        plain = gathered_model(model, self.args, keep=self.writes)  # a copy on the CPU (with --fsdp: gathered)
+        if not self.writes:
+            return
+        plain.source_dir = getattr(model, "source_dir", None)  # its tokenizer files go along
+        merge_lora(plain)
+        save_model(plain, self.out / "snapshots" / f"step-{step}")
+
     def after_step(self, step: int, metrics: dict, model, optimizer, scheduler, evaluate=None) -> bool:
         """Log the step; evaluate every --eval-every steps (evaluate() -> metrics, rank 0 only) and save a
         resumable checkpoint every --save-every. Returns True when this session ends here (--stop-after)."""
@@ -179,6 +190,8 @@ class Run:
         if (evaluate is not None and (self.writes or self.sharded) and self.args.eval_every
                 and step % self.args.eval_every == 0 and not last):
             self.log(step, evaluate(), split="eval")  # logs on rank 0 only
+        if self.args.snapshot_every and step % self.args.snapshot_every == 0 and not last:
+            self.save_snapshot(step, model)
         stop = self.should_stop(step)
         signalled = self.signal_received() if not last else 0  # the last step saves and ends anyway
         if stop or signalled or (self.args.save_every and step % self.args.save_every == 0 and not last):
@@ -241,7 +254,7 @@ class Run:
 
 # What --resume lets differ from the run's own arguments: how often to log and save, where to stop
 # this session, and how to compute (not what). Everything else would change the run: refused.
-SAFE_TO_CHANGE = ("stop_after", "eval_every", "save_every", "device", "compile", "gradient_checkpointing", "fsdp",
+SAFE_TO_CHANGE = ("stop_after", "eval_every", "save_every", "snapshot_every", "device", "compile", "gradient_checkpointing", "fsdp",
                   "cache_dir", "out", "resume", "overwrite")  # out: the run folder is the run, wherever it now lies
 NOT_SAVED = ("resume", "overwrite", "defaults")  # how this session started, not what the run is
 
@@ -257,7 +270,7 @@ def data_digests(args) -> dict:
 
 
 def gathered_model(model, args, keep: bool):
-    """With --fsdp: every weight gathered whole (each process takes part), into a plain model of the
+    """Every weight gathered whole (with --fsdp each process takes part), into a plain model of the
     same structure (LoRA adapters included) on rank 0's CPU; None on the other processes."""
     state = {name: whole(t).detach().cpu() for name, t in model.state_dict().items()}
     if not keep:

@@ -61,13 +61,13 @@ def rating(scores: dict) -> str:
     return " · ".join(f"{short[a]} {scores[a]}" for a in ATTRIBUTES if a in scores)
 
 
-def picture(image: str, world: Path, out: Path) -> str:
-    """Copy one world image next to the page; -> its <img> tag, linked relatively."""
+def picture(image: str, world: Path, out: Path, folder: str = PICTURES) -> str:
+    """Copy one world image next to the page, into out/folder; -> its <img> tag, linked relatively."""
     source = world / image
-    target = out / PICTURES / Path(image).name
+    target = out / folder / Path(image).name
     target.parent.mkdir(exist_ok=True)
     shutil.copyfile(source, target)
-    return f'<img class="shape" src="{PICTURES}/{text(target.name)}" alt="{text(image)}">'
+    return f'<img class="shape" src="{folder}/{text(target.name)}" alt="{text(image)}">'
 
 
 def question_text(prompt: str) -> str:
