@@ -12,6 +12,7 @@ from browser import rendered_dom
 from conftest import ROOT
 from tinyalign.data import read_jsonl
 from tinyalign.demo.world import rated_styles
+from tinyalign.lab.study import is_hard
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_study_runs_every_method_and_writes_the_table(study):
     assert f"| DPO | {results['DPO']['exact']:.3f} |" in (out / "results.md").read_text()
 
 
-def test_the_study_page_shows_answers_and_pairs_and_every_picture_loads_in_a_browser(study):
+def test_the_study_page_shows_answers_and_pairs_and_every_picture_loads_in_a_browser(study, tiny_world):
     out, printed = study
     page = out / "index.html"
     assert f"{page} (open it in a browser)" in printed
@@ -60,6 +61,31 @@ def test_the_study_page_shows_answers_and_pairs_and_every_picture_loads_in_a_bro
     for method, rows in answers.items():
         assert f"<th>{method}</th>" in dom
         assert sum(row["answer"].replace("<", "&lt;") in dom for row in rows) >= 1, method
+
+    # each method's training curves, drawn from its metrics.jsonl: loss for all four, DPO's rewards,
+    # margin and held-out accuracy besides (the images' loading is checked above with the others)
+    assert len(re.findall(r'<img class="curve" alt="loss"', dom)) == 4
+    for title in ("rewards (train)", "rewards/margin", "held-out reward accuracy"):
+        assert len(re.findall(rf'<img class="curve" alt="{re.escape(title)}"', dom)) == 1, title
+    for method in ("sft", "steerlm", "rejection-sampling", "dpo"):
+        assert f'href="{method}/metrics.jsonl"' in dom
+    # the pairs: how many DPO trained on and held out, as train_dpo.py split them, and every sampled answer
+    held = read_jsonl(out / "dpo-heldout-pairs.jsonl")
+    assert f"DPO held {len(held)} of them out" in dom and len(held) >= 1
+    assert dom.count("sampled answers</summary>") == 8
+    # the per-token view of DPO's reward on those held-out pairs, linked and drawn
+    assert 'href="tokens/index.html"' in dom
+    tokens_dom = rendered_dom(out / "tokens" / "index.html")
+    assert tokens_dom.count('<tr id="pair-') == len(held) and 'data-loaded="no"' not in tokens_dom
+
+    # The filters, set from the address: only the SFT data's mistakes, or only where the models disagree
+    heldout = read_jsonl(tiny_world["root"] / "data" / "heldout.jsonl")
+    for fragment, expected in (("hard=1", sum(is_hard(r) for r in heldout)),
+                               ("disagree=1", sum(len({rows[i]["answer"] for rows in answers.values()}) > 1
+                                                  for i in range(len(heldout))))):
+        filtered = rendered_dom(page.resolve().as_uri() + "#" + fragment)
+        shown = [row for row in re.findall(r'<tr class="question"[^>]*>', filtered) if "hidden" not in row]
+        assert len(shown) == expected and f'<span id="filter-count">{expected}</span>' in filtered, fragment
 
     # The check can fail: one picture gone, the browser marks it and the page says so.
     missing = sorted((out / "page-images").iterdir())[0]

@@ -41,6 +41,7 @@ from ..infra.weights import load_model, save_model
 from ..losses import implicit_rewards, reward_comparison
 from ..model import random_model
 from ..processor import Processor
+from . import tokens
 
 REPO = Path(__file__).resolve().parents[2]
 # One short recipe for every arm: the DPO demo's, with 3 epochs instead of 6 (each arm in about a minute).
@@ -48,6 +49,7 @@ RECIPE = ["--epochs", "3", "--batch-size", "16", "--grad-accum", "1", "--lr", "1
           "--lora-r", "32", "--lora-alpha", "64", "--max-length", "256", "--no-packing", "--eval-every", "0",
           "--save-every", "0"]
 NLL = ["--chosen-nll-weight", "1"]  # the demo's stabiliser (train_dpo.py, DEMO)
+SNAPSHOT_EVERY = 10  # margin-tokens: the model every 10 steps (of 126), "early" being the first of them
 
 # name -> (what it asks, its arms: (label, transform of the training pairs, extra arguments))
 ABLATIONS = {
@@ -64,6 +66,10 @@ ABLATIONS = {
         (name, ("subset", 1.0), extra) for name, extra in (("DPO", []), ("DPO + NLL", NLL),
                                                            ("mDPO", ["--loss-type", "mdpo"]),
                                                            ("mDPO + NLL", ["--loss-type", "mdpo", *NLL]))]),
+    "margin-tokens": ("where the margin sits: tokens that differ or tokens shared, early and at the end, with and "
+                      "without the NLL term", [
+        (f"beta 0.1{', NLL' if nll else ''}", ("subset", 1.0), ["--beta", "0.1", "--snapshot-every", str(SNAPSHOT_EVERY)]
+         + (NLL if nll else [])) for nll in (False, True)]),
 }
 
 
@@ -72,6 +78,9 @@ TITLES["irrelevant-image"] = "Table 7: a text-only task asked with an irrelevant
 # The columns of each ablation's table, and (the first two or three) of its bar chart.
 KEYS = {name: ["reward accuracy", "exact answer", "rewards/chosen", "rewards/rejected"] for name in ABLATIONS}
 KEYS["mdpo"] += ["reward accuracy, swapped image"]
+KEYS["margin-tokens"] = ["reward accuracy", "exact answer", "share on differing, early", "share on differing, end",
+                         "chosen: shared tokens, end", "chosen: differing tokens, end",
+                         "rejected: shared tokens, end", "rejected: differing tokens, end"]
 KEYS["irrelevant-image"] = ["sums, no image", "sums, irrelevant image", "answers the picture instead", "exact answer",
                             "reward accuracy"]
 BARS = {name: KEYS[name][:2] for name in KEYS}
@@ -152,8 +161,30 @@ def run_ablation(name: str, seeds: list[int], out: Path, start: Path, samples: P
             if name == "mdpo":  # and the held-out pairs' reward accuracy when shown another pair's image
                 row["reward accuracy, swapped image"] = unconditional(folder / "model", start, heldout_samples,
                                                                       world)["reward accuracy, swapped image"]
+            if name == "margin-tokens":
+                row.update(margin_by_tokens(folder, start, heldout_samples, world))
             results.setdefault(label, []).append(row)
     return results
+
+
+def margin_by_tokens(folder: Path, start: Path, heldout_samples: Path, world: Path) -> dict:
+    """Where the held-out margin sits in a run's snapshots and its final model (lab/tokens.py): the
+    share on the tokens that differ between chosen and rejected, and each answer's reward (beta 0.1)
+    split into its shared and its differing tokens, per snapshot and early / at the end."""
+    snapshots = sorted((folder / "snapshots").iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    views = tokens.token_views([*snapshots, folder / "model"], start, heldout_samples, world, batch_size=32)["views"]
+    curve = []
+    for path, view in zip([*snapshots, folder / "model"], views.values()):
+        pairs = view["true image"]
+        split = tokens.margin_split(pairs, 0.1)
+        curve.append({"step": int(path.name.split("-")[1]) if path in snapshots else "end",
+                      "share on differing": split["share of the margin on differing tokens"],
+                      **{f"{side}: {kind} tokens": statistics.fmean(getattr(p, side).reward(0.1, kind == "shared")
+                                                                    for p in pairs)
+                         for side in ("chosen", "rejected") for kind in ("shared", "differing")}})
+    early, end = curve[0], curve[-1]
+    return {"share on differing, early": early["share on differing"], "early step": early["step"],
+            **{f"{key}, end": value for key, value in end.items() if key != "step"}, "token curve": curve}
 
 
 def other_model_samples(folder: Path, world: Path, seed: int = 1) -> Path:
@@ -386,6 +417,19 @@ def plot(name: str, results: dict, path: Path) -> bool:
             ax.set_title(label)
             ax.set_xlabel("step")
         axes[0][0].legend()
+    elif name == "margin-tokens":  # each answer's reward, split into its shared and differing tokens, over training
+        fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.2), sharey=True, squeeze=False)
+        for ax, (label, runs) in zip(axes[0], results.items()):
+            curve = runs[0]["token curve"]
+            steps = [c["step"] for c in curve[:-1]] + [runs[0]["curve"][-1][0]]  # "end": the last step
+            for key, style in (("chosen: differing tokens", "-"), ("rejected: differing tokens", "-"),
+                               ("chosen: shared tokens", "--"), ("rejected: shared tokens", "--")):
+                ax.plot(steps, [c[key] for c in curve], style, label=key)
+            ax.axhline(0, color="grey", linewidth=0.5)
+            ax.set_title(f"{label} (seed {runs[0]['seed']})")
+            ax.set_xlabel("step")
+        axes[0][0].set_ylabel("reward per answer (beta 0.1)")
+        axes[0][0].legend(fontsize=7)
     else:
         fig, axes = plt.subplots(1, len(BARS[name]), figsize=(4 * len(BARS[name]), 3.5))
         for ax, key in zip(axes, BARS[name]):

@@ -23,6 +23,7 @@ Steps whose output is already there are skipped (delete runs/study, or pass --fr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shlex
@@ -31,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..data import read_jsonl
+from ..data import load_pairs, read_jsonl
 from ..demo.runs import DEMO_DATA, DEMO_SFT, greedy_answers
 from ..demo.world import CONFUSIONS, SFT_ANSWER_NOISE, rate_answer, say, sft_answer_value, value_of
 from ..infra.arguments import positive
@@ -39,6 +40,8 @@ from ..infra.files import write_atomic, write_json
 from ..infra.weights import load_model
 from ..processor import Processor
 from ..steer import steer_prompt
+from ..training import split_held_out
+from . import tokens
 from .page import write_page
 
 REPO = Path(__file__).resolve().parents[2]
@@ -148,6 +151,24 @@ def plot(results: dict, path: Path) -> bool:
     return True
 
 
+def token_view(dpo: Path, start: Path, out: Path, world: Path, seed: int) -> Path | None:
+    """The per-token view of DPO's reward (lab/tokens.py) on the pairs DPO held out: the same pairs
+    and the same split as train_dpo.py made (--pair-seed 0, --eval-fraction, --seed)."""
+    pairs, _ = load_pairs(out / "samples.jsonl", seed=0)
+    _, held = split_held_out(pairs, float(COMMON[COMMON.index("--eval-fraction") + 1]), seed)
+    if not held:
+        return None
+    held_file = out / "dpo-heldout-pairs.jsonl"
+    write_atomic(held_file, "".join(json.dumps({"id": p.id, "image": p.images[0] if p.images else None,
+                                                "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+                                    for p in held))
+    print(f"\n$ python -m tinyalign.lab.tokens --policy {shown(dpo)} --reference {shown(start)} --pairs "
+          f"{shown(held_file)} --image-folder {shown(world)} --out {shown(out / 'tokens')}", flush=True)
+    result = tokens.token_views([dpo], start, held_file, world)
+    return tokens.write_token_page(result, out / "tokens", world, beta=0.1, title="DPO's reward, token by token: "
+                                   "the study's DPO model on the pairs it held out")
+
+
 def shown(path: Path) -> str:
     """A path as the printed commands show it: relative to the repository when inside it."""
     path = Path(path).resolve()
@@ -208,8 +229,11 @@ def main(argv=None):
     write_json(out / "answers.json", answers)
     write_atomic(out / "results.md", table)
     drew = plot(results, out / "results.png")
+    tokens_page = token_view(models["DPO"], start, out, world, args.seed)
+    runs = {name: out / name.lower().replace(" ", "-") for name in METHODS}
     page = write_page(out, results, COLUMNS, answers, heldout, [is_hard(r) for r in heldout], world,
-                      out / "samples.jsonl", seed=args.seed)
+                      out / "samples.jsonl", runs=runs, tokens_page=tokens_page, seed=args.seed,
+                      eval_fraction=float(COMMON[COMMON.index("--eval-fraction") + 1]))
     print("\n" + table)
     print(f"written: {out / 'results.md'}" + (f", {out / 'results.png'}" if drew else "") +
           f", {page} (open it in a browser); the study took {(time.time() - started) / 60:.1f} min")
