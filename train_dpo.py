@@ -35,7 +35,7 @@ from tinyalign.training import (autocast, optimizer_and_schedule, optimizer_step
 
 PAPER = dict(epochs=3, batch_size=8, grad_accum=4, lr=5e-5, projector_lr=2e-5, lora_r=128, lora_alpha=256,
              max_length=3000, eval_every=100, save_every=200, eval_fraction=0.02, sft_weight=0.0,
-             chosen_nll_weight=0.0, packing=True)
+             chosen_nll_weight=0.0, packing=True, snapshot_every=0)
 # The demo's model is tiny and very sure of its own samples (a whole answer at log p ~ -1). Plain DPO
 # then lowers chosen and rejected alike until generation breaks; an NLL term on the chosen answer
 # (per token, like the authors' SFT_weight option but not summed over the answer) holds them up.
@@ -43,7 +43,7 @@ PAPER = dict(epochs=3, batch_size=8, grad_accum=4, lr=5e-5, projector_lr=2e-5, l
 # (demo.dpo_start), so nothing of --data is held out.
 DEMO = dict(epochs=6, batch_size=16, grad_accum=1, lr=1e-3, projector_lr=3e-3, lora_r=32, lora_alpha=64,
             max_length=256, eval_every=50, save_every=50, sft_weight=0.0, chosen_nll_weight=1.0, out="runs/demo-dpo",
-            packing=False)
+            packing=False, snapshot_every=50)  # snapshots: the per-token view of training midway (lab/tokens.py)
 
 
 def parse(argv=None):

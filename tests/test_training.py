@@ -341,9 +341,9 @@ def test_help_shows_the_paper_and_the_demo_default(capsys):
     assert "(paper: 5e-05; demo: 0.001)" in text and "(paper: 128; demo: 32)" in text and "(paper: 3; demo: 6)" in text
     assert "(paper: True; demo: False)" in text  # --packing
     args = train_dpo.parse([])  # no --model: the demo's values
-    assert (args.lr, args.lora_r, args.epochs, args.demo) == (1e-3, 32, 6, True)
+    assert (args.lr, args.lora_r, args.epochs, args.demo, args.snapshot_every) == (1e-3, 32, 6, True, 50)
     args = train_dpo.parse(["--model", "m", "--out", "o", "--lr", "2e-5"])
-    assert (args.lr, args.lora_r, args.epochs, args.demo) == (2e-5, 128, 3, False)
+    assert (args.lr, args.lora_r, args.epochs, args.demo, args.snapshot_every) == (2e-5, 128, 3, False, 0)
 
 
 # ---------------------------------------------------------------------------------------------

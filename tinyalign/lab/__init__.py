@@ -1,2 +1,2 @@
-"""The lab: experiments on the shapes world (the study, the ablations, seeds), their figures and page,
-the workshop's solutions. May import every other part, and runs the scripts."""
+"""The lab: experiments on the shapes world (study, ablations, seeds, DPO's reward token by token), their
+figures and pages, the workshop's solutions and kit. May import every other part, and runs the scripts."""

@@ -145,6 +145,7 @@ def run_ablation(name: str, seeds: list[int], out: Path, start: Path, samples: P
         other_pairs, report = load_pairs(other_model_samples(out / name, world))
         print(f"the other model's {report.summary()}")
     questions = read_jsonl(world / "heldout.jsonl")
+    start_exact = measure(start, world, questions)  # the line every arm is compared with
     results = {}
     for label, transform, extra in ABLATIONS[name][1]:
         for seed in seeds:
@@ -155,7 +156,7 @@ def run_ablation(name: str, seeds: list[int], out: Path, start: Path, samples: P
             curve = read_jsonl(folder / "metrics.jsonl")
             row = {"seed": seed, "pairs": sum(1 for _ in data.open()), "reward accuracy": final["rewards/accuracy"],
                    "rewards/chosen": final["rewards/chosen"], "rewards/rejected": final["rewards/rejected"],
-                   "exact answer": measure(folder / "model", world, questions),
+                   "exact answer": measure(folder / "model", world, questions), "start exact answer": start_exact,
                    "curve": [(r["step"], r["rewards/chosen"], r["rewards/rejected"]) for r in curve
                              if r.get("split") == "train"]}
             if name == "mdpo":  # and the held-out pairs' reward accuracy when shown another pair's image
@@ -172,7 +173,8 @@ def margin_by_tokens(folder: Path, start: Path, heldout_samples: Path, world: Pa
     share on the tokens that differ between chosen and rejected, and each answer's reward (beta 0.1)
     split into its shared and its differing tokens, per snapshot and early / at the end."""
     snapshots = sorted((folder / "snapshots").iterdir(), key=lambda p: int(p.name.split("-")[1]))
-    views = tokens.token_views([*snapshots, folder / "model"], start, heldout_samples, world, batch_size=32)["views"]
+    views = tokens.token_views([*snapshots, folder / "model"], start, heldout_samples, world, batch_size=32,
+                               swapped=False)["views"]
     curve = []
     for path, view in zip([*snapshots, folder / "model"], views.values()):
         pairs = view["true image"]
@@ -383,7 +385,8 @@ def spread(values: list[float]) -> str:
 def markdown(name: str, results: dict) -> str:
     keys = KEYS[name]
     seeds = sorted({r["seed"] for runs in results.values() for r in runs})
-    lines = [f"{TITLES[name]} (seeds {', '.join(map(str, seeds))}: mean [min, max])", "",
+    over = f"seeds {', '.join(map(str, seeds))}: mean [min, max]" if len(seeds) > 1 else f"seed {seeds[0]}"
+    lines = [f"{TITLES[name]} ({over})", "",
              f"| arm | pairs | {' | '.join(keys)} |", "|---" * (len(keys) + 2) + "|"]
     for label, runs in results.items():
         cells = [spread([r[k] for r in runs]) if k in runs[0] else "-" for k in keys]
@@ -437,6 +440,10 @@ def plot(name: str, results: dict, path: Path) -> bool:
             lows = [m - min(r[key] for r in runs) for m, runs in zip(means, results.values())]
             highs = [max(r[key] for r in runs) - m for m, runs in zip(means, results.values())]
             ax.bar(range(len(results)), means, yerr=[lows, highs], capsize=3, color="tab:blue")
+            start = next(iter(results.values()))[0].get("start " + key)
+            if start is not None:  # where the arms began: the SFT model's own exact answers
+                ax.axhline(start, color="tab:red", linestyle="--", linewidth=1, label=f"start (SFT) {start:.3f}")
+                ax.legend(fontsize=7, loc="lower right")
             ax.set_xticks(range(len(results)), [textwrap.fill(label, 22) for label in results], rotation=20,
                           ha="right", fontsize=8)  # long arm names wrapped, not run into each other
             ax.set_title(key)

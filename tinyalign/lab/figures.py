@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from ..infra.run import plot_metrics
-from . import ablations, page, study
+from . import ablations, page, study, tokens
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,6 +43,7 @@ def draw_all(runs: Path, out: Path) -> dict:
         done["study-page"] = "skipped: no headless browser (apt-get install chromium)"
     else:
         done["study-page"] = page.screenshot(index, out / "study-page.png")
+    done["tokens-training"] = token_figure(runs, out)
     for name in ablations.FIGURES:
         results = runs / "ablations" / name / "results.json"
         if results.exists():
@@ -53,6 +54,26 @@ def draw_all(runs: Path, out: Path) -> dict:
     if any(v is None for v in done.values()):
         raise SystemExit("matplotlib is needed: pip install -e \".[plot]\"")
     return done
+
+
+def token_figure(runs: Path, out: Path):
+    """One telling held-out pair (the largest margin at the end) at steps 50 and 150 of the DPO demo
+    and at its end, token by token (lab/tokens.py), as the browser draws it."""
+    dpo = runs / "demo-dpo"
+    policies = [dpo / "snapshots" / "step-50", dpo / "snapshots" / "step-150", dpo / "model"]
+    missing = [p for p in policies if not (p / "config.json").exists()]
+    if missing:
+        return f"skipped: no {missing[0]} (run python train_dpo.py, which keeps a snapshot every 50 steps)"
+    if page.find_browser() is None:
+        return "skipped: no headless browser (apt-get install chromium)"
+    result = tokens.token_views(policies, runs / "demo-sft" / "model", runs / "demo-sft" / "samples_heldout.jsonl",
+                                runs / "demo-data", swapped=False)
+    end = result["views"][str(dpo / "model")]["true image"]
+    telling = max(end, key=lambda pair: pair.margin(0.1)).id
+    folder = runs / "tokens-figure"
+    index = tokens.write_token_page(result, folder, runs / "demo-data", 0.1, pick=[telling],
+                                    title="One held-out pair at steps 50 and 150 of the DPO demo, and at its end")
+    return page.screenshot(index, out / "tokens-training.png", width=1250, height=620)
 
 
 def main(argv=None):

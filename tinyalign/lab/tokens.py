@@ -208,21 +208,21 @@ def pair_tokens(pairs, policy_scores, reference_scores, processor: Processor) ->
 
 
 def token_views(policies: list, reference, pairs_file, image_folder, batch_size: int = 16, packing: bool = False,
-                device="cpu", limit: int | None = None) -> dict:
-    """-> {"pairs": [...], "views": {policy: {"true image": [PairTokens], "swapped image": [PairTokens]}}}.
-    Reference log-probs are computed once; each policy is loaded, scored and freed in turn."""
+                device="cpu", limit: int | None = None, swapped: bool = True) -> dict:
+    """-> {"pairs": [...], "views": {policy: {"true image": [PairTokens], "swapped image": [PairTokens]}}}
+    (swapped=False: the true image only). Reference log-probs are computed once; each policy is loaded,
+    scored and freed in turn."""
     processor = Processor.from_pretrained(reference)
-    pairs, examples, swapped = load_examples(pairs_file, processor, image_folder, limit)
+    pairs, examples, other_image = load_examples(pairs_file, processor, image_folder, limit)
+    shown = [("true image", examples)] + ([("swapped image", other_image)] if swapped else [])
     reference_model = load_model(reference, device=device).eval()
-    ref = {images: score(reference_model, chosen, processor, batch_size, packing, device)
-           for images, chosen in (("true image", examples), ("swapped image", swapped))}
+    ref = {images: score(reference_model, chosen, processor, batch_size, packing, device) for images, chosen in shown}
     del reference_model
     views = {}
     for policy in policies:
         model = load_model(policy, device=device).eval()
         views[str(policy)] = {images: pair_tokens(pairs, score(model, chosen, processor, batch_size, packing, device),
-                                                  ref[images], processor)
-                              for images, chosen in (("true image", examples), ("swapped image", swapped))}
+                                                  ref[images], processor) for images, chosen in shown}
         del model
     return {"pairs": pairs, "views": views}
 
