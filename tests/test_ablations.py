@@ -35,6 +35,10 @@ def demo_folders(tiny_world, tmp_path, monkeypatch):
         (tmp_path / "runs/ablations" / other).parent.mkdir(parents=True)
         (tmp_path / "runs/ablations" / other).write_text(rated)
     monkeypatch.setattr(ablations, "RECIPE", TINY_RECIPE)
+    label, (what, arms) = "margin-tokens", ablations.ABLATIONS["margin-tokens"]  # a snapshot at step 1 of the 2
+    monkeypatch.setitem(ablations.ABLATIONS, label, (what, [
+        (arm, transform, [("1" if i and extra[i - 1] == "--snapshot-every" else x) for i, x in enumerate(extra)])
+        for arm, transform, extra in arms]))
     return tmp_path
 
 
@@ -63,6 +67,13 @@ def test_each_ablation_runs_end_to_end(demo_folders, name):
             assert runs[0]["pairs"] == round(int(label.split("%")[0]) / 100 * total)
         else:
             assert runs[0]["pairs"] == total
+    if name == "margin-tokens":  # the token parts add up to what training logged for the same held-out pairs
+        for runs in results.values():
+            row = runs[0]
+            assert [point["step"] for point in row["token curve"]] == [1, "end"]
+            for side in ("chosen", "rejected"):
+                parts = row[f"{side}: shared tokens, end"] + row[f"{side}: differing tokens, end"]
+                assert parts == pytest.approx(row[f"rewards/{side}"], abs=1e-5)
     # The figure command draws from these files, and names what is missing instead of drawing it.
     from tinyalign.lab import figures
 

@@ -36,8 +36,8 @@ def test_setup_check_names_a_missing_clone_and_the_thread_advice(tmp_path, capsy
     found, problems = check.install_problems(tmp_path)
     assert any("train_sft.py is missing" in p for p in problems)
     # one thread faster than the default: the advice is printed with the command to use
-    fake = {1: {"seconds": 2.0, "losses": [0.6931, 0.6], "answers": 2},
-            2: {"seconds": 9.0, "losses": [0.6931, 0.6], "answers": 2}}
+    fake = {1: {"seconds": 2.0, "train_s": 1.5, "generate_s": 0.5, "losses": [0.6931, 0.6], "answers": 2},
+            2: {"seconds": 9.0, "train_s": 7.0, "generate_s": 2.0, "losses": [0.6931, 0.6], "answers": 2}}
     monkeypatch.setattr(check, "calibrate", lambda steps, questions: {"runs": fake, "best_threads": 1,
                                                                       "default_threads": 2})
     check.main([])
@@ -53,16 +53,20 @@ def test_pack_keeps_models_and_results_and_leaves_checkpoints_out(tmp_path):
     for name in ("demo-data/images/0.png", "demo-sft/model/config.json", "demo-dpo/model/config.json",
                  "demo-dpo/metrics.jsonl", "demo-dpo/checkpoints/step-50/tensors.safetensors",
                  "demo-dpo/snapshots/step-50/config.json", "ablations/beta-nll/results.json",
-                 "ablations/beta-nll/cache/ref_logps/x.json", "demo-dpo/.lock"):
+                 "ablations/beta-nll/cache/ref_logps/x.json", "demo-dpo/.lock",
+                 "ablations/margin-tokens/beta-0-1-seed0/snapshots/step-10/config.json"):
         (runs / name).parent.mkdir(parents=True, exist_ok=True)
         (runs / name).write_text(name)
-    n, _ = pack.pack(runs, tmp_path / "kit.tar.gz")
+    (runs / "old-kit.tar.gz").write_text("an archive packed before, inside runs/")
+    n, _ = pack.pack(runs, runs / "old-kit.tar.gz")  # packing over it, into runs/ itself
+    (runs / "old-kit.tar.gz").rename(tmp_path / "kit.tar.gz")
     with tarfile.open(tmp_path / "kit.tar.gz") as tar:
         names = sorted(tar.getnames())
         tar.extractall(tmp_path / "laptop", filter="data")
     assert names == ["runs/ablations/beta-nll/results.json", "runs/demo-data/images/0.png",
-                     "runs/demo-dpo/metrics.jsonl", "runs/demo-dpo/model/config.json", "runs/demo-sft/model/config.json"]
-    assert n == 5 and (tmp_path / "laptop/runs/demo-dpo/model/config.json").read_text() == "demo-dpo/model/config.json"
+                     "runs/demo-dpo/metrics.jsonl", "runs/demo-dpo/model/config.json",
+                     "runs/demo-dpo/snapshots/step-50/config.json", "runs/demo-sft/model/config.json"]
+    assert n == 6 and (tmp_path / "laptop/runs/demo-dpo/model/config.json").read_text() == "demo-dpo/model/config.json"
     (runs / "demo-dpo/model/config.json").unlink()
     with pytest.raises(SystemExit, match="no demo-dpo/model/config.json"):
         pack.pack(runs, tmp_path / "again.tar.gz")
@@ -117,3 +121,15 @@ def test_the_workshop_page_gives_each_exercise_its_measured_time():
             assert time in heading, (name, time, heading)
         elif name.startswith("set-up"):
             assert re.search(rf"^{re.escape(command)} .*\({re.escape(time)}\)$", text, re.M), (name, time)
+
+
+def test_every_workshop_command_starts_without_a_warning():
+    """Each `python -m tinyalign...` of docs/workshop.md starts cleanly (no runpy RuntimeWarning about a
+    module imported twice, which a room of participants would all ask about)."""
+    modules = sorted(set(re.findall(r"python -m (tinyalign[\w.]*)", (REPO / "docs" / "workshop.md").read_text())))
+    assert len(modules) >= 6
+    for module in modules:
+        done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        assert "Warning" not in done.stderr, (module, done.stderr[-1000:])
+        assert done.returncode == 0 or module == "tinyalign.lab.workshop", (module, done.stderr[-1000:])

@@ -92,10 +92,10 @@ def test_shared_tokens_are_the_matching_runs():
 
 def test_margin_split_adds_up():
     beta = 0.5
-    pairs = [PairTokens("a", "q", None, AnswerTokens(list("xyz"), [-1.0, -0.5, -0.1], [-1.0, -2.0, -0.3],
+    pairs = [PairTokens("a", "q", AnswerTokens(list("xyz"), [-1.0, -0.5, -0.1], [-1.0, -2.0, -0.3],
                                                      [True, False, True]),
                         AnswerTokens(list("xwz"), [-1.2, -3.0, -0.2], [-1.0, -1.0, -0.3], [True, False, True])),
-             PairTokens("b", "q", None, AnswerTokens(list("ab"), [-0.4, -0.2], [-0.5, -0.1], [False, True]),
+             PairTokens("b", "q", AnswerTokens(list("ab"), [-0.4, -0.2], [-0.5, -0.1], [False, True]),
                         AnswerTokens(list("cb"), [-0.9, -0.3], [-0.2, -0.1], [False, True]))]
     split = margin_split(pairs, beta)
     # by hand: pair a differs in the middle token (+0.75 - -1.0) and shares the rest (0.1 - -0.1 + ... )
@@ -144,7 +144,8 @@ def test_the_page_shows_every_picture_and_token(setup, tmp_path):
     assert not math.isclose(split["true image"]["mean margin"], split["swapped image"]["mean margin"])
 
     dom = rendered_dom(out / "index.html")
-    assert dom.count('data-loaded="yes"') == 4 and 'data-loaded="no"' not in dom  # one picture per pair shown
+    # each pair shown with its picture, and its swapped column with the picture it was shown instead
+    assert dom.count('data-loaded="yes"') == 8 and 'data-loaded="no"' not in dom
     shown = [p for p in view["true image"][:4]] + [p for p in view["swapped image"][:4]]
     assert dom.count('class="token') == sum(len(p.chosen.pieces) + len(p.rejected.pieces) for p in shown)
 

@@ -172,7 +172,8 @@ def margin_by_tokens(folder: Path, start: Path, heldout_samples: Path, world: Pa
     """Where the held-out margin sits in a run's snapshots and its final model (lab/tokens.py): the
     share on the tokens that differ between chosen and rejected, and each answer's reward (beta 0.1)
     split into its shared and its differing tokens, per snapshot and early / at the end."""
-    snapshots = sorted((folder / "snapshots").iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    kept = folder / "snapshots"  # none when the run is shorter than --snapshot-every: "early" is then the end
+    snapshots = sorted(kept.iterdir(), key=lambda p: int(p.name.split("-")[1])) if kept.exists() else []
     views = tokens.token_views([*snapshots, folder / "model"], start, heldout_samples, world, batch_size=32,
                                swapped=False)["views"]
     curve = []

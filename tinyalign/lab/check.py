@@ -5,11 +5,12 @@ each exercise take on it? About a minute, nothing to prepare.
     python -m tinyalign.lab.check --measure   # (maintainers) run every exercise and record its time
 
 What it does:
-1. the install: Python and every package tinyalign needs, at versions it supports; the scripts of
-   the clone (the exercises run them); `runs/` writable, with room for the runs;
+1. the install: Python and every package tinyalign needs, at versions it supports (one missing
+   altogether stops Python at `import tinyalign`, naming it: install it as docs/workshop.md says); the
+   scripts of the clone (the exercises run them); `runs/` writable, with room for the runs;
 2. a tiny DPO step: the demo's model size, LoRA as the demo trains it, 16 pairs forward and backward,
-   an optimizer step, then greedy answers to 16 questions; the loss must start at ln 2 + the NLL term
-   and go down, or the install is broken;
+   an optimizer step, then greedy answers to 16 questions; the loss (DPO's alone, no NLL term) must
+   start at ln 2 and go down, or the install computes wrongly;
 3. the calibration: the same work timed with one thread and with all of them. A busy laptop (another
    program, or cores shared with a virtual machine) can run 4-6x slower with several threads than with
    one; when one thread is faster here, it says so and tells you to run everything with
@@ -37,8 +38,12 @@ from pathlib import Path
 
 import torch
 
+from ..infra.arguments import at_least
+
 REPO = Path(__file__).resolve().parents[2]
 TIMES = Path(__file__).with_name("exercise_times.json")
+CPU_TORCH = ("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu  (on Linux; without the "
+             "index, pip fetches the CUDA build, gigabytes; macOS and Windows: pip install torch==2.13.0)")
 NEEDED = {"torch": "2.6", "safetensors": "0.4", "tokenizers": "0.19", "pillow": "10", "numpy": "1.24", "tqdm": "4.60"}
 
 # What the workshop runs, in docs/workshop.md's order: (name, command from the clone's root, what it needs first).
@@ -47,7 +52,7 @@ EXERCISES = [
     ("set-up: DPO demo", "python train_dpo.py", "set-up: SFT demo"),
     ("1. does DPO look at the image?", "python -m tinyalign.lab.ablations unconditional", "set-up: DPO demo"),
     ("2. beta and the NLL term", "python -m tinyalign.lab.ablations beta-nll", "set-up: DPO demo"),
-    ("3. DPOP, a short run", "python -m tinyalign.lab.workshop dpop --dpop-lambda 50 --max-steps 20 "
+    ("3. DPOP, a short run (the solution's command)", "python -m tinyalign.lab.workshop dpop --dpop-lambda 50 --max-steps 20 "
                              "--chosen-nll-weight 0 --out runs/dpop", "set-up: DPO demo"),
     ("4. the packed pair's mask (tests)", "python -m pytest tests/test_packing.py -x -q -p no:cacheprovider", None),
     ("5. SteerLM demo", "python train_steerlm.py", "set-up: SFT demo"),
@@ -83,13 +88,12 @@ def install_problems(root: Path) -> tuple[list[str], list[str]]:
         try:
             have = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            problems.append(f"{name} is not installed: pip install -e .  (from the clone)")
+            problems.append(f"{name} is not installed: " + (CPU_TORCH if name == "torch" else
+                                                            'pip install -e ".[test]"  (in the clone)'))
             continue
         found.append(f"{name} {have}")
         if version_tuple(have) < version_tuple(least):
             problems.append(f"{name} {have} is too old: tinyalign needs {least} or newer")
-    found.append("CUDA: " + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (the CPU runs "
-                                                                                             "everything here)"))
     for script in ("train_sft.py", "train_dpo.py", "train_steerlm.py"):
         if not (root / script).exists():
             problems.append(f"{root / script} is missing: run this from the root of a clone of tinyalign (the "
@@ -202,7 +206,8 @@ def minutes(seconds: float) -> str:
 
 def measure_exercises(root: Path, steps: int, questions: int, only: list[str] | None, times: Path = TIMES) -> dict:
     """--measure: run every exercise's command (the set-up's first, from a clean runs/), each right
-    after a calibration, and record both in exercise_times.json (or `times`)."""
+    after a calibration, and record both in exercise_times.json (or `times`). Start from an empty runs/
+    (the set-up's measurement trains from nothing; the others reuse what it made, as a room does)."""
     record = json.loads(times.read_text()) if times.exists() else {"exercises": {}}
     record.update({"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
                    "torch": torch.__version__, "date": str(date.today()), "threads": torch.get_num_threads()})
@@ -223,8 +228,8 @@ def measure_exercises(root: Path, steps: int, questions: int, only: list[str] | 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=10, help="DPO steps of the calibration")
-    p.add_argument("--questions", type=int, default=16, help="greedy answers of the calibration")
+    p.add_argument("--steps", type=at_least(2), default=10, help="DPO steps of the calibration")
+    p.add_argument("--questions", type=at_least(1), default=16, help="greedy answers of the calibration")
     p.add_argument("--measure", action="store_true", help="run every exercise and record its time (maintainers)")
     p.add_argument("--only", action="append", help="--measure: only this exercise (repeatable)")
     p.add_argument("--times", default=str(TIMES), help="--measure: the file to record in")
@@ -237,6 +242,11 @@ def main(argv=None):
     print("1. The install: " + "; ".join(found))
     for problem in problems:
         print(f"   PROBLEM: {problem}")
+    if any("not installed" in p or "too old" in p for p in problems):
+        print("Fix the install first, then run the check again.")
+        return {"problems": problems, "calibration": None}
+    print("   CUDA: " + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (the CPU runs "
+                                                                                     "everything here)"))
 
     calibration = calibrate(args.steps, args.questions)
     runs, best = calibration["runs"], calibration["best_threads"]
@@ -249,7 +259,9 @@ def main(argv=None):
         print(f"   PROBLEM: {problems[-1]}")
     print("3. Calibration: " + ", ".join(f"{t} thread{'s' if t > 1 else ''} {r['seconds']:.1f} s" for t, r in runs.items()))
     default = calibration["default_threads"]
-    if best != default:
+    if default == 1:
+        print("   torch uses one thread here (OMP_NUM_THREADS=1, or one core): nothing to compare")
+    elif best != default:
         slower = runs[default]["seconds"] / runs[best]["seconds"]
         print(f"   One thread is {slower:.1f}x faster than {default} here (a busy machine, or cores shared with "
               "others): run every command with OMP_NUM_THREADS=1, e.g.\n     export OMP_NUM_THREADS=1   "
@@ -257,11 +269,18 @@ def main(argv=None):
     else:
         print(f"   torch's default of {default} threads is the faster here: nothing to set")
 
-    if TIMES.exists():
+    # the reference machine timed the default calibration (10 steps, 16 questions): a shorter one is
+    # scaled up to it, step by step and answer by answer (rougher)
+    here = runs[best]["train_s"] * 10 / args.steps + runs[best]["generate_s"] * 16 / args.questions
+    if not TIMES.exists():
+        problems.append(f"{TIMES} is missing, so no expected times: reinstall tinyalign")
+        print(f"   PROBLEM: {problems[-1]}")
+    else:
         reference = json.loads(TIMES.read_text())
+        shortened = "" if (args.steps, args.questions) == (10, 16) else "; from a shortened calibration, rougher"
         print(f"4. Expected time of each exercise here (measured on {reference['machine']}, torch {reference['torch']}, "
-              f"{reference['date']}, scaled by this machine's calibration):")
-        for name, command, seconds in expected_times(runs[best]["seconds"], reference):
+              f"{reference['date']}, scaled by this machine's calibration{shortened}):")
+        for name, command, seconds in expected_times(here, reference):
             print(f"   {minutes(seconds):>9}  {name}: {command}")
     print("Ready." if not problems else f"{len(problems)} problem(s) above: fix them before the workshop.")
     return {"problems": problems, "calibration": calibration}

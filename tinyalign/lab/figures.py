@@ -3,6 +3,7 @@
     pip install -e ".[plot]"
     python -m tinyalign.lab.figures                      # from runs/ (the demos, the study, the ablations)
     python -m tinyalign.lab.figures --runs other/runs    # from another folder of runs
+    python -m tinyalign.lab.figures --only study-page    # one figure (repeatable)
 
 Each figure is drawn only from what a run wrote (metrics.jsonl, results.json), by the same function
 that the run itself uses; a run that is missing is named and skipped, never faked. The study's page
@@ -12,6 +13,7 @@ that the run itself uses; a run that is missing is named and skipped, never fake
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -21,36 +23,48 @@ from . import ablations, page, study, tokens
 REPO = Path(__file__).resolve().parents[2]
 
 
-def draw_all(runs: Path, out: Path) -> dict:
-    """-> {figure: path written, or why it was skipped}."""
-    out.mkdir(parents=True, exist_ok=True)
-    done = {}
+def demo_curves(runs: Path, out: Path):
     metrics = runs / "demo-dpo" / "metrics.jsonl"
-    if metrics.exists():
-        done["demo-dpo-curves"] = plot_metrics(metrics, out / "demo-dpo-curves.png",
-                                               keys=["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy"])
-    else:
-        done["demo-dpo-curves"] = f"skipped: no {metrics} (run python train_dpo.py)"
+    if not metrics.exists():
+        return f"skipped: no {metrics} (run python train_dpo.py)"
+    return plot_metrics(metrics, out / "demo-dpo-curves.png",
+                        keys=["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy"])
+
+
+def study_table(runs: Path, out: Path):
     results = runs / "study" / "results.json"
-    if results.exists():
-        done["study"] = out / "study.png" if study.plot(json.loads(results.read_text()), out / "study.png") else None
-    else:
-        done["study"] = f"skipped: no {results} (run python -m tinyalign.lab.study)"
+    if not results.exists():
+        return f"skipped: no {results} (run python -m tinyalign.lab.study)"
+    return out / "study.png" if study.plot(json.loads(results.read_text()), out / "study.png") else None
+
+
+def study_page(runs: Path, out: Path):
     index = runs / "study" / "index.html"
     if not index.exists():
-        done["study-page"] = f"skipped: no {index} (run python -m tinyalign.lab.study)"
-    elif page.find_browser() is None:
-        done["study-page"] = "skipped: no headless browser (apt-get install chromium)"
-    else:
-        done["study-page"] = page.screenshot(index, out / "study-page.png")
-    done["tokens-training"] = token_figure(runs, out)
-    for name in ablations.FIGURES:
-        results = runs / "ablations" / name / "results.json"
-        if results.exists():
-            path = out / f"ablation-{name}.png"
-            done[name] = path if ablations.plot(name, json.loads(results.read_text()), path) else None
-        else:
-            done[name] = f"skipped: no {results} (run python -m tinyalign.lab.ablations {name})"
+        return f"skipped: no {index} (run python -m tinyalign.lab.study)"
+    if page.find_browser() is None:
+        return "skipped: no headless browser (apt-get install chromium)"
+    return page.screenshot(index, out / "study-page.png")
+
+
+def ablation_figure(name: str, runs: Path, out: Path):
+    results = runs / "ablations" / name / "results.json"
+    if not results.exists():
+        return f"skipped: no {results} (run python -m tinyalign.lab.ablations {name})"
+    path = out / f"ablation-{name}.png"
+    return path if ablations.plot(name, json.loads(results.read_text()), path) else None
+
+
+def draw_all(runs: Path, out: Path, only: list[str] | None = None) -> dict:
+    """-> {figure: path written, or why it was skipped}; `only`: these figures alone."""
+    figures = {"demo-dpo-curves": demo_curves, "study": study_table, "study-page": study_page,
+               "tokens-training": token_figure,
+               **{name: functools.partial(ablation_figure, name) for name in ablations.FIGURES}}
+    unknown = sorted(set(only or []) - set(figures))
+    if unknown:
+        raise SystemExit(f"no figure {unknown[0]!r}; the figures: {', '.join(figures)}")
+    out.mkdir(parents=True, exist_ok=True)
+    done = {name: draw(runs, out) for name, draw in figures.items() if not only or name in only}
     if any(v is None for v in done.values()):
         raise SystemExit("matplotlib is needed: pip install -e \".[plot]\"")
     return done
@@ -80,8 +94,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="runs", help="the folder the demos, the study and the ablations wrote into")
     p.add_argument("--out", default=str(REPO / "docs" / "figures"))
+    p.add_argument("--only", action="append", help="draw this figure alone (repeatable), e.g. study-page")
     args = p.parse_args(argv)
-    for name, result in draw_all(Path(args.runs), Path(args.out)).items():
+    for name, result in draw_all(Path(args.runs), Path(args.out), args.only).items():
         print(f"{name}: {result}")
 
 

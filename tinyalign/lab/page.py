@@ -98,13 +98,13 @@ def results_table(results: dict, columns: list[tuple[str, str]]) -> str:
 CURVE_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
 
 
-def curve_image(series: dict[str, list[tuple[float, float]]], title: str, width: int = 300, height: int = 170) -> str:
+def curve_image(series: dict[str, list[tuple[float, float]]], title: str, width: int = 300, height: int = 190) -> str:
     """Lines of (step, value) points as an <img> whose source is the SVG itself (a data: URL), so that
     the page stays one file plus its pictures."""
     points = [pt for line in series.values() for pt in line]
     if not points:
         return ""
-    left, right, top, bottom = 48, 8, 22, 22
+    left, right, top, bottom = 48, 8, 22, 42  # the bottom holds the step labels and the legend
     x0, x1 = min(x for x, _ in points), max(x for x, _ in points)
     y0, y1 = min(min(y for _, y in points), 0.0) if title.startswith("rewards") else min(y for _, y in points), \
         max(y for _, y in points)
@@ -118,8 +118,8 @@ def curve_image(series: dict[str, list[tuple[float, float]]], title: str, width:
              f'<text x="{left}" y="14" font-size="12">{text(title)}</text>',
              f'<text x="{left - 4}" y="{top + 9}" font-size="9" text-anchor="end">{y1:.3g}</text>',
              f'<text x="{left - 4}" y="{height - bottom}" font-size="9" text-anchor="end">{y0:.3g}</text>',
-             f'<text x="{left}" y="{height - 8}" font-size="9">step {x0:g}</text>',
-             f'<text x="{width - right}" y="{height - 8}" font-size="9" text-anchor="end">{x1:g}</text>']
+             f'<text x="{left}" y="{height - bottom + 11}" font-size="9">step {x0:g}</text>',
+             f'<text x="{width - right}" y="{height - bottom + 11}" font-size="9" text-anchor="end">{x1:g}</text>']
     if y0 < 0 < y1:  # the zero line: a reward below it went down
         (_, zy), (_, _) = at(x0, 0), at(x1, 0)
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{zy:.1f}" y2="{zy:.1f}" stroke="#999" '
@@ -128,8 +128,8 @@ def curve_image(series: dict[str, list[tuple[float, float]]], title: str, width:
         colour = CURVE_COLOURS[k % len(CURVE_COLOURS)]
         path = " ".join(f"{x:.1f},{y:.1f}" for x, y in (at(*pt) for pt in line))
         parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
-        parts.append(f'<text x="{width - right - 4}" y="{top + 12 + 11 * k}" font-size="9" text-anchor="end" '
-                     f'fill="{colour}">{text(name)}</text>')
+        parts.append(f'<text x="{left + 130 * (k % 2)}" y="{height - 16 + 11 * (k // 2)}" font-size="9" '
+                     f'fill="{colour}">{text(name)}</text>')  # the legend, under the chart
     svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'font-family="sans-serif">{"".join(parts)}</svg>')
     return (f'<img class="curve" alt="{text(title)}" '

@@ -1,6 +1,6 @@
 """The paper's study in miniature (its Table 4), on the shapes world, in one command.
 
-    python -m tinyalign.lab.study                 # about 8 minutes on a 2-core CPU; results in runs/study/
+    python -m tinyalign.lab.study                 # about 6 minutes on a 2-core CPU; results in runs/study/
 
 Each step is the command a user would type, printed and then run, so the study is also a worked
 example of the whole pipeline:
@@ -14,8 +14,9 @@ example of the whole pipeline:
    SFT on the dataset's own answers, rejection sampling (`--select best`), SteerLM and DPO;
 4. all five models greedy-decoded on the same held-out questions; a side-by-side table in
    runs/study/results.md (and results.png when matplotlib is installed), every answer in answers.json,
-   and a page to look at, runs/study/index.html: a sample of questions with each model's answer and
-   rating side by side, and some of the pairs DPO trained on (tinyalign/page.py).
+   and a page to look at, runs/study/index.html (lab/page.py): each method's training curves, every
+   held-out question with each model's answer and rating side by side (filtered in the browser), some
+   of the pairs DPO trained on, and DPO's reward token by token on the pairs it held out (lab/tokens.py).
 
 Steps whose output is already there are skipped (delete runs/study, or pass --fresh, to redo them).
 """

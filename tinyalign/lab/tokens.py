@@ -1,7 +1,7 @@
 """DPO's implicit reward, token by token: where the preference lives.
 
     python -m tinyalign.lab.tokens                  # after the demo: runs/demo-dpo/model against runs/demo-sft/model
-    python -m tinyalign.lab.tokens --policy runs/demo-dpo/snapshots/step-20 --policy runs/demo-dpo/model
+    python -m tinyalign.lab.tokens --policy runs/demo-dpo/snapshots/step-50 --policy runs/demo-dpo/model
     python -m tinyalign.lab.tokens --policy P --reference R --pairs PAIRS --image-folder IMAGES --out FOLDER
 
 DPO's implicit reward of an answer (Rafailov et al. 2023, arXiv 2305.18290, eq. 5) is a sum over its
@@ -40,6 +40,7 @@ from ..infra.arguments import at_least
 from ..infra.files import write_atomic
 from ..infra.weights import load_model
 from ..losses import token_logps
+from ..batches import PairBatch
 from ..packing import pair_batch
 from ..processor import Processor
 from .page import CHECK_IMAGES, picture, question_text
@@ -66,12 +67,12 @@ def decoder_output(model, inputs: dict) -> torch.Tensor:
 def answer_token_logps(model, batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each answer of a batch, in the order the forward returns them (PairBatch: the chosen ones
     first): (token ids [n], log p(token | everything before it) [n]), the answer's tokens in order.
-    Summed, each gives exactly what `model(**batch.inputs)` returns for that answer."""
+    Summed, each gives what `model(**batch.inputs)` returns for that answer (to float rounding)."""
     inputs = batch.inputs
     targets = inputs["targets"]
     hidden = decoder_output(model, inputs)
     logps = token_logps(hidden[targets.rows, targets.cols], model.lm_head, targets.tokens)  # [N], float32
-    position = targets.rows * (hidden.shape[1] + 1) + targets.cols  # reading order within an answer
+    position = targets.rows * hidden.shape[1] + targets.cols  # reading order: row by row, left to right
     out = []
     for s in range(targets.n_sequences):
         mine = (targets.sequence == s).nonzero(as_tuple=True)[0]
@@ -108,7 +109,6 @@ class AnswerTokens:
 class PairTokens:
     id: str
     prompt: str
-    image: str | None
     chosen: AnswerTokens
     rejected: AnswerTokens
 
@@ -190,8 +190,9 @@ def score(model, examples, processor: Processor, batch_size: int, packing: bool,
     for start in tqdm(range(0, len(examples), batch_size), desc="scoring tokens", leave=False):
         chunk = examples[start:start + batch_size]
         answers = answer_token_logps(model, pair_batch(chunk, processor, packing=packing).to(device))
-        B = len(chunk)
-        out += [(*answers[k], *answers[B + k]) for k in range(B)]  # PairBatch.places: chosen k, rejected B + k
+        for k in range(len(chunk)):
+            chosen, rejected = PairBatch.places(k, len(chunk))  # where pair k's two answers sit
+            out.append((*answers[chosen], *answers[rejected]))
     return out
 
 
@@ -201,7 +202,7 @@ def pair_tokens(pairs, policy_scores, reference_scores, processor: Processor) ->
                                                                                      reference_scores):
         assert torch.equal(c_ids, c_ids_ref) and torch.equal(r_ids, r_ids_ref), "policy and reference tokenised apart"
         c_shared, r_shared = shared_tokens(c_ids.tolist(), r_ids.tolist())
-        result.append(PairTokens(pair.id, pair.prompt, pair.images[0] if pair.images else None,
+        result.append(PairTokens(pair.id, pair.prompt,
                                  AnswerTokens(pieces(processor, c_ids.tolist()), c_pi.tolist(), c_ref.tolist(), c_shared),
                                  AnswerTokens(pieces(processor, r_ids.tolist()), r_pi.tolist(), r_ref.tolist(), r_shared)))
     return result
@@ -216,13 +217,13 @@ def token_views(policies: list, reference, pairs_file, image_folder, batch_size:
     pairs, examples, other_image = load_examples(pairs_file, processor, image_folder, limit)
     shown = [("true image", examples)] + ([("swapped image", other_image)] if swapped else [])
     reference_model = load_model(reference, device=device).eval()
-    ref = {images: score(reference_model, chosen, processor, batch_size, packing, device) for images, chosen in shown}
+    ref = {images: score(reference_model, these, processor, batch_size, packing, device) for images, these in shown}
     del reference_model
     views = {}
     for policy in policies:
         model = load_model(policy, device=device).eval()
-        views[str(policy)] = {images: pair_tokens(pairs, score(model, chosen, processor, batch_size, packing, device),
-                                                  ref[images], processor) for images, chosen in shown}
+        views[str(policy)] = {images: pair_tokens(pairs, score(model, these, processor, batch_size, packing, device),
+                                                  ref[images], processor) for images, these in shown}
         del model
     return {"pairs": pairs, "views": views}
 
@@ -236,6 +237,7 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
 td, th { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }
 img.shape { width: 112px; height: 112px; image-rendering: pixelated; }
+img.small { width: 56px; height: 56px; image-rendering: pixelated; display: block; }
 .answer { font-family: ui-monospace, monospace; white-space: pre-wrap; line-height: 1.9; }
 .token { padding: 1px 0; border-bottom: 2px solid transparent; }
 .token.differs { border-bottom-color: #333; }
@@ -261,7 +263,9 @@ def colour(value: float, scale: float) -> str:
     """Green for a token that raises the answer's reward (or log-prob), red for one that lowers it, as
     strong as |value| / scale."""
     strength = min(abs(value) / scale, 1.0) if scale > 0 else 0.0
-    rgb = "40,160,60" if value >= 0 else "210,50,50"
+    if value == 0:
+        return "rgba(128,128,128,0.08)"  # no change at all: neither up nor down
+    rgb = "40,160,60" if value > 0 else "210,50,50"
     return f"rgba({rgb},{0.08 + 0.8 * strength:.2f})"
 
 
@@ -283,8 +287,8 @@ def answer_html(answer: AnswerTokens, beta: float, scales: dict) -> str:
             f"({sum(answer.policy):.2f} - {sum(answer.reference):.2f})</div>")
 
 
-def pair_cells(pair: PairTokens, beta: float, scales: dict) -> str:
-    return (f"<td><b>chosen</b>{answer_html(pair.chosen, beta, scales)}<b>rejected</b>"
+def pair_cells(pair: PairTokens, beta: float, scales: dict, image: str = "") -> str:
+    return (f"<td>{image}<b>chosen</b>{answer_html(pair.chosen, beta, scales)}<b>rejected</b>"
             f"{answer_html(pair.rejected, beta, scales)}<div>margin <b>{pair.margin(beta):+.3f}</b> "
             f"(differing tokens {pair.margin(beta, shared=False):+.3f}, shared {pair.margin(beta, shared=True):+.3f})"
             f"</div></td>")
@@ -333,7 +337,12 @@ def write_token_page(result: dict, out: Path, image_folder, beta: float, shown: 
         i = by_id[pair_id]
         pair = result["pairs"][i]
         image = picture(pair.images[0], Path(image_folder), out, PICTURES) if pair.images else ""
-        cells = "".join(pair_cells(view[images][i], beta, scales) for view in views.values() for images in view)
+        other = result["pairs"][(i + 1) % len(result["pairs"])]  # the image the swapped column was shown
+        swapped_image = (picture(other.images[0], Path(image_folder), out, PICTURES).replace('class="shape"',
+                                                                                             'class="small"')
+                         if other.images else "")
+        cells = "".join(pair_cells(view[images][i], beta, scales, swapped_image if images == "swapped image" else "")
+                        for view in views.values() for images in view)
         rows.append(f'<tr id="pair-{html.escape(str(pair.id))}"><td>{image}<div>{question_text(pair.prompt)}</div>'
                     f"<div class=\"total\">{html.escape(str(pair.id))}</div></td>{cells}</tr>")
     body = (f"<h1>{html.escape(title)}</h1><p id=\"image-check\"></p>"
