@@ -4,6 +4,7 @@ installs offline from a wheel folder, and the equation sheet names a function on
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -77,9 +78,14 @@ def test_offline_install_from_a_wheel_folder(tmp_path):
     """The classroom recipe's second half, without a network: pip installs tinyalign from a folder of
     wheels with --no-index, package data included, and the set-up check runs from the installed copy.
     (Its dependencies come from this environment: the test builds tinyalign's wheel only.)"""
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    wheels, site, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
+    # built from a copy of what the wheel holds, so that the build's own folders stay out of the clone
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "tinyalign", source / "tinyalign", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-                    str(REPO)], check=True, timeout=300)
+                    str(source)], check=True, timeout=300)
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), "--no-deps", "-q",
                     "--target", str(site), "tinyalign"], check=True, timeout=300)
     for script in ("train_sft.py", "train_dpo.py", "train_steerlm.py"):

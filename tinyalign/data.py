@@ -390,7 +390,7 @@ def check_inside(path: Path, folder, name: str):
                         "pass --images-outside-folder if that is meant")
 
 
-# LLaVA pads an image to a square of its longest side before resizing it (REFERENCE.md, preprocessing):
+# LLaVA pads an image to a square of its longest side before resizing it (tinyalign/images.py, as LLaVA does):
 # the padded square, not the file, is what memory pays for. A 1 x 25000 PNG is 177 bytes on disk and
 # 625 million pixels once padded. And a strip thinner than 1/50 of its length is under 7 of 336 pixels
 # after the resize: nothing a model can see.

@@ -86,8 +86,9 @@ def token_figure(runs: Path, out: Path):
     telling = max(end, key=lambda pair: pair.margin(0.1)).id
     folder = runs / "tokens-figure"
     index = tokens.write_token_page(result, folder, runs / "demo-data", 0.1, pick=[telling],
-                                    title="One held-out pair at steps 50 and 150 of the DPO demo, and at its end")
-    return page.screenshot(index, out / "tokens-training.png", width=1250, height=620)
+                                    title="One held-out pair at steps 50 and 150 of the DPO demo, and at its end",
+                                    summary=False)
+    return page.screenshot(index, out / "tokens-training.png", width=1250, height=520)
 
 
 def main(argv=None):

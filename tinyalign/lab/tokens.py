@@ -317,9 +317,11 @@ def split_table(views: dict, beta: float) -> str:
 
 
 def write_token_page(result: dict, out: Path, image_folder, beta: float, shown: int = 40,
-                     pick: list[str] | None = None, title: str = "DPO's reward, token by token") -> Path:
-    """out/index.html: the margin's split over all pairs, then `shown` pairs (or those whose ids are
-    in `pick`), a column per policy with the true image and one with the swapped image."""
+                     pick: list[str] | None = None, title: str = "DPO's reward, token by token",
+                     summary: bool = True) -> Path:
+    """out/index.html: the margin's split over all pairs (summary=False: left out, for a figure of the
+    pairs alone), then `shown` pairs (or those whose ids are in `pick`), a column per policy with the
+    true image and one with the swapped image."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     views = result["views"]
@@ -350,8 +352,9 @@ def write_token_page(result: dict, out: Path, image_folder, beta: float, shown: 
             f"with beta = {beta} (green raises the answer's reward, red lowers it; hover for the numbers). "
             f"Underlined: the tokens where the chosen and the rejected answer differ. The swapped-image column "
             f"shows the same pair with the next pair's image.</p>"
-            f"<h2>Where the margin sits ({len(result['pairs'])} pairs)</h2>{split_table(views, beta)}"
-            f'<p class="mode">Colour by: <label><input type="radio" name="colour" value="reward" checked> reward</label>'
+            + (f"<h2>Where the margin sits ({len(result['pairs'])} pairs)</h2>{split_table(views, beta)}" if summary
+               else "")
+            + f'<p class="mode">Colour by: <label><input type="radio" name="colour" value="reward" checked> reward</label>'
             f'<label><input type="radio" name="colour" value="policy"> log pi</label>'
             f'<label><input type="radio" name="colour" value="reference"> log pi_ref</label></p>'
             f"<table><tr><th>pair</th>{head}</tr>{''.join(rows)}</table>")
