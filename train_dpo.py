@@ -14,16 +14,21 @@ batch 8 x 4 accumulation per device.
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
+import shutil
 from pathlib import Path
 
 import torch
 
 from tinyalign import Processor, demo, load_model
 from tinyalign.batches import PairBatch, mean_per_token, pair_logps
-from tinyalign.data import load_pairs, pair_examples
-from tinyalign.infra.arguments import (add_loss_options, common_arguments, loss_hyperparameters, non_negative,
-                                      parse_recipe)
+from tinyalign.data import load_pairs, pair_examples, read_jsonl
+from tinyalign.evaluation import annotate
+from tinyalign.infra.arguments import (add_loss_options, at_least, common_arguments, loss_hyperparameters,
+                                      non_negative, parse_recipe)
+from tinyalign.infra.files import write_atomic
 from tinyalign.infra.processes import (distribute, finish_distributed, init_distributed, mean_over_ranks, my_share,
                                        refuse_unsupported)
 from tinyalign.infra.reference import ReferenceCache
@@ -35,7 +40,7 @@ from tinyalign.training import (autocast, optimizer_and_schedule, optimizer_step
 
 PAPER = dict(epochs=3, batch_size=8, grad_accum=4, lr=5e-5, projector_lr=2e-5, lora_r=128, lora_alpha=256,
              max_length=3000, eval_every=100, save_every=200, eval_fraction=0.02, sft_weight=0.0,
-             chosen_nll_weight=0.0, packing=True, snapshot_every=0)
+             chosen_nll_weight=0.0, packing=True, snapshot_every=0, judge="openai", sample_tokens=512, prompts=None)
 # The demo's model is tiny and very sure of its own samples (a whole answer at log p ~ -1). Plain DPO
 # then lowers chosen and rejected alike until generation breaks; an NLL term on the chosen answer
 # (per token, like the authors' SFT_weight option but not summed over the answer) holds them up.
@@ -43,7 +48,8 @@ PAPER = dict(epochs=3, batch_size=8, grad_accum=4, lr=5e-5, projector_lr=2e-5, l
 # (demo.dpo_start), so nothing of --data is held out.
 DEMO = dict(epochs=6, batch_size=16, grad_accum=1, lr=1e-3, projector_lr=3e-3, lora_r=32, lora_alpha=64,
             max_length=256, eval_every=50, save_every=50, sft_weight=0.0, chosen_nll_weight=1.0, out="runs/demo-dpo",
-            packing=False, snapshot_every=50)  # snapshots: the per-token view of training midway (lab/tokens.py)
+            packing=False, snapshot_every=50,  # snapshots: the per-token view of training midway (lab/tokens.py)
+            judge="rules", sample_tokens=24, prompts="runs/demo-data/prompts.jsonl")  # --rounds in the shapes world
 
 
 def parse(argv=None):
@@ -59,6 +65,19 @@ def parse(argv=None):
       help="precomputed: one pass before training, cached; live: keep a frozen copy of the start model")
     a("--cache-dir", default=str(Path.home() / ".cache" / "tinyalign"), help="where precomputed reference log-probs go")
     a("--pair-seed", type=int, default=0, help="seed of build_pairs (rejected answer drawn among the worse ones)")
+    on_policy = parser.add_argument_group("iterative (on-policy) DPO: --rounds K")
+    on_policy.add_argument("--rounds", type=at_least(0), default=0, help="0: DPO on the pairs of --data (the paper's "
+                           "offline recipe). K: K rounds of: sample answers from the current model, rate them, build "
+                           "pairs (the paper's rule), DPO from that model with it as the reference; each round takes "
+                           "its own 1/K of --prompts, so K rounds ask the judge as often as one (1: offline DPO, its "
+                           "sampling done here)")
+    on_policy.add_argument("--prompts", help="--rounds: JSONL {id, image?, prompt} to sample from")
+    on_policy.add_argument("--judge", choices=["openai", "rules"], help="--rounds: who rates the samples "
+                           "(annotate's --judge: an endpoint, or the shapes world's rules)")
+    on_policy.add_argument("--judge-url", default="https://api.openai.com/v1")
+    on_policy.add_argument("--judge-model", default="gpt-4o")
+    on_policy.add_argument("--samples-per-prompt", type=at_least(1), default=4, help="--rounds: answers sampled per prompt")
+    on_policy.add_argument("--sample-tokens", type=at_least(1), help="--rounds: longest sampled answer")
     args = parse_recipe(parser, argv, PAPER, DEMO)
     args.average_logps = args.average_logps or PREFERENCE_LOSSES[args.loss_type].average
     if args.out is None:
@@ -68,12 +87,19 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
+    if args.demo:
+        demo.dpo_start(args)  # no --model: the SFT demo's model and its own rated samples (tinyalign/demo/)
+    if args.rounds:
+        return iterative(args)  # on-policy: sample, rate, pair and train, K times (below)
+    return train(args)
+
+
+def train(args):
+    """One DPO run: args.model trained on the pairs of args.data, into args.out."""
     preference = PREFERENCE_LOSSES[args.loss_type]  # the loss and what it needs (tinyalign/losses.py)
     hyperparameters = loss_hyperparameters(preference, args)  # its keyword arguments: {"beta": 0.1, ...}
     rank, world = init_distributed(args)
     refuse_unsupported(args, world, preference.image_conditional)
-    if args.demo:
-        demo.dpo_start(args)  # no --model: the SFT demo's model and its own rated samples (tinyalign/demo/)
     # Seeded after the demo's setup, which may have made the SFT demo's model first: the run is the
     # same draw whether or not that model was already there.
     seed_everything(args.seed)
@@ -158,6 +184,44 @@ def main(argv=None):
             print(f"model saved to {saved}; metrics in {run.metrics_path}")
     run.finish()
     finish_distributed(world)
+    return final
+
+
+def iterative(args):
+    """--rounds K, DPO on its own samples (on-policy, as RLAIF-V iterates it): round k samples
+    --samples-per-prompt answers from the current model for its share of the prompts, the judge rates
+    them (annotate, which resumes where a kill left it), and DPO trains from that model, with that model
+    as the reference (the KL anchor moves with the policy, so each round can go further), on the pairs
+    the paper's rule keeps. Everything of round k stays in OUT/round-k: its prompts, rated samples, run
+    and model. --resume picks up in whichever round and step the run stopped."""
+    if args.prompts is None:
+        raise SystemExit("--rounds needs --prompts: the prompts each round samples answers to")
+    out, prompts = Path(args.out), read_jsonl(args.prompts)
+    if args.overwrite and not args.resume:
+        for old in out.glob("round-*"):
+            shutil.rmtree(old)  # a new run: no round of an earlier one is taken as done
+    model, final = args.model, {}
+    for k in range(1, args.rounds + 1):
+        folder = out / f"round-{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        share = folder / "prompts.jsonl"
+        write_atomic(share, "".join(json.dumps(p) + "\n" for p in prompts[k - 1::args.rounds]))
+        samples = folder / "samples.jsonl"
+        print(f"\n== round {k} of {args.rounds}: sampling and rating with {model}", flush=True)
+        annotate.main(["--model", str(model), "--prompts", str(share), "--image-folder", args.image_folder,
+                       "--out", str(samples), "--n", str(args.samples_per_prompt), "--judge", args.judge,
+                       "--judge-url", args.judge_url, "--judge-model", args.judge_model, "--temperature", "0.7",
+                       "--max-new-tokens", str(args.sample_tokens), "--seed", str(args.seed * 1000 + k),
+                       "--device", args.device])
+        run = folder / "dpo"
+        if not (run / "model" / "config.json").exists():  # a round that ended is done
+            print(f"== round {k}: DPO on its pairs, from and against {model}", flush=True)
+            final = train(argparse.Namespace(**{**vars(args), "model": str(model), "data": str(samples),
+                                                "out": str(run), "resume": run.exists(), "overwrite": False}))
+            if not (run / "model" / "config.json").exists():  # --stop-after ended this session inside the round
+                print(f"stopped in round {k}; continue with --resume")
+                return final
+        model = run / "model"
     return final
 
 

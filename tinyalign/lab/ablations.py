@@ -75,6 +75,8 @@ ABLATIONS = {
 
 TITLES = {name: what for name, (what, _) in ABLATIONS.items()}
 TITLES["irrelevant-image"] = "Table 7: a text-only task asked with an irrelevant picture, before and after DPO"
+TITLES["on-policy"] = ("offline DPO against iterative (on-policy) DPO, the same 6,000 judged answers; reward accuracy: "
+                       "the held-out pairs, against the SFT start")
 # The columns of each ablation's table, and (the first two or three) of its bar chart.
 KEYS = {name: ["reward accuracy", "exact answer", "rewards/chosen", "rewards/rejected"] for name in ABLATIONS}
 KEYS["mdpo"] += ["reward accuracy, swapped image"]
@@ -83,6 +85,7 @@ KEYS["margin-tokens"] = ["reward accuracy", "exact answer", "share on differing,
                          "rejected: shared tokens, end", "rejected: differing tokens, end"]
 KEYS["irrelevant-image"] = ["sums, no image", "sums, irrelevant image", "answers the picture instead", "exact answer",
                             "reward accuracy"]
+KEYS["on-policy"] = ["judged answers", "exact answer", "SFT data's mistakes", "reward accuracy", "minutes"]
 BARS = {name: KEYS[name][:2] for name in KEYS}
 BARS["irrelevant-image"] = KEYS["irrelevant-image"][:3]
 FIGURES = [*TITLES, "unconditional"]  # every name that draws a figure (python -m tinyalign.figures)
@@ -347,6 +350,54 @@ def sum_picture_pairs(world: Path, n: int, seed: int = 0) -> list[Pair]:
     return pairs
 
 
+# ---------------------------------------------------------------------------------------------
+# On-policy DPO (not in the paper): the same number of judged answers, sampled once from the start
+# (offline) or from the model being trained, in rounds (train_dpo.py --rounds)
+# ---------------------------------------------------------------------------------------------
+
+ON_POLICY_ROUNDS = 3
+ON_POLICY_ARMS = {"offline (1 round)": 1, f"iterative ({ON_POLICY_ROUNDS} rounds)": ON_POLICY_ROUNDS}
+
+
+def run_on_policy(seeds: list[int], out: Path, start: Path, world: Path, heldout_samples: Path) -> dict:
+    """Each arm is the DPO demo's recipe with its sampling done by train_dpo.py --rounds: 1 round samples
+    4 answers to every prompt from the start and trains once; 3 rounds take a third of the prompts
+    each, from the model of the round before. Both ask the rules judge 6,000 times. Measured after every
+    round, against the same start: exact answers, the SFT data's mistakes, held-out reward accuracy."""
+    questions = read_jsonl(world / "heldout.jsonl")
+    hard = [(q["kind"], shapes.value_of(q["kind"], q["answer"])) in shapes.CONFUSIONS for q in questions]
+    results = {}
+    for label, rounds in ON_POLICY_ARMS.items():
+        for seed in seeds:
+            folder = out / "on-policy" / f"{slug(label)}-seed{seed}"
+            argv = ["--rounds", str(rounds), "--out", str(folder), "--seed", str(seed),
+                    "--cache-dir", str(out / "on-policy" / "cache")]
+            print(f"\n$ python train_dpo.py {shlex.join(argv)}", flush=True)
+            started = time.time()
+            script("train_dpo").main(argv)
+            minutes = (time.time() - started) / 60
+            curve = [{"judged answers": 0, **answer_scores(start, world, questions, hard)}]  # the start
+            for k in range(1, rounds + 1):
+                model = folder / f"round-{k}" / "dpo" / "model"
+                judged = sum(len(r["responses"]) for j in range(1, k + 1)
+                             for r in read_jsonl(folder / f"round-{j}" / "samples.jsonl"))
+                curve.append({"judged answers": judged, **answer_scores(model, world, questions, hard),
+                              "reward accuracy": unconditional(model, start, heldout_samples, world)[
+                                  "reward accuracy, true image"]})
+            results.setdefault(label, []).append({"seed": seed, "pairs": "-", **curve[-1], "minutes": minutes,
+                                                  "curve": curve})
+    return results
+
+
+def answer_scores(model_dir: Path, world: Path, questions: list[dict], hard: list[bool]) -> dict:
+    """Exact answers on the held-out questions, and on those whose truth the SFT data mislabels."""
+    model, processor = load_model(model_dir), Processor.from_pretrained(model_dir)
+    answers = greedy_answers(model, processor, [q["prompt"] for q in questions], [world / q["image"] for q in questions])
+    right = [a == processor.tokenize(q["answer"]) + [processor.eos_token_id] for a, q in zip(answers, questions)]
+    return {"exact answer": sum(right) / len(right),
+            "SFT data's mistakes": sum(r for r, h in zip(right, hard) if h) / max(sum(hard), 1)}
+
+
 def run_irrelevant_image(seeds: list[int], out: Path, world: Path, heldout_samples: Path) -> dict:
     """The start model that knows the sums, then DPO on its own image pairs (with and without the NLL
     term, and with pairs added that cover a sum asked with a picture): the sums asked with and without
@@ -378,6 +429,8 @@ def run_irrelevant_image(seeds: list[int], out: Path, world: Path, heldout_sampl
 
 
 def spread(values: list[float]) -> str:
+    if all(isinstance(v, int) for v in values) and len(set(values)) == 1:
+        return str(values[0])  # a count, the same in every run
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.fmean(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
@@ -421,6 +474,15 @@ def plot(name: str, results: dict, path: Path) -> bool:
             ax.set_title(label)
             ax.set_xlabel("step")
         axes[0][0].legend()
+    elif name == "on-policy":  # exact answers against the judge's work, each round a point
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        for (label, runs), colour in zip(results.items(), ("tab:blue", "tab:red")):
+            for i, run in enumerate(runs):
+                ax.plot([p["judged answers"] for p in run["curve"]], [p["exact answer"] for p in run["curve"]], "o-",
+                        color=colour, alpha=0.7, label=label if i == 0 else None)
+        ax.set_xlabel("judged answers (the judge's work)")
+        ax.set_ylabel("exact answers, 600 held-out questions")
+        ax.legend(fontsize=8)
     elif name == "margin-tokens":  # each answer's reward, split into its shared and differing tokens, over training
         fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.2), sharey=True, squeeze=False)
         for ax, (label, runs) in zip(axes[0], results.items()):
@@ -456,7 +518,7 @@ def plot(name: str, results: dict, path: Path) -> bool:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("ablation", choices=[*ABLATIONS, "irrelevant-image", "unconditional"])
+    p.add_argument("ablation", choices=[*ABLATIONS, "irrelevant-image", "on-policy", "unconditional"])
     p.add_argument("--seeds", type=at_least(1), default=1, help="repeat each arm with training seeds 0..N-1")
     p.add_argument("--out", default="runs/ablations")
     p.add_argument("--dpo", default="runs/demo-dpo/model", help="unconditional: the DPO model to test (the DPO "
@@ -485,6 +547,8 @@ def main(argv=None):
         seeds = list(range(args.seeds))
         if args.ablation == "irrelevant-image":
             results = run_irrelevant_image(seeds, Path(args.out), world, Path(setup.eval_data))
+        elif args.ablation == "on-policy":
+            results = run_on_policy(seeds, Path(args.out), start, world, Path(setup.eval_data))
         else:
             results = run_ablation(args.ablation, seeds, Path(args.out), start, Path(setup.data), Path(setup.eval_data),
                                    world)
