@@ -72,6 +72,9 @@ def parse(argv=None):
                            "its own 1/K of --prompts, so K rounds ask the judge as often as one (1: offline DPO, its "
                            "sampling done here)")
     on_policy.add_argument("--prompts", help="--rounds: JSONL {id, image?, prompt} to sample from")
+    on_policy.add_argument("--anchor", choices=["round", "start"], default="round", help="--rounds: the reference of "
+                           "each round: its own start model (round, the default: the KL anchor moves with the policy, "
+                           "so every round can go further), or the first round's (start: every round held near it)")
     on_policy.add_argument("--judge", choices=["openai", "rules"], help="--rounds: who rates the samples "
                            "(annotate's --judge: an endpoint, or the shapes world's rules)")
     on_policy.add_argument("--judge-url", default="https://api.openai.com/v1")
@@ -79,6 +82,7 @@ def parse(argv=None):
     on_policy.add_argument("--samples-per-prompt", type=at_least(1), default=4, help="--rounds: answers sampled per prompt")
     on_policy.add_argument("--sample-tokens", type=at_least(1), help="--rounds: longest sampled answer")
     args = parse_recipe(parser, argv, PAPER, DEMO)
+    args.reference_model = None  # the reference's folder when it is not --model's (--rounds --anchor start)
     args.average_logps = args.average_logps or PREFERENCE_LOSSES[args.loss_type].average
     if args.out is None:
         parser.error("--out is required with --model")
@@ -130,13 +134,16 @@ def train(args):
         return batch.to(args.device)
 
     # ---- the reference: the starting model's log-probs, then (unless --ref live) no reference model --
+    # (--rounds --anchor start: every round's reference is the first round's start, args.reference_model)
+    anchor = load_model(args.reference_model, device=args.device) if args.reference_model else model
     reference = None
     if not preference.reference:
         print(f"reference log-probs: not needed by --loss-type {args.loss_type}")
     elif args.ref == "live":
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        reference = copy.deepcopy(anchor).eval().requires_grad_(False)
     else:
-        print("reference log-probs:", precompute_reference(model, train + held, batch_of, preference, args))
+        print("reference log-probs:", precompute_reference(anchor, train + held, batch_of, preference, args))
+    del anchor
     step_of = dict(preference=preference, hyperparameters=hyperparameters, args=args, reference=reference)
     start_metrics = evaluate(model, held, batch_of, step_of, args) if held else {}
 
@@ -191,8 +198,8 @@ def iterative(args):
     """--rounds K, DPO on its own samples (on-policy, as RLAIF-V iterates it): round k samples
     --samples-per-prompt answers from the current model for its share of the prompts, the judge rates
     them (annotate, which resumes where a kill left it), and DPO trains from that model, with that model
-    as the reference (the KL anchor moves with the policy, so each round can go further), on the pairs
-    the paper's rule keeps. Everything of round k stays in OUT/round-k: its prompts, rated samples, run
+    as the reference (--anchor round: the KL anchor moves with the policy, so each round can go further;
+    --anchor start keeps the first round's start), on the pairs the paper's rule keeps. Everything of round k stays in OUT/round-k: its prompts, rated samples, run
     and model. --resume picks up in whichever round and step the run stopped."""
     if args.prompts is None:
         raise SystemExit("--rounds needs --prompts: the prompts each round samples answers to")
@@ -215,9 +222,11 @@ def iterative(args):
                        "--device", args.device])
         run = folder / "dpo"
         if not (run / "model" / "config.json").exists():  # a round that ended is done
-            print(f"== round {k}: DPO on its pairs, from and against {model}", flush=True)
-            final = train(argparse.Namespace(**{**vars(args), "model": str(model), "data": str(samples),
-                                                "out": str(run), "resume": run.exists(), "overwrite": False}))
+            print(f"== round {k}: DPO on its pairs, from {model}, against "
+                  f"{args.model if args.anchor == 'start' else model}", flush=True)
+            anchor = str(args.model) if args.anchor == "start" and k > 1 else None
+            final = train(argparse.Namespace(**{**vars(args), "model": str(model), "data": str(samples), "out": str(run),
+                                                "reference_model": anchor, "resume": run.exists(), "overwrite": False}))
             if not (run / "model" / "config.json").exists():  # --stop-after ended this session inside the round
                 print(f"stopped in round {k}; continue with --resume")
                 return final

@@ -98,3 +98,25 @@ def test_a_round_samples_from_its_model_and_counts_the_prompts_without_a_pair(ti
     assert len(samples) == 24 and all(len(s["responses"]) == 3 for s in samples)
     assert all(set(r["scores"]) >= {"helpfulness", "correctness"} for s in samples for r in s["responses"])
     assert "build_pairs: 0 kept; 24 dropped (answers spread by less than 2" in capsys.readouterr().out
+
+
+def test_anchor_start_keeps_the_first_start_as_every_rounds_reference(tiny_world, uninterrupted, tmp_path):
+    """Round 2's first held-out line (step 0, the policy still round 1's model): against its own start
+    (--anchor round, the default) every reward is exactly 0; against the first start (--anchor start)
+    it is round 1's change, not 0."""
+    def step_zero(out):
+        first = json.loads((out / "round-2" / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
+        assert (first["step"], first["split"]) == (0, "eval")
+        return first
+
+    assert step_zero(uninterrupted)["rewards/chosen"] == 0 and step_zero(uninterrupted)["rewards/rejected"] == 0
+    out = tmp_path / "run"
+    rated_rounds(tiny_world, out)
+    train_dpo.main(iterative_args(tiny_world, out, "--anchor", "start"))
+    anchored = step_zero(out)
+    assert anchored["rewards/chosen"] != 0 and anchored["rewards/rejected"] != 0
+    # round 1 is the same run either way (all but its speed)
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "round-1" / "dpo" / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(out) == losses(uninterrupted)

@@ -27,7 +27,8 @@ class ReferenceCache:
     """{pair digest: [log p(chosen), log p(rejected)(, log p(chosen | corrupted image))]} for one key."""
 
     def __init__(self, args):
-        self.path = Path(args.cache_dir) / "ref_logps" / f"{cache_key(args, model_digest(args.model))}.json"
+        reference = getattr(args, "reference_model", None) or args.model  # the model whose log-probs these are
+        self.path = Path(args.cache_dir) / "ref_logps" / f"{cache_key(args, model_digest(reference))}.json"
         remove_stale_temporaries(self.path.parent)  # a save killed before its rename
         self.entries = self.read() if self.path.exists() else {}
 
