@@ -18,13 +18,14 @@ import argparse
 import copy
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from tinyalign import Processor, demo, load_model
 from tinyalign.batches import PairBatch, mean_per_token, pair_logps
-from tinyalign.data import load_pairs, pair_examples, read_jsonl
+from tinyalign.data import Scored, build_pairs, load_pairs, pair_examples, read_jsonl
 from tinyalign.evaluation import annotate
 from tinyalign.infra.arguments import (add_loss_options, at_least, common_arguments, loss_hyperparameters,
                                       non_negative, parse_recipe)
@@ -33,6 +34,7 @@ from tinyalign.infra.processes import (distribute, finish_distributed, init_dist
                                        refuse_unsupported)
 from tinyalign.infra.reference import ReferenceCache
 from tinyalign.infra.run import Run
+from tinyalign.lora import adapters_off
 from tinyalign.losses import PREFERENCE_LOSSES, PreferenceLoss, reward_metrics
 from tinyalign.packing import pair_batch
 from tinyalign.training import (autocast, optimizer_and_schedule, optimizer_step, paper_recipe, seed_everything,
@@ -71,16 +73,20 @@ def parse(argv=None):
                            "pairs (the paper's rule), DPO from that model with it as the reference; each round takes "
                            "its own 1/K of --prompts, so K rounds ask the judge as often as one (1: offline DPO, its "
                            "sampling done here)")
-    on_policy.add_argument("--prompts", help="--rounds: JSONL {id, image?, prompt} to sample from")
+    on_policy.add_argument("--prompts", help="--rounds, --online: JSONL {id, image?, prompt} to sample from")
     on_policy.add_argument("--anchor", choices=["round", "start"], default="round", help="--rounds: the reference of "
                            "each round: its own start model (round, the default: the KL anchor moves with the policy, "
                            "so every round can go further), or the first round's (start: every round held near it)")
-    on_policy.add_argument("--judge", choices=["openai", "rules"], help="--rounds: who rates the samples "
+    on_policy.add_argument("--judge", choices=["openai", "rules"], help="--rounds, --online: who rates the samples "
                            "(annotate's --judge: an endpoint, or the shapes world's rules)")
     on_policy.add_argument("--judge-url", default="https://api.openai.com/v1")
     on_policy.add_argument("--judge-model", default="gpt-4o")
-    on_policy.add_argument("--samples-per-prompt", type=at_least(1), default=4, help="--rounds: answers sampled per prompt")
-    on_policy.add_argument("--sample-tokens", type=at_least(1), help="--rounds: longest sampled answer")
+    on_policy.add_argument("--online", action="store_true", help="online DPO: every step samples answers to "
+                           "--batch-size prompts from the policy as it is, the judge rates them and one DPO step trains "
+                           "on the pairs the paper's rule keeps (one pass over --prompts per epoch)")
+    on_policy.add_argument("--samples-per-prompt", type=at_least(1), default=4, help="--rounds, --online: answers "
+                           "sampled per prompt")
+    on_policy.add_argument("--sample-tokens", type=at_least(1), help="--rounds, --online: longest sampled answer")
     args = parse_recipe(parser, argv, PAPER, DEMO)
     args.reference_model = None  # the reference's folder when it is not --model's (--rounds --anchor start)
     args.average_logps = args.average_logps or PREFERENCE_LOSSES[args.loss_type].average
@@ -89,17 +95,17 @@ def parse(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse(argv)
-    if args.demo:
-        demo.dpo_start(args)  # no --model: the SFT demo's model and its own rated samples (tinyalign/demo/)
-    if args.rounds:
-        return iterative(args)  # on-policy: sample, rate, pair and train, K times (below)
-    return train(args)
-
-
-def train(args):
-    """One DPO run: args.model trained on the pairs of args.data, into args.out."""
+def main(argv=None, args=None):
+    """One DPO run: --model trained on the pairs of --data, into --out. args: already parsed (a round of
+    --rounds calls this with its own)."""
+    if args is None:
+        args = parse(argv)
+        if args.demo:
+            demo.dpo_start(args)  # no --model: the SFT demo's model and its own rated samples (tinyalign/demo/)
+        if args.rounds:
+            return iterative(args)  # on-policy: sample, rate, pair and train, K times (below)
+        if args.online:
+            return online(args)  # on-policy at every step (below)
     preference = PREFERENCE_LOSSES[args.loss_type]  # the loss and what it needs (tinyalign/losses.py)
     hyperparameters = loss_hyperparameters(preference, args)  # its keyword arguments: {"beta": 0.1, ...}
     rank, world = init_distributed(args)
@@ -225,13 +231,128 @@ def iterative(args):
             print(f"== round {k}: DPO on its pairs, from {model}, against "
                   f"{args.model if args.anchor == 'start' else model}", flush=True)
             anchor = str(args.model) if args.anchor == "start" and k > 1 else None
-            final = train(argparse.Namespace(**{**vars(args), "model": str(model), "data": str(samples), "out": str(run),
-                                                "reference_model": anchor, "resume": run.exists(), "overwrite": False}))
+            final = main(args=argparse.Namespace(**{**vars(args), "model": str(model), "data": str(samples),
+                                                     "out": str(run), "reference_model": anchor, "resume": run.exists(),
+                                                     "overwrite": False}))
             if not (run / "model" / "config.json").exists():  # --stop-after ended this session inside the round
                 print(f"stopped in round {k}; continue with --resume")
                 return final
         model = run / "model"
     return final
+
+
+def online(args):
+    """--online, DPO from online AI feedback (Guo et al. 2024, arXiv 2402.04792): every step takes
+    --batch-size prompts, samples --samples-per-prompt answers to each from the policy as it is at that
+    step, has the judge rate them, and takes one DPO step (the same `dpo_step`) on the pairs the paper's
+    rule keeps; prompts whose answers give no pair are counted (prompts/paired). The reference is the
+    start model: with LoRA the policy itself with its adapters off and its starting projector
+    (`as_start_model`: no second copy in memory), with --lora-r 0 a frozen copy. One process."""
+    preference = PREFERENCE_LOSSES[args.loss_type]
+    if preference.image_conditional or not preference.reference:
+        raise SystemExit(f"--online: --loss-type {args.loss_type} is not supported (a loss on a reference, "
+                         "without a corrupted image)")
+    if args.prompts is None:
+        raise SystemExit("--online needs --prompts: the prompts each step samples answers to")
+    hyperparameters = loss_hyperparameters(preference, args)
+    rank, world = init_distributed(args)
+    if world > 1:
+        raise SystemExit("--online runs in one process")
+    seed_everything(args.seed)
+    model = load_model(args.model, device=args.device, vision_tower=args.vision_tower)
+    processor = Processor.from_pretrained(args.model, template=args.template, image_mode=args.image_mode,
+                                          vision_tower=args.vision_tower)
+    prompts, report = annotate.read_prompts(args.prompts, args.image_folder, args.images_outside_folder)
+    print(report.summary())
+    judge = annotate.make_judge(args)
+    held, _ = pair_examples(load_pairs(args.eval_data, args.pair_seed)[0], processor, args.image_folder,
+                            args.max_length) if args.eval_data else ([], None)
+
+    def batch_of(examples) -> PairBatch:
+        return pair_batch(examples, processor, args.packing, args.pack_tokens).to(args.device)
+
+    step_of = dict(preference=preference, hyperparameters=hyperparameters, args=args, reference=None)
+    if held:  # the held-out pairs' reference log-probs: the start model's, once
+        print("reference log-probs:", precompute_reference(model, held, batch_of, preference, args))
+    start_metrics = evaluate(model, held, batch_of, step_of, args) if held else {}
+    frozen = copy.deepcopy(model).eval().requires_grad_(False) if not args.lora_r else None
+    paper_recipe(model, args)
+    start_projector = copy.deepcopy(model.multi_modal_projector).requires_grad_(False)  # the reference's own
+    optimizer, scheduler, steps = optimizer_and_schedule(model, args, len(prompts), world)  # a step: B prompts
+    run = Run(args.out, args, len(steps), rank)
+    step = run.load_state(model, optimizer, scheduler) if run.resuming else 0
+    if held and not run.resuming:
+        run.log(0, start_metrics, split="eval")
+    run.start_progress(step)
+
+    # ---- the online DPO loop: sample and rate with the policy as it is, then the same DPO step --------
+    while step < run.total_steps:
+        logged, asked, paired = {}, 0, 0
+        for micro in steps[step]:
+            chunk = [prompts[i] for i in micro]
+            rated = sample_and_rate(model, processor, judge, chunk, args, step)  # the policy's answers, rated
+            pairs, _ = build_pairs(rated, seed=args.pair_seed + step)  # the paper's rule; the rest counted
+            examples, _ = pair_examples(pairs, processor, args.image_folder, args.max_length)
+            asked, paired = asked + len(chunk), paired + len(examples)
+            if not examples:
+                continue
+            batch = batch_of(examples)
+            with torch.no_grad(), as_start_model(model, start_projector, frozen) as reference:
+                batch.ref_chosen, batch.ref_rejected = pair_logps(reference, batch, args.average_logps)
+            model.train()
+            with autocast(args.device):
+                loss, metrics = dpo_step(model, batch, **step_of)
+            run.check_finite(loss, step + 1)
+            (loss / len(steps[step])).backward()
+            for k, v in metrics.items():
+                logged[k] = logged.get(k, 0.0) + v / len(steps[step])
+        optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
+        step += 1
+        logged.update({"prompts/paired": paired / asked, "judged_answers": asked * args.samples_per_prompt,
+                       "lr": scheduler.get_last_lr()[0]})
+        if run.after_step(step, logged, model, optimizer, scheduler,
+                          (lambda: evaluate(model, held, batch_of, step_of, args)) if held else None):
+            return {}
+    # -------------------------------------------------------------------------------------------------
+
+    run.save_state(step, model, optimizer, scheduler)
+    final = evaluate(model, held, batch_of, step_of, args) if held else {}
+    if args.demo:
+        final.update(demo.dpo_report(model, processor, args, start_metrics, final, len(held)))
+    run.log(step, final, split="eval")
+    print(f"model saved to {run.save_final(model, processor)}; metrics in {run.metrics_path}")
+    run.finish()
+    return final
+
+
+def sample_and_rate(model, processor, judge, prompts: list[dict], args, step: int) -> list[Scored]:
+    """--samples-per-prompt answers to each prompt from the model as it is now (keyed sampling: the
+    same step draws the same answers, so a resumed run is the uninterrupted one), each rated."""
+    model.eval()
+    sample = annotate.model_sampler(model, processor, args.image_folder, args.samples_per_prompt, 0.7,
+                                    args.sample_tokens, seed=args.seed * 1_000_003 + step)
+    rated = [None] * len(prompts)
+    for i, answers in sample(prompts):
+        record = prompts[i]
+        rated[i] = Scored(str(record["id"]), [record["image"]] if record.get("image") else [],
+                          annotate.with_image_tag(record),
+                          [(a, annotate.rate(judge, record, a, args.image_folder)) for a in answers])
+    return rated
+
+
+@contextmanager
+def as_start_model(model, start_projector, frozen=None):
+    """The reference inside the block: the start model. With LoRA, the policy with its adapters off and
+    its projector as it started (the tower is frozen and the LM head untouched); else `frozen`, a copy."""
+    if frozen is not None:
+        yield frozen
+        return
+    trained, model.multi_modal_projector = model.multi_modal_projector, start_projector
+    try:
+        with adapters_off(model.language_model):
+            yield model.eval()
+    finally:
+        model.multi_modal_projector = trained
 
 
 def dpo_step(policy, batch: PairBatch, preference: PreferenceLoss, hyperparameters: dict, args, reference=None):

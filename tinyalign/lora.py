@@ -10,6 +10,7 @@ layout: infra/weights.py::save_adapter.)
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -26,8 +27,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout)
+        self.enabled = True  # False: the base projection alone (`adapters_off`)
 
     def forward(self, x):
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
 
     def merged(self) -> nn.Linear:
@@ -49,6 +53,20 @@ def apply_lora(module: nn.Module, r: int = 128, alpha: float = 256, dropout: flo
         parent = module.get_submodule(parent_name)
         setattr(parent, leaf, LoRALinear(getattr(parent, leaf), r, alpha, dropout))
     return names
+
+
+@contextmanager
+def adapters_off(module: nn.Module):
+    """Inside the block every LoRA layer of `module` computes its frozen base projection alone: the
+    weights as they were before training, without a second copy of the model in memory."""
+    layers = [m for m in module.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield module
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def merge_lora(module: nn.Module) -> int:

@@ -134,7 +134,7 @@ def rate_and_append(prompts, done, out, sample, judge, image_folder, max_prompts
             record = todo[i]
             line = {k: record[k] for k in ("id", "image", "prompt") if k in record}
             try:
-                line["responses"] = [{"text": a, "scores": _rate(judge, record, a, image_folder)} for a in answers]
+                line["responses"] = [{"text": a, "scores": rate(judge, record, a, image_folder)} for a in answers]
                 line["judge"] = getattr(judge, "model", "rules")
                 line["prompt_version"] = PROMPT_VERSION
                 rated += 1
@@ -149,7 +149,16 @@ def rate_and_append(prompts, done, out, sample, judge, image_folder, max_prompts
     return rated, failed
 
 
-def _rate(judge, record, answer, image_folder):
+def make_judge(args):
+    """The judge that --judge names: the shapes world's rules, or an OpenAI-compatible endpoint."""
+    if args.judge == "rules":
+        return RuleJudge()
+    return OpenAIJudge(args.judge_url, args.judge_model, os.environ.get(getattr(args, "api_key_env", "OPENAI_API_KEY")),
+                       getattr(args, "timeout", 60.0), getattr(args, "retries", 3), getattr(args, "backoff", 2.0))
+
+
+def rate(judge, record, answer, image_folder):
+    """One answer to a prompt, rated by either kind of judge."""
     if isinstance(judge, RuleJudge):
         return judge.rate_record(record, answer)
     return judge.rate(record["prompt"].replace("<image>", "").strip(), answer, prompt_image(record, image_folder))
@@ -256,8 +265,7 @@ def main(argv=None):
     print(report.summary())
     model = load_model(args.model, device=args.device)
     processor = Processor.from_pretrained(args.model)
-    judge = RuleJudge() if args.judge == "rules" else OpenAIJudge(
-        args.judge_url, args.judge_model, os.environ.get(args.api_key_env), args.timeout, args.retries, args.backoff)
+    judge = make_judge(args)
     numbering = {r["id"]: i for i, r in enumerate(prompts)}  # keys each prompt's randomness to its line
     sample = model_sampler(model, processor, args.image_folder, args.n, args.temperature, args.max_new_tokens, args.seed,
                            args.slots, numbering)

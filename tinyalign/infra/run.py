@@ -399,6 +399,8 @@ def plot_metrics(metrics_path: Path, png: Path, keys=None):
     records = read_jsonl(metrics_path)
     keys = keys or [k for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
                     if any(k in r for r in records)]
+    if not keys:  # nothing trained yet (an online run whose prompts gave no pair): no curve to draw
+        return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for split in ("train", "eval"):
