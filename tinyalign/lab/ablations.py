@@ -75,8 +75,8 @@ ABLATIONS = {
 
 TITLES = {name: what for name, (what, _) in ABLATIONS.items()}
 TITLES["irrelevant-image"] = "Table 7: a text-only task asked with an irrelevant picture, before and after DPO"
-TITLES["on-policy"] = ("offline DPO against iterative (on-policy) DPO, the same 6,000 judged answers; reward accuracy: "
-                       "the held-out pairs, against the SFT start")
+TITLES["on-policy"] = ("offline, iterative and online DPO, the same 6,000 judged answers; reward accuracy: the "
+                       "held-out pairs, against the SFT start")
 # The columns of each ablation's table, and (the first two or three) of its bar chart.
 KEYS = {name: ["reward accuracy", "exact answer", "rewards/chosen", "rewards/rejected"] for name in ABLATIONS}
 KEYS["mdpo"] += ["reward accuracy, swapped image"]
@@ -356,37 +356,62 @@ def sum_picture_pairs(world: Path, n: int, seed: int = 0) -> list[Pair]:
 # ---------------------------------------------------------------------------------------------
 
 ON_POLICY_ROUNDS = 3
-ON_POLICY_ARMS = {"offline (1 round)": 1, f"iterative ({ON_POLICY_ROUNDS} rounds)": ON_POLICY_ROUNDS}
+# label -> train_dpo.py's arguments: the DPO demo's recipe, its sampling done by the run itself
+ON_POLICY_ARMS = {"offline (1 round)": ["--rounds", "1"],
+                  f"iterative ({ON_POLICY_ROUNDS} rounds)": ["--rounds", str(ON_POLICY_ROUNDS)],
+                  "online (1 epoch)": ["--online", "--epochs", "1"]}
 
 
 def run_on_policy(seeds: list[int], out: Path, start: Path, world: Path, heldout_samples: Path) -> dict:
-    """Each arm is the DPO demo's recipe with its sampling done by train_dpo.py --rounds: 1 round samples
-    4 answers to every prompt from the start and trains once; 3 rounds take a third of the prompts
-    each, from the model of the round before. Both ask the rules judge 6,000 times. Measured after every
-    round, against the same start: exact answers, the SFT data's mistakes, held-out reward accuracy."""
+    """Three ways to spend the same 6,000 judged answers (1,500 prompts x 4), each from the SFT demo's
+    model with the DPO demo's recipe: offline, 1 round sampled from the start; iterative, 3 rounds of a
+    third of the prompts each, sampled from the round before's model; online, every step sampling its
+    16 prompts from the policy as it is (one pass). Measured along the way (rounds, snapshots) against
+    the same start: exact answers, the SFT data's mistakes, held-out reward accuracy. An arm whose run
+    has finished is measured again, not trained again (its minutes kept from when it trained)."""
     questions = read_jsonl(world / "heldout.jsonl")
     hard = [(q["kind"], shapes.value_of(q["kind"], q["answer"])) in shapes.CONFUSIONS for q in questions]
     results = {}
-    for label, rounds in ON_POLICY_ARMS.items():
+    for label, extra in ON_POLICY_ARMS.items():
         for seed in seeds:
             folder = out / "on-policy" / f"{slug(label)}-seed{seed}"
-            argv = ["--rounds", str(rounds), "--out", str(folder), "--seed", str(seed),
-                    "--cache-dir", str(out / "on-policy" / "cache")]
-            print(f"\n$ python train_dpo.py {shlex.join(argv)}", flush=True)
-            started = time.time()
-            script("train_dpo").main(argv)
-            minutes = (time.time() - started) / 60
+            points = on_policy_points(folder, extra)
+            timing = folder / "minutes.json"
+            if not (points[-1][1] / "config.json").exists() or not timing.exists():
+                argv = [*extra, "--out", str(folder), "--seed", str(seed), "--cache-dir", str(out / "on-policy" / "cache")]
+                print(f"\n$ python train_dpo.py {shlex.join(argv)}", flush=True)
+                started = time.time()
+                script("train_dpo").main(argv)
+                write_json(timing, {"minutes": (time.time() - started) / 60})
+                points = on_policy_points(folder, extra)
             curve = [{"judged answers": 0, **answer_scores(start, world, questions, hard)}]  # the start
-            for k in range(1, rounds + 1):
-                model = folder / f"round-{k}" / "dpo" / "model"
-                judged = sum(len(r["responses"]) for j in range(1, k + 1)
-                             for r in read_jsonl(folder / f"round-{j}" / "samples.jsonl"))
+            for judged, model in points:
                 curve.append({"judged answers": judged, **answer_scores(model, world, questions, hard),
                               "reward accuracy": unconditional(model, start, heldout_samples, world)[
                                   "reward accuracy, true image"]})
-            results.setdefault(label, []).append({"seed": seed, "pairs": "-", **curve[-1], "minutes": minutes,
-                                                  "curve": curve})
+            results.setdefault(label, []).append({"seed": seed, "pairs": "-", **curve[-1], "curve": curve,
+                                                  "minutes": json.loads(timing.read_text())["minutes"]})
     return results
+
+
+def on_policy_points(folder: Path, extra: list[str]) -> list[tuple[int, Path]]:
+    """(judged answers so far, model) along an arm's run, counted from what the run wrote: after each
+    round (its rated samples), or at each snapshot and the end (metrics.jsonl's judged_answers)."""
+    if "--online" in extra:
+        lines = read_jsonl(folder / "metrics.jsonl") if (folder / "metrics.jsonl").exists() else []
+        judged = [(r["step"], r["judged_answers"]) for r in lines if r.get("split") == "train"]
+
+        def upto(step):
+            return sum(n for s, n in judged if s <= step)
+        snapshots = sorted((folder / "snapshots").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        return [(upto(int(p.name.split("-")[1])), p) for p in snapshots] + [(upto(10**9), folder / "model")]
+    rounds = int(extra[extra.index("--rounds") + 1])
+    points, judged = [], 0
+    for k in range(1, rounds + 1):
+        samples = folder / f"round-{k}" / "samples.jsonl"
+        judged += sum(len(r["responses"]) for r in read_jsonl(samples)) if samples.exists() else 0
+        points.append((judged, folder / f"round-{k}" / "dpo" / "model"))
+    return points
 
 
 def answer_scores(model_dir: Path, world: Path, questions: list[dict], hard: list[bool]) -> dict:
@@ -476,7 +501,7 @@ def plot(name: str, results: dict, path: Path) -> bool:
         axes[0][0].legend()
     elif name == "on-policy":  # exact answers against the judge's work, each round a point
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
-        for (label, runs), colour in zip(results.items(), ("tab:blue", "tab:red")):
+        for (label, runs), colour in zip(results.items(), ("tab:blue", "tab:red", "tab:green")):
             for i, run in enumerate(runs):
                 ax.plot([p["judged answers"] for p in run["curve"]], [p["exact answer"] for p in run["curve"]], "o-",
                         color=colour, alpha=0.7, label=label if i == 0 else None)

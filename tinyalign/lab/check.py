@@ -63,6 +63,7 @@ EXERCISES = [
     ("8. data scaling (one seed)", "python -m tinyalign.lab.ablations data-scaling", "set-up: DPO demo"),
     ("9. the per-token view", "python -m tinyalign.lab.tokens", "set-up: DPO demo"),
     ("9. where the margin sits (one seed)", "python -m tinyalign.lab.ablations margin-tokens", "set-up: DPO demo"),
+    ("10. iterative DPO, 3 rounds", "python train_dpo.py --rounds 3 --out runs/iterative", "set-up: SFT demo"),
     ("the study", "python -m tinyalign.lab.study", "set-up: SFT demo"),
     ("ablation: transfer", "python -m tinyalign.lab.ablations transfer", "set-up: DPO demo"),
     ("ablation: mDPO", "python -m tinyalign.lab.ablations mdpo", "set-up: DPO demo"),
