@@ -225,9 +225,11 @@ def sft_and_samples(folder: Path, world: Path, name: str, sft_data: Path, seed: 
 
 
 def recipe_argv(recipe: dict) -> list[str]:
-    """{"lora_r": 0, "packing": False, ...} -> ["--lora-r", "0", "--no-packing", ...]."""
+    """{"lora_r": 0, "packing": False, ...} -> ["--lora-r", "0", "--no-packing", ...]; None: not given."""
     argv = []
     for key, value in recipe.items():
+        if value is None:
+            continue
         flag = "--" + key.replace("_", "-")
         argv += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
     return argv
