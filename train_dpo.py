@@ -82,8 +82,8 @@ def parse(argv=None):
     on_policy.add_argument("--judge-url", default="https://api.openai.com/v1")
     on_policy.add_argument("--judge-model", default="gpt-4o")
     on_policy.add_argument("--online", action="store_true", help="online DPO: every step samples answers to "
-                           "--batch-size prompts from the policy as it is, the judge rates them and one DPO step trains "
-                           "on the pairs the paper's rule keeps (one pass over --prompts per epoch)")
+                           "--batch-size x --grad-accum prompts from the policy as it is, the judge rates them and one "
+                           "DPO step trains on the pairs the paper's rule keeps (one pass over --prompts per epoch)")
     on_policy.add_argument("--samples-per-prompt", type=at_least(1), default=4, help="--rounds, --online: answers "
                            "sampled per prompt")
     on_policy.add_argument("--sample-tokens", type=at_least(1), help="--rounds, --online: longest sampled answer")
@@ -102,6 +102,8 @@ def main(argv=None, args=None):
         args = parse(argv)
         if args.demo:
             demo.dpo_start(args)  # no --model: the SFT demo's model and its own rated samples (tinyalign/demo/)
+        if args.rounds and args.online:
+            raise SystemExit("--rounds and --online are two ways to train on-policy: choose one")
         if args.rounds:
             return iterative(args)  # on-policy: sample, rate, pair and train, K times (below)
         if args.online:
@@ -210,40 +212,45 @@ def iterative(args):
     if args.prompts is None:
         raise SystemExit("--rounds needs --prompts: the prompts each round samples answers to")
     out, prompts = Path(args.out), read_jsonl(args.prompts)
+    if any(out.glob("round-*")) and not (args.resume or args.overwrite):
+        raise SystemExit(f"{out} holds the rounds of an iterative run: --resume continues it, --overwrite starts over "
+                         "(deleting them, rated samples included)")
     if args.overwrite and not args.resume:
         for old in out.glob("round-*"):
             shutil.rmtree(old)  # a new run: no round of an earlier one is taken as done
     model, final = args.model, {}
     for k in range(1, args.rounds + 1):
-        folder = out / f"round-{k}"
-        folder.mkdir(parents=True, exist_ok=True)
-        share = folder / "prompts.jsonl"
-        write_atomic(share, "".join(json.dumps(p) + "\n" for p in prompts[k - 1::args.rounds]))
+        folder, run = out / f"round-{k}", out / f"round-{k}" / "dpo"
         samples = folder / "samples.jsonl"
-        print(f"\n== round {k} of {args.rounds}: sampling and rating with {model}", flush=True)
-        annotate.main(["--model", str(model), "--prompts", str(share), "--image-folder", args.image_folder,
-                       "--out", str(samples), "--n", str(args.samples_per_prompt), "--judge", args.judge,
-                       "--judge-url", args.judge_url, "--judge-model", args.judge_model, "--temperature", "0.7",
-                       "--max-new-tokens", str(args.sample_tokens), "--seed", str(args.seed * 1000 + k),
-                       "--device", args.device])
-        run = folder / "dpo"
-        if not (run / "model" / "config.json").exists():  # a round that ended is done
-            print(f"== round {k}: DPO on its pairs, from {model}, against "
-                  f"{args.model if args.anchor == 'start' else model}", flush=True)
-            anchor = str(args.model) if args.anchor == "start" and k > 1 else None
-            final = main(args=argparse.Namespace(**{**vars(args), "model": str(model), "data": str(samples),
-                                                     "out": str(run), "reference_model": anchor, "resume": run.exists(),
-                                                     "overwrite": False}))
-            if not (run / "model" / "config.json").exists():  # --stop-after ended this session inside the round
-                print(f"stopped in round {k}; continue with --resume")
-                return final
+        if (run / "model" / "config.json").exists():  # a round that ended is done
+            model = run / "model"
+            continue
+        if not run.exists():  # once its DPO run has started, a round's samples are what it trains on: kept as they are
+            folder.mkdir(parents=True, exist_ok=True)
+            share = folder / "prompts.jsonl"
+            write_atomic(share, "".join(json.dumps(p) + "\n" for p in prompts[k - 1::args.rounds]))
+            print(f"\n== round {k} of {args.rounds}: sampling and rating with {model}", flush=True)
+            annotate.main(["--model", str(model), "--prompts", str(share), "--image-folder", args.image_folder,
+                           "--out", str(samples), "--n", str(args.samples_per_prompt), "--judge", args.judge,
+                           "--judge-url", args.judge_url, "--judge-model", args.judge_model, "--temperature", "0.7",
+                           "--max-new-tokens", str(args.sample_tokens), "--seed", str(args.seed * 1000 + k),
+                           "--device", args.device] + (["--images-outside-folder"] if args.images_outside_folder else []))
+        print(f"== round {k}: DPO on its pairs, from {model}, against "
+              f"{args.model if args.anchor == 'start' else model}", flush=True)
+        anchor = str(args.model) if args.anchor == "start" and k > 1 else None
+        final = main(args=argparse.Namespace(**{**vars(args), "model": str(model), "data": str(samples),
+                                                 "out": str(run), "reference_model": anchor, "resume": run.exists(),
+                                                 "overwrite": False}))
+        if not (run / "model" / "config.json").exists():  # --stop-after ended this session inside the round
+            print(f"stopped in round {k}; continue with --resume")
+            return final
         model = run / "model"
     return final
 
 
 def online(args):
     """--online, DPO from online AI feedback (Guo et al. 2024, arXiv 2402.04792): every step takes
-    --batch-size prompts, samples --samples-per-prompt answers to each from the policy as it is at that
+    --batch-size x --grad-accum prompts, samples --samples-per-prompt answers to each from the policy as it is at that
     step, has the judge rate them, and takes one DPO step (the same `dpo_step`) on the pairs the paper's
     rule keeps; prompts whose answers give no pair are counted (prompts/paired). The reference is the
     start model: with LoRA the policy itself with its adapters off and its starting projector
@@ -257,7 +264,7 @@ def online(args):
     hyperparameters = loss_hyperparameters(preference, args)
     rank, world = init_distributed(args)
     if world > 1:
-        raise SystemExit("--online runs in one process")
+        raise SystemExit("--online runs in one process (start it without torchrun)")
     seed_everything(args.seed)
     model = load_model(args.model, device=args.device, vision_tower=args.vision_tower)
     processor = Processor.from_pretrained(args.model, template=args.template, image_mode=args.image_mode,
@@ -265,19 +272,27 @@ def online(args):
     prompts, report = annotate.read_prompts(args.prompts, args.image_folder, args.images_outside_folder)
     print(report.summary())
     judge = annotate.make_judge(args)
-    held, _ = pair_examples(load_pairs(args.eval_data, args.pair_seed)[0], processor, args.image_folder,
-                            args.max_length) if args.eval_data else ([], None)
+    held = []  # held-out pairs (--eval-data), their reference log-probs the start model's, computed once
+    if args.eval_data:
+        held, report = pair_examples(load_pairs(args.eval_data, args.pair_seed, args.average_logps)[0], processor,
+                                     args.image_folder, args.max_length, args.skip_bad, "held-out",
+                                     images_anywhere=args.images_outside_folder)
+        print(report.summary())
 
     def batch_of(examples) -> PairBatch:
         return pair_batch(examples, processor, args.packing, args.pack_tokens).to(args.device)
 
+    # the reference log-probs come with each batch (computed just before the step), so no reference here
     step_of = dict(preference=preference, hyperparameters=hyperparameters, args=args, reference=None)
-    if held:  # the held-out pairs' reference log-probs: the start model's, once
+    if held:
         print("reference log-probs:", precompute_reference(model, held, batch_of, preference, args))
     start_metrics = evaluate(model, held, batch_of, step_of, args) if held else {}
+    # the start model, to score the reference with: with LoRA, the policy itself with its adapters off and
+    # this copy of its projector (taken before paper_recipe makes it float32); with --lora-r 0, a copy
     frozen = copy.deepcopy(model).eval().requires_grad_(False) if not args.lora_r else None
+    start_projector = copy.deepcopy(model.multi_modal_projector).requires_grad_(False) if args.lora_r else None
     paper_recipe(model, args)
-    start_projector = copy.deepcopy(model.multi_modal_projector).requires_grad_(False)  # the reference's own
+    trainer = distribute(model, args, world)  # compiled blocks (--compile), --gradient-checkpointing
     optimizer, scheduler, steps = optimizer_and_schedule(model, args, len(prompts), world)  # a step: B prompts
     run = Run(args.out, args, len(steps), rank)
     step = run.load_state(model, optimizer, scheduler) if run.resuming else 0
@@ -287,29 +302,32 @@ def online(args):
 
     # ---- the online DPO loop: sample and rate with the policy as it is, then the same DPO step --------
     while step < run.total_steps:
-        logged, asked, paired = {}, 0, 0
+        asked = sum(len(micro) for micro in steps[step])
+        with_pairs = []  # this step's micro-batches that gave pairs, as examples
         for micro in steps[step]:
             chunk = [prompts[i] for i in micro]
-            rated = sample_and_rate(model, processor, judge, chunk, args, step)  # the policy's answers, rated
-            pairs, _ = build_pairs(rated, seed=args.pair_seed + step)  # the paper's rule; the rest counted
-            examples, _ = pair_examples(pairs, processor, args.image_folder, args.max_length)
-            asked, paired = asked + len(chunk), paired + len(examples)
-            if not examples:
-                continue
+            rated = sample_and_rate(model, processor, judge, chunk, micro, args, step)  # the policy's answers, rated
+            pairs, _ = build_pairs(rated, seed=args.pair_seed + step)  # the paper's rule; the rest counted below
+            examples, _ = pair_examples(pairs, processor, args.image_folder, args.max_length,
+                                        images_anywhere=args.images_outside_folder)
+            if examples:
+                with_pairs.append(examples)
+        logged = {}
+        for examples in with_pairs:  # the same DPO step as offline, each micro-batch weighing the same
             batch = batch_of(examples)
-            with torch.no_grad(), as_start_model(model, start_projector, frozen) as reference:
+            with torch.no_grad(), autocast(args.device), as_start_model(model, start_projector, frozen) as reference:
                 batch.ref_chosen, batch.ref_rejected = pair_logps(reference, batch, args.average_logps)
-            model.train()
             with autocast(args.device):
-                loss, metrics = dpo_step(model, batch, **step_of)
+                loss, metrics = dpo_step(trainer, batch, **step_of)
             run.check_finite(loss, step + 1)
-            (loss / len(steps[step])).backward()
+            (loss / len(with_pairs)).backward()
             for k, v in metrics.items():
-                logged[k] = logged.get(k, 0.0) + v / len(steps[step])
+                logged[k] = logged.get(k, 0.0) + v / len(with_pairs)
         optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
         step += 1
-        logged.update({"prompts/paired": paired / asked, "judged_answers": asked * args.samples_per_prompt,
-                       "lr": scheduler.get_last_lr()[0]})
+        paired = sum(len(examples) for examples in with_pairs)
+        logged.update({"prompts/paired": paired / asked,  # the share of this step's prompts that gave a pair
+                       "judged_answers": asked * args.samples_per_prompt, "lr": scheduler.get_last_lr()[0]})
         if run.after_step(step, logged, model, optimizer, scheduler,
                           (lambda: evaluate(model, held, batch_of, step_of, args)) if held else None):
             return {}
@@ -325,25 +343,35 @@ def online(args):
     return final
 
 
-def sample_and_rate(model, processor, judge, prompts: list[dict], args, step: int) -> list[Scored]:
-    """--samples-per-prompt answers to each prompt from the model as it is now (keyed sampling: the
-    same step draws the same answers, so a resumed run is the uninterrupted one), each rated."""
+def sample_and_rate(model, processor, judge, prompts: list[dict], numbers: list[int], args, step: int) -> list[Scored]:
+    """--samples-per-prompt answers to each prompt from the model as it is now, each rated. Sampling
+    is keyed by --seed, the step and the prompt's line (`numbers`), so a resumed step draws what the
+    uninterrupted one did. A prompt the judge fails on (after annotate's retries) is left out, counted."""
     model.eval()
     sample = annotate.model_sampler(model, processor, args.image_folder, args.samples_per_prompt, 0.7,
-                                    args.sample_tokens, seed=args.seed * 1_000_003 + step)
-    rated = [None] * len(prompts)
-    for i, answers in sample(prompts):
+                                    args.sample_tokens, seed=args.seed * 1_000_003 + step,
+                                    numbering={prompts[i]["id"]: n for i, n in enumerate(numbers)})
+    rated = []
+    with autocast(args.device):
+        answered = list(sample(prompts))
+    for i, answers in answered:
         record = prompts[i]
-        rated[i] = Scored(str(record["id"]), [record["image"]] if record.get("image") else [],
-                          annotate.with_image_tag(record),
-                          [(a, annotate.rate(judge, record, a, args.image_folder)) for a in answers])
+        try:
+            ratings = [(a, annotate.rate(judge, record, a, args.image_folder)) for a in answers]
+        except annotate.JudgeError as e:
+            print(f"step {step}: prompt {record['id']} left out, the judge failed: {e}")
+            continue
+        rated.append(Scored(str(record["id"]), [record["image"]] if record.get("image") else [],
+                            annotate.with_image_tag(record), ratings))
+    model.train()
     return rated
 
 
 @contextmanager
 def as_start_model(model, start_projector, frozen=None):
     """The reference inside the block: the start model. With LoRA, the policy with its adapters off and
-    its projector as it started (the tower is frozen and the LM head untouched); else `frozen`, a copy."""
+    its projector as it started (the tower is frozen and the LM head untouched by LoRA training); else
+    `frozen`, a copy. The policy is itself again after, in training mode."""
     if frozen is not None:
         yield frozen
         return
@@ -353,6 +381,7 @@ def as_start_model(model, start_projector, frozen=None):
             yield model.eval()
     finally:
         model.multi_modal_projector = trained
+        model.train()
 
 
 def dpo_step(policy, batch: PairBatch, preference: PreferenceLoss, hyperparameters: dict, args, reference=None):

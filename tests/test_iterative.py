@@ -4,7 +4,8 @@ and a run stopped inside a round resumes to exactly the uninterrupted run.
 
 A random tiny model's own samples all rate alike (no pairs), so the runs that train find each round's
 ratings already written, every answer style for every prompt, and annotate resumes past them (as
-test_study does); `test_a_round_samples_from_its_model` shows the sampling itself."""
+test_study does; such a folder is continued with --resume): their rounds do not sample.
+`test_a_round_samples_from_its_model...` shows the sampling itself."""
 
 import json
 
@@ -39,11 +40,11 @@ def rated_rounds(world, out, rounds=2):
 def uninterrupted(tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("iterative") / "run"
     rated_rounds(tiny_world, out)
-    train_dpo.main(iterative_args(tiny_world, out))
+    train_dpo.main(iterative_args(tiny_world, out, "--resume"))  # the rounds' ratings are there already
     return out
 
 
-def test_each_round_samples_rates_and_trains_from_the_last_rounds_model(tiny_world, uninterrupted):
+def test_each_round_trains_on_its_prompts_from_the_last_rounds_model(tiny_world, uninterrupted):
     out = uninterrupted
     prompts = read_jsonl(tiny_world["prompts"])
     seen = []
@@ -71,7 +72,7 @@ def test_each_round_samples_rates_and_trains_from_the_last_rounds_model(tiny_wor
 def test_a_run_stopped_inside_a_round_resumes_to_the_uninterrupted_one(tiny_world, uninterrupted, tmp_path):
     out = tmp_path / "run"
     rated_rounds(tiny_world, out)
-    train_dpo.main(iterative_args(tiny_world, out, "--stop-after", "1"))  # stops at step 1 of round 1
+    train_dpo.main(iterative_args(tiny_world, out, "--resume", "--stop-after", "1"))  # stops at step 1 of round 1
     assert not (out / "round-1" / "dpo" / "model").exists() and not (out / "round-2" / "dpo").exists()
     train_dpo.main(iterative_args(tiny_world, out, "--resume"))
     for k in (1, 2):
@@ -112,7 +113,7 @@ def test_anchor_start_keeps_the_first_start_as_every_rounds_reference(tiny_world
     assert step_zero(uninterrupted)["rewards/chosen"] == 0 and step_zero(uninterrupted)["rewards/rejected"] == 0
     out = tmp_path / "run"
     rated_rounds(tiny_world, out)
-    train_dpo.main(iterative_args(tiny_world, out, "--anchor", "start"))
+    train_dpo.main(iterative_args(tiny_world, out, "--resume", "--anchor", "start"))
     anchored = step_zero(out)
     assert anchored["rewards/chosen"] != 0 and anchored["rewards/rejected"] != 0
     # round 1 is the same run either way (all but its speed)
@@ -120,3 +121,14 @@ def test_anchor_start_keeps_the_first_start_as_every_rounds_reference(tiny_world
         return [json.loads(line)["loss"] for line in (run / "round-1" / "dpo" / "metrics.jsonl").read_text().splitlines()]
 
     assert losses(out) == losses(uninterrupted)
+
+
+def test_a_folder_with_rounds_is_continued_or_started_over_only_when_asked(tiny_world, uninterrupted, tmp_path):
+    with pytest.raises(SystemExit, match="holds the rounds of an iterative run: --resume continues it"):
+        train_dpo.main(iterative_args(tiny_world, uninterrupted))
+    # a finished run resumed: nothing is sampled or trained again, the rounds' files stay as they are
+    before = {p: p.read_bytes() for p in uninterrupted.rglob("*.jsonl")}
+    train_dpo.main(iterative_args(tiny_world, uninterrupted, "--resume"))
+    assert {p: p.read_bytes() for p in uninterrupted.rglob("*.jsonl")} == before
+    with pytest.raises(SystemExit, match="--rounds and --online"):
+        train_dpo.main(iterative_args(tiny_world, tmp_path / "both", "--online"))

@@ -41,8 +41,9 @@ def hashing_judge(monkeypatch):
 
 
 def test_the_reference_is_the_start_model_with_adapters_off_and_its_projector(tiny_world):
-    """After training has moved every trainable weight, `as_start_model` scores pairs exactly as the
-    start model loaded fresh from disk, a second copy, does."""
+    """After training has moved every trainable weight, `as_start_model` scores pairs as the start
+    model loaded fresh from disk, a second copy, does (to float rounding), and leaves the policy itself
+    again and training. The projector's copy is taken as `online` takes it, before paper_recipe."""
     start = tiny_world["checkpoint"]
     processor = Processor.from_pretrained(start)
     prompts = read_jsonl(tiny_world["prompts"])[:6]
@@ -51,8 +52,8 @@ def test_the_reference_is_the_start_model_with_adapters_off_and_its_projector(ti
     examples, _ = pair_examples(pairs, processor, tiny_world["images"])
     batch = collate_pairs(examples, processor)
     model = load_model(start)
-    paper_recipe(model, argparse_like(lora_r=4, lora_alpha=8, lora_dropout=0.0))
     start_projector = train_dpo.copy.deepcopy(model.multi_modal_projector)
+    paper_recipe(model, argparse_like(lora_r=4, lora_alpha=8, lora_dropout=0.0))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:  # what training moves: the adapters and the projector
@@ -63,6 +64,7 @@ def test_the_reference_is_the_start_model_with_adapters_off_and_its_projector(ti
         moved = pair_logps(model.eval(), batch)
         with train_dpo.as_start_model(model, start_projector) as reference:
             seen = pair_logps(reference, batch)
+        assert model.training  # back in training mode
         after = pair_logps(model.eval(), batch)
     for a, b in zip(seen, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
@@ -117,3 +119,17 @@ def test_prompts_without_a_pair_are_counted_and_the_run_goes_on(tiny_world, tmp_
     start, trained = load_model(tiny_world["checkpoint"]).state_dict(), load_model(out / "model").state_dict()
     for name in start:
         assert torch.equal(start[name], trained[name]), name
+
+
+def test_online_with_accumulation_and_held_out_pairs(tiny_world, tmp_path, hashing_judge):
+    """Two micro-batches a step (16 prompts), and held-out pairs evaluated at the start and the end."""
+    from test_training import write_pairs
+
+    held = write_pairs(tiny_world, tmp_path / "held.jsonl")
+    out = tmp_path / "run"
+    train_dpo.main(online_args(tiny_world, out, "--grad-accum", "2", "--max-steps", "2", "--eval-data", str(held)))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["judged_answers"] for r in lines if r["split"] == "train"] == [16 * 3, 16 * 3]
+    evals = [r for r in lines if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2] and evals[0]["rewards/chosen"] == 0  # the start is the reference
+    assert evals[1]["rewards/chosen"] != 0

@@ -81,7 +81,7 @@ def image_digest(path: str) -> str:  # an image shared by many pairs is read onc
 
 
 def cache_key(args, model: str) -> str:
-    parts = [model, file_digest(args.data), args.eval_data and file_digest(args.eval_data),
+    parts = [model, args.data and file_digest(args.data), args.eval_data and file_digest(args.eval_data),
              args.max_length, args.template, args.image_mode, args.average_logps, args.pair_seed, args.image_folder]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 

@@ -262,7 +262,7 @@ NOT_SAVED = ("resume", "overwrite", "defaults")  # how this session started, not
 def data_digests(args) -> dict:
     """What the run trains from, by content: the data files' digests and the start model's
     (`--resume` names whichever changed since the checkpoint, even at the same path)."""
-    digests = {key: file_digest(getattr(args, key)) for key in ("data", "eval_data")
+    digests = {key: file_digest(getattr(args, key)) for key in ("data", "eval_data", "prompts")
                if getattr(args, key, None) and Path(getattr(args, key)).is_file()}
     if getattr(args, "model", None) and Path(args.model).is_dir():
         digests["model"] = model_digest(args.model)
