@@ -190,18 +190,24 @@ def read_pope(path) -> list[dict]:
     return [r for _, r in without_repeats(lines, lambda r: str(r["question_id"]), path)]
 
 
+def check_llava_questions(lines, path) -> None:
+    """LLaVA's question lines (POPE's combined file, LLaVA-Bench's questions.jsonl): question_id, and
+    image, text and category as text."""
+    for n, q in lines:
+        where = f"{path} line {n}"
+        require(q, ["question_id", "image", "text", "category"], where)
+        an_id(q["question_id"], where)
+        for field in ("image", "text", "category"):
+            a_text(q[field], f"{where} (question {q['question_id']})", field)
+
+
 def read_llava_pope(question_file, pope_dir) -> dict[str, list[dict]]:
     """LLaVA's combined question file (`llava_pope_test.jsonl`: question_id, image, text, category) with
     each question's label from POPE's file of its category, {split: [question...]}. The labels pair up
     by position within a category, as LLaVA's llava/eval/eval_pope.py (lines 75-79) pairs them: the
     k-th question of category c takes the label of the k-th line of coco_pope_c.json."""
     lines = not_empty(read_lines(question_file), question_file)
-    for n, q in lines:
-        where = f"{question_file} line {n}"
-        require(q, ["question_id", "image", "text", "category"], where)
-        an_id(q["question_id"], where)
-        for field in ("image", "text", "category"):
-            a_text(q[field], f"{where} (question {q['question_id']})", field)
+    check_llava_questions(lines, question_file)
     by_split = {}
     for n, q in without_repeats(lines, lambda q: f"{q['category']}-{q['question_id']}", question_file,
                                 "category-question_id"):
@@ -354,12 +360,7 @@ def read_llava_bench(folder) -> list[dict]:
     questions_file, context_file, answers_file = (folder / f for f in
                                                    ("questions.jsonl", "context.jsonl", "answers_gpt4.jsonl"))
     questions = not_empty(read_lines(questions_file), questions_file)
-    for n, q in questions:
-        where = f"{questions_file} line {n}"
-        require(q, ["question_id", "image", "text", "category"], where)
-        an_id(q["question_id"], where)
-        for field in ("image", "text", "category"):
-            a_text(q[field], f"{where} (question {q['question_id']})", field)
+    check_llava_questions(questions, questions_file)
     contexts = read_lines(context_file)
     for n, c in contexts:
         require(c, ["image", "caption"], f"{context_file} line {n}")
