@@ -133,3 +133,19 @@ def test_online_with_accumulation_and_held_out_pairs(tiny_world, tmp_path, hashi
     evals = [r for r in lines if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2] and evals[0]["rewards/chosen"] == 0  # the start is the reference
     assert evals[1]["rewards/chosen"] != 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--loss-type", "mdpo"], "--online: --loss-type mdpo is not supported"),
+    (["--loss-type", "simpo"], "--online: --loss-type simpo is not supported"),
+])
+def test_online_refuses_what_it_cannot_do(tiny_world, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        train_dpo.main(online_args(tiny_world, tmp_path / "run", *extra))
+
+
+def test_online_needs_prompts(tiny_world, tmp_path):
+    argv = online_args(tiny_world, tmp_path / "run")
+    i = argv.index("--prompts")
+    with pytest.raises(SystemExit, match="--online needs --prompts"):
+        train_dpo.main(argv[:i] + argv[i + 2:])

@@ -173,3 +173,17 @@ def test_snapshot_is_the_model_at_that_step(tiny_world, tmp_path):
         torch.testing.assert_close(value, at_step_2.state_dict()[name], atol=1e-6, rtol=0)
     moved = [n for n, v in snapshot.state_dict().items() if not torch.equal(v, start[n])]
     assert moved and any(not torch.equal(snapshot.state_dict()[n], final[n]) for n in moved)
+
+
+def test_the_command_names_a_missing_model_and_an_unknown_pair(setup, tmp_path):
+    policy, reference, processor, _, pairs, folder = setup
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'nowhere'}: no model there"):
+        tokens.main(["--policy", str(tmp_path / "nowhere"), "--reference", str(tmp_path / "nowhere")])
+    save_model(policy, tmp_path / "policy", processor=processor)
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps({"id": p.id, "image": p.images[0], "prompt": p.prompt, "chosen": p.chosen,
+                                              "rejected": p.rejected}) + "\n" for p in pairs))
+    with pytest.raises(SystemExit, match="--pair: no pair with id 'no-such-pair' among the 6 pairs"):
+        tokens.main(["--policy", str(tmp_path / "policy"), "--reference", str(tmp_path / "policy"), "--pairs",
+                     str(pairs_file), "--image-folder", str(folder), "--out", str(tmp_path / "page"),
+                     "--pair", "no-such-pair"])
