@@ -38,7 +38,8 @@ from tinyalign.evaluation.benchmark_files import BenchmarkError
 from tinyalign.evaluation.answers import generate_answers
 from tinyalign.evaluation.judge import ChatClient, Judge, JudgePrompt, read_prompt, request
 from tinyalign.evaluation.report import headline, report, write_xlsx
-from tinyalign.infra.arguments import at_least, non_negative, positive
+from tinyalign.hub import display_name, source_of
+from tinyalign.infra.arguments import at_least, non_negative, positive, resolve_models
 from tinyalign.infra.files import write_atomic, write_json
 from tinyalign.infra.weights import model_digest
 from tinyalign.losses import implicit_rewards, reward_comparison
@@ -110,7 +111,7 @@ def judged(judge: Judge, items: list[dict], parse, benchmark: str, args) -> list
 
 
 def finish(args, benchmark: str, result: dict, summary: str) -> dict:
-    result.update(model=str(args.model), steer=args.steer, date=time.strftime("%Y-%m-%d %H:%M:%S"),
+    result.update(model=str(args.model), model_source=source_of(args.model), steer=args.steer, date=time.strftime("%Y-%m-%d %H:%M:%S"),
                   max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(benchmark))
     write_json(folder(args, benchmark) / "results.json", result)
     print(f"{benchmark}: {summary}\nwritten: {folder(args, benchmark) / 'results.json'}")
@@ -118,7 +119,7 @@ def finish(args, benchmark: str, result: dict, summary: str) -> dict:
 
 
 def model_name(args) -> str:
-    return args.model_name or Path(args.model).name
+    return args.model_name or display_name(args.model)  # a Hub snapshot: the repo's name, not its commit
 
 
 def image_checker(args):
@@ -462,11 +463,13 @@ def parse(argv=None):
     for name in BENCHMARKS:
         s = sub.add_parser(name)
         a = s.add_argument
-        a("--model", required=True, help="checkpoint folder")
+        a("--model", required=True, help="checkpoint folder, or Hugging Face repo id in the local cache "
+          "(llava-hf/llava-1.5-7b-hf)")
+        a("--revision", help="--model's branch, tag or commit in the Hugging Face cache (default: main)")
         a("--out", required=True, help="run folder for this model: results go to OUT/<benchmark>/")
         a("--model-id", "--model-name", dest="model_name", help="the model's name in answer files (MT-Bench: "
           "model_answer/<model id>.jsonl, as FastChat names it; default: the checkpoint folder's name)")
-        a("--vision-tower", help="CLIP folder, for original LLaVA checkpoints")
+        a("--vision-tower", help="CLIP folder or repo id, for original LLaVA checkpoints")
         a("--template", default="vicuna_v1", choices=["vicuna_v1", "llava_v1"])
         a("--image-mode", default="pad", choices=["pad", "crop"])
         a("--batch-size", type=at_least(1), default=8, help="answers generated at once")
@@ -514,9 +517,12 @@ def parse(argv=None):
         if name in ("alpaca-eval", "preference"):
             a("--data", required=True)
         if name == "preference":
-            a("--reference", required=True, help="the starting (reference) checkpoint of the DPO run")
+            a("--reference", required=True, help="the starting (reference) checkpoint of the DPO run (folder or "
+              "repo id)")
             a("--beta", type=positive, default=0.1)
     args = p.parse_args(argv)
+    if args.command != "report":
+        resolve_models(p, args, ("model", "vision_tower", "reference"))  # repo ids -> the cache's folders
     if args.command != "report" and args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args

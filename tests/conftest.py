@@ -40,6 +40,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 torch.set_num_threads(int(os.environ.get("TINYALIGN_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
+@pytest.fixture(autouse=True)
+def no_hub_cache_of_this_machine(tmp_path_factory, monkeypatch):
+    """No test reads the Hugging Face cache of the machine it runs on (a developer's real models would
+    change what a repo id finds): each test sees an empty one, unless it lays out its own."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.getbasetemp() / "empty-hub-cache"))
+
+
 def pytest_collection_modifyitems(items):
     """The end-to-end demo test (about 4 minutes) first: with two workers it then runs beside all the
     others instead of after them."""

@@ -32,6 +32,7 @@ from tokenizers import AddedToken, Tokenizer
 
 from .config import VisionConfig
 from .config_json import config_from_hf_dict, is_original_llava, read_json, vision_config_from_dict
+from .hub import missing_file, model_folder, snapshot_of
 from .images import CLIP_MEAN, CLIP_STD, ImageProcessor
 
 IGNORE_INDEX = -100
@@ -88,17 +89,19 @@ class Processor:
     # -- loading and saving --------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, tokenizer_file=None, template: str = "vicuna_v1", image_mode: str = "pad",
-                        image_token_index: int | None = None, vision_tower=None) -> "Processor":
+                        image_token_index: int | None = None, vision_tower=None,
+                        revision: str | None = None) -> "Processor":
         """Tokenizer from `tokenizer_file`, else the folder's tokenizer.json, else its SentencePiece
-        tokenizer.model (converted on the fly); image settings from its config.json."""
-        folder = Path(path)
+        tokenizer.model (converted on the fly); image settings from its config.json. `path`: a folder,
+        or a Hugging Face repo id in the local Hub cache at `revision` (tinyalign/hub.py)."""
+        folder = model_folder(path, revision)
         tokenizer = load_tokenizer(folder, tokenizer_file)
         vision, image_index, seq_len = VisionConfig(), 32000, None  # LLaVA-1.5 when there is no config
         if (folder / "config.json").exists():
             raw = read_json(folder / "config.json")
             if is_original_llava(raw):
-                clip = Path(vision_tower or raw.get("mm_vision_tower") or "")
-                if (clip / "config.json").exists():
+                clip = clip_folder(vision_tower or raw.get("mm_vision_tower"))
+                if clip is not None and (clip / "config.json").exists():
                     vision = vision_config_from_dict(read_json(clip / "config.json"), str(clip / "config.json"))
                 full = raw.get("mm_vision_select_feature", "patch") == "cls_patch"
                 seq_len = vision.num_patches + full
@@ -288,10 +291,21 @@ def load_tokenizer(folder: Path, tokenizer_file=None) -> Tokenizer:
         return Tokenizer.from_file(str(folder / "tokenizer.json"))
     if (folder / "tokenizer.model").exists():
         return Tokenizer.from_str(tokenizer_json_from_sentencepiece(folder / "tokenizer.model"))
+    if snapshot_of(folder) is not None:  # a partial download: say which repo, and how to complete it
+        raise missing_file(folder, "tokenizer.json", "the tokenizer; no tokenizer.model either")
     raise FileNotFoundError(
         f"{folder}: no tokenizer.json or tokenizer.model. Pass tokenizer_file=<path to a tokenizer.json>, "
         "for example the one in llava-hf/llava-1.5-7b-hf (the LLaMA tokenizer)."
     )
+
+
+def clip_folder(name) -> Path | None:
+    """The CLIP tower an original LLaVA config names (a folder or a cached repo id), if it is here; its
+    absence leaves LLaVA-1.5's image settings, and load_model names it when the weights are needed."""
+    try:
+        return model_folder(name) if name else None
+    except FileNotFoundError:
+        return None
 
 
 def normalisation(mean, std, source) -> tuple[tuple, tuple]:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..data import (DataError, DataReport, build_pairs, check_image, numbered_jsonl, read_records, read_scored,
                     resolve_images)
 from ..demo.world import rate_answer
-from ..infra.arguments import at_least, non_negative, positive
+from ..infra.arguments import at_least, non_negative, positive, resolve_models
 from ..infra.files import FolderLock, complete_lines, write_atomic, writing
 from ..infra.weights import load_model
 from ..processor import Processor
@@ -232,7 +232,8 @@ def model_sampler(model, processor, image_folder, n: int, temperature: float, ma
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="checkpoint folder, or Hugging Face repo id in the local cache")
+    p.add_argument("--revision", help="--model's branch, tag or commit in the Hugging Face cache (default: main)")
     p.add_argument("--prompts", required=True, help="JSONL of {id, image?, prompt}")
     p.add_argument("--out", required=True, help="scored-samples JSONL (appended to; a rerun resumes)")
     p.add_argument("--image-folder", help="folder the prompts' image paths are relative to (default: here); a path "
@@ -255,6 +256,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    resolve_models(p, args, ("model",))  # a repo id -> its folder in the Hugging Face cache
     if args.temperature == 0 and args.n > 1:
         print(f"warning: --temperature 0 is greedy decoding, so the {args.n} answers of a prompt will be the same "
               "one and no pair can be built from them", file=sys.stderr)

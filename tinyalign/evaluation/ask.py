@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from ..generate import generate
-from ..infra.arguments import at_least, non_negative, number
+from ..infra.arguments import at_least, non_negative, number, resolve_models
 from ..infra.weights import load_model
 from ..processor import Processor
 from ..speed.fused import fused_projections
@@ -22,10 +22,12 @@ from ..steer import STEER_TEMPLATES, parse_steer, steer_prompt
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Answer one question about an image with a LLaVA-1.5 checkpoint.")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="checkpoint folder, or Hugging Face repo id in the local cache "
+                   "(llava-hf/llava-1.5-7b-hf)")
+    p.add_argument("--revision", help="--model's branch, tag or commit in the Hugging Face cache (default: main)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", help="image file (omit for a text-only question)")
-    p.add_argument("--vision-tower", help="CLIP folder, for original LLaVA checkpoints")
+    p.add_argument("--vision-tower", help="CLIP folder or repo id, for original LLaVA checkpoints")
     p.add_argument("--steer", help="SteerLM ratings to ask for, e.g. helpfulness:4,correctness:4,coherence:4,"
                                    "complexity:2,verbosity:2")
     p.add_argument("--steer-template", choices=sorted(STEER_TEMPLATES), default="tinyalign")
@@ -34,6 +36,7 @@ def main(argv=None):
     p.add_argument("--top-p", type=number(0, 1, low_open=True), default=1.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    resolve_models(p, args)  # repo ids -> their folders in the Hugging Face cache
     question = args.prompt
     if args.steer:
         question = steer_prompt(question, parse_steer(args.steer), args.steer_template)

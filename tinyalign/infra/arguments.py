@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import torch
+
+from ..hub import model_folder
 
 
 def at_least(low: int):
@@ -74,8 +77,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def common_arguments(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--model", help="checkpoint folder (llava-hf or original LLaVA layout); omit to run the built-in demo")
-    a("--vision-tower", help="CLIP folder, for original LLaVA checkpoints")
+    a("--model", help="checkpoint folder (llava-hf or original LLaVA layout) or Hugging Face repo id in the local "
+      "cache (llava-hf/llava-1.5-7b-hf); omit to run the built-in demo")
+    a("--revision", help="--model's branch, tag or commit in the Hugging Face cache (default: main)")
+    a("--vision-tower", help="CLIP folder or repo id, for original LLaVA checkpoints (default: the config's "
+      "mm_vision_tower, openai/clip-vit-large-patch14-336)")
     a("--data", help="training data file (JSON or JSONL)")
     a("--eval-data", help="held-out data file; default: hold out --eval-fraction of --data")
     a("--eval-fraction", type=share, help="share of --data held out when there is no --eval-data")
@@ -149,7 +155,27 @@ def parse_recipe(parser: argparse.ArgumentParser, argv, paper: dict, demo: dict)
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.defaults = {a.dest: recipe.get(a.dest, a.default) for a in parser._actions if a.dest != "help"}
+    resolve_models(parser, args)
     return args
+
+
+def resolve_models(parser: argparse.ArgumentParser, args, options=("model", "vision_tower")) -> None:
+    """Each of these options given as a Hugging Face repo id becomes its snapshot folder in the local
+    cache (tinyalign/hub.py), --revision choosing --model's; a folder stays as typed. A name found
+    nowhere stops the command here, naming the option, where it looked and how to download it."""
+    revision = getattr(args, "revision", None)
+    if revision and getattr(args, "model", None) is None:
+        parser.error("--revision picks a revision of --model (a Hugging Face repo id): give --model")
+    for option in options:
+        name = getattr(args, option, None)
+        if name is None:
+            continue
+        try:
+            folder = model_folder(name, revision if option == "model" else None)
+        except FileNotFoundError as e:
+            parser.error(f"--{option.replace('_', '-')} {e}")
+        if folder != Path(name):  # a repo id (or ~): the run records the folder it read, commit and all
+            setattr(args, option, str(folder))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -176,7 +176,6 @@ class Run:
         plain = gathered_model(model, self.args, keep=self.writes)  # a copy on the CPU (with --fsdp: gathered)
         if not self.writes:
             return
-        plain.source_dir = getattr(model, "source_dir", None)  # its tokenizer files go along
         merge_lora(plain)
         save_model(plain, self.out / "snapshots" / f"step-{step}")
 
@@ -280,6 +279,8 @@ def gathered_model(model, args, keep: bool):
         apply_lora(plain.language_model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
     plain.load_state_dict(state, assign=True)
     plain.attn_backend = model.attn_backend
+    plain.source_dir = getattr(model, "source_dir", None)  # its tokenizer files go along when saved
+    plain.source = getattr(model, "source", None)  # and the config names the weights it started from
     return plain
 
 

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from ..config import LlavaConfig
 from ..config_json import (config_from_hf_dict, config_from_original_dict, is_original_llava, read_json, to_hf_dict,
                            vision_config_from_dict)
+from ..hub import SOURCE_KEY, missing_file, model_folder, source_of
 from ..lora import LoRALinear, TARGETS
 from ..model import Llava
 from .files import crash_point, fsync_tree, recover_folder, replace_folder, standalone, usual_permissions, writing
@@ -80,17 +81,18 @@ def weight_files(folder: Path) -> list[Path]:
             weight_map = read_json(index_path).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index_path}: no 'weight_map' object")
-            files = [folder / name for name in dict.fromkeys(weight_map.values())]
-            for f in files:
-                if not f.exists():
-                    raise FileNotFoundError(f"{f}: shard listed in {index_path} is missing")
-            return files
+            names = list(dict.fromkeys(weight_map.values()))
+            for name in names:
+                if not (folder / name).exists():  # (a link into a Hub cache's blobs/ whose blob is gone: too)
+                    raise missing_file(folder, name, f"a shard that {index_name} names")
+            return [folder / name for name in names]
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).exists():
             return [folder / single]
     found = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not found:
-        raise FileNotFoundError(f"{folder}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json) found")
+        raise missing_file(folder, "model.safetensors", "the weights; no model.safetensors.index.json or "
+                           "pytorch_model.bin(.index.json) either")
     return found
 
 
@@ -175,17 +177,20 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def load_model(path, dtype: torch.dtype | None = None, device="cpu", vision_tower=None) -> Llava:
-    """Load a LLaVA-1.5 checkpoint folder (llava-hf or original LLaVA layout).
+def load_model(path, dtype: torch.dtype | None = None, device="cpu", vision_tower=None,
+               revision: str | None = None) -> Llava:
+    """Load a LLaVA-1.5 checkpoint (llava-hf or original LLaVA layout): a folder, or a Hugging Face repo
+    id such as "llava-hf/llava-1.5-7b-hf" found in the local Hub cache at `revision` (default: main;
+    tinyalign/hub.py).
 
-    dtype: defaults to bfloat16 on CUDA, float32 elsewhere. vision_tower: the CLIP folder, for
-    original checkpoints (which hold no CLIP weights); defaults to the config's `mm_vision_tower`
-    when that is a local folder.
+    dtype: defaults to bfloat16 on CUDA, float32 elsewhere. vision_tower: the CLIP folder or repo id,
+    for original checkpoints (which hold no CLIP weights); defaults to the config's `mm_vision_tower`
+    (openai/clip-vit-large-patch14-336: a folder of that name, or the cache's copy).
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a checkpoint folder")
+    folder = model_folder(path, revision)
     dtype = dtype or default_dtype(device)
+    if not (folder / "config.json").exists():
+        raise missing_file(folder, "config.json", "the model's shapes: is this a checkpoint folder?")
     raw = read_json(folder / "config.json")
     filled: dict = {}
     if is_original_llava(raw):
@@ -206,6 +211,7 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu", vision_towe
     check_complete(model, filled, where)
     model.vision_tower.requires_grad_(False)
     model.source_dir = folder  # lets save_model carry the tokenizer along
+    model.source = source_of(folder, raw)  # and say in the saved config which weights it started from
     return model.eval()
 
 
@@ -229,13 +235,16 @@ def model_digest(folder) -> str:
 
 
 def _find_clip_folder(folder: Path, raw: dict, vision_tower) -> Path:
-    candidate = vision_tower or raw.get("mm_vision_tower")
-    if candidate and Path(candidate).is_dir():
-        return Path(candidate)
+    candidate, why = vision_tower or raw.get("mm_vision_tower"), "none named"
+    if candidate:
+        try:
+            return model_folder(candidate)  # a folder, or a repo id in the local Hub cache
+        except FileNotFoundError as e:
+            why = str(e)
     raise FileNotFoundError(
         f"{folder}: an original LLaVA checkpoint holds no CLIP weights; its config names the tower "
-        f"{raw.get('mm_vision_tower')!r}, which is not a local folder. Pass vision_tower=<folder of "
-        "openai/clip-vit-large-patch14-336 (config.json + weights)>."
+        f"{raw.get('mm_vision_tower')!r}. Pass vision_tower=<folder or repo id of "
+        f"openai/clip-vit-large-patch14-336 (config.json + weights)>. The tower looked for: {why}"
     )
 
 
@@ -304,7 +313,10 @@ def save_model(model: Llava, out_dir, processor=None, max_shard_bytes: int = MAX
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
         with writing(tmp):
-            (tmp / "config.json").write_text(json.dumps(to_hf_dict(cfg), indent=2) + "\n")
+            config = to_hf_dict(cfg)
+            if getattr(model, "source", None):  # the weights it was trained from: a Hub commit, a folder
+                config[SOURCE_KEY] = model.source
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             _write_shards(state, tmp, max_shard_bytes)
             if processor is not None:
                 processor.save_pretrained(tmp, vocab_size=cfg.text.vocab_size)

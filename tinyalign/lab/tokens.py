@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import load_pairs, pair_examples
+from ..hub import model_folder
 from ..infra.arguments import at_least
 from ..infra.files import write_atomic
 from ..infra.weights import load_model
@@ -384,10 +385,15 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     policies = args.policy or ["runs/demo-dpo/model"]
-    for folder in [*policies, args.reference]:
-        if not (Path(folder) / "config.json").exists():
-            raise SystemExit(f"{folder}: no model there" + (" (run python train_sft.py and python train_dpo.py first)"
-                                                            if folder.startswith("runs/demo-") else ""))
+    demo_hint = " (run python train_sft.py and python train_dpo.py first)"
+    for name in [*policies, args.reference]:
+        try:
+            folder = model_folder(name)  # a folder, or a repo id in the Hugging Face cache
+        except FileNotFoundError as e:
+            raise SystemExit(f"{name}: no model there" + (demo_hint if name.startswith("runs/demo-") else f": {e}"))
+        if not (folder / "config.json").exists():
+            raise SystemExit(f"{name}: no model there (no config.json)" + demo_hint * name.startswith("runs/demo-"))
+    policies, args.reference = [str(model_folder(p)) for p in policies], str(model_folder(args.reference))
     result = token_views(policies, args.reference, args.pairs, args.image_folder, args.batch_size, args.packing,
                          args.device, args.limit)
     path = write_token_page(result, Path(args.out), args.image_folder, args.beta, args.shown, args.pair)
