@@ -68,7 +68,7 @@ def answers(args, items, benchmark, model_and_processor=None) -> dict:
     OUT/<benchmark>/generations.jsonl)."""
     model, processor = model_and_processor or load(args)
     made_by = {"model": model_digest(args.model), "template": args.template, "image_mode": args.image_mode,
-               "vision_tower": args.vision_tower and model_digest(args.vision_tower)}
+               "vision_tower": args.vision_tower and Path(args.vision_tower).is_dir() and model_digest(args.vision_tower)}
     return generate_answers(model, processor, items, folder(args, benchmark) / "generations.jsonl",
                             args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[benchmark], args.batch_size, args.steer,
                             args.steer_template, desc=benchmark, seed=getattr(args, "seed", 0), made_by=made_by)
@@ -465,10 +465,11 @@ def parse(argv=None):
         a = s.add_argument
         a("--model", required=True, help="checkpoint folder, or Hugging Face repo id in the local cache "
           "(llava-hf/llava-1.5-7b-hf)")
-        a("--revision", help="--model's branch, tag or commit in the Hugging Face cache (default: main)")
+        a("--revision", help="--model's branch, tag or commit in the Hugging Face cache (default: main; --model's only)")
         a("--out", required=True, help="run folder for this model: results go to OUT/<benchmark>/")
         a("--model-id", "--model-name", dest="model_name", help="the model's name in answer files (MT-Bench: "
-          "model_answer/<model id>.jsonl, as FastChat names it; default: the checkpoint folder's name)")
+          "model_answer/<model id>.jsonl, as FastChat names it; default: the checkpoint folder's name, or the repo's for a "
+          "repo id)")
         a("--vision-tower", help="CLIP folder or repo id, for original LLaVA checkpoints")
         a("--template", default="vicuna_v1", choices=["vicuna_v1", "llava_v1"])
         a("--image-mode", default="pad", choices=["pad", "crop"])
@@ -522,7 +523,9 @@ def parse(argv=None):
             a("--beta", type=positive, default=0.1)
     args = p.parse_args(argv)
     if args.command != "report":
-        resolve_models(p, args, ("model", "vision_tower", "reference"))  # repo ids -> the cache's folders
+        # repo ids -> the cache's folders; a name not found is left for load_model to name, as grading
+        # --answers needs no model
+        resolve_models(p, args, ("model", "vision_tower", "reference"), strict=False)
     if args.command != "report" and args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args

@@ -18,7 +18,7 @@ import torch
 from conftest import make_hf_model, save_hf
 from test_checkpoints import assert_same_logits, hf_logits, our_logits, train_sentencepiece, write_original_checkpoint
 from test_parity import make_batch
-from test_training import dpo_args, write_pairs
+from test_training import checkpoint_step, dpo_args, write_pairs
 
 import tinyalign
 import train_dpo
@@ -32,10 +32,12 @@ REPO = "tiny-org/llava-tiny"
 COMMIT_A, COMMIT_B = "a" * 39 + "1", "b" * 39 + "2"
 
 
-def cache_repo(cache: Path, repo_id: str, folder: Path, commit: str, refs=("main",)) -> Path:
+def cache_repo(cache: Path, repo_id: str, folder: Path, commit: str, refs=("main",), copies=False) -> Path:
     """Lay `folder`'s files into a Hub cache as `hf download` does: each file's bytes once in blobs/
     (named by their hash), the snapshot's files relative links to them, refs/<name> holding the commit
-    (huggingface_hub/file_download.py: _create_symlink, _cache_commit_hash_for_specific_revision)."""
+    (huggingface_hub/file_download.py: _create_symlink, _cache_commit_hash_for_specific_revision).
+    copies: the snapshot's files are copies instead, as the client leaves them where links cannot be made
+    (Windows without developer mode)."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / commit
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -45,7 +47,10 @@ def cache_repo(cache: Path, repo_id: str, folder: Path, commit: str, refs=("main
             shutil.copyfile(path, blob)
         link = snapshot / path.relative_to(folder)
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
+        if copies:
+            shutil.copyfile(blob, link)
+        else:
+            link.symlink_to(os.path.relpath(blob, link.parent))
     for ref in refs:
         (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
         (repo / "refs" / ref).write_text(commit)  # as the client writes it: no newline
@@ -178,6 +183,24 @@ def test_the_environment_chooses_the_cache(tmp_path, monkeypatch, two_models, va
         hub.model_folder(REPO)
 
 
+def test_relative_and_home_paths_and_copied_snapshots(two_models, tmp_path, monkeypatch):
+    """A relative HF_HUB_CACHE gives an absolute folder (a run records it, and may resume elsewhere); ~ is
+    the home folder, in a name and in the variable; a snapshot of copies (no links) loads as one of links;
+    a folder that is a link to a snapshot still says which repo and commit it is."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    snapshot = cache_repo(tmp_path / "home" / "hub", REPO, two_models["A"][0], COMMIT_A, copies=True)
+    assert not (snapshot / "config.json").is_symlink()
+    for variable in ("home/hub", "~/hub"):
+        monkeypatch.setenv("HF_HUB_CACHE", variable)
+        assert hub.model_folder(REPO) == snapshot and hub.model_folder(REPO).is_absolute()
+    assert same_weights(tinyalign.load_model(REPO), tinyalign.load_model(two_models["A"][0]))
+    assert hub.model_folder("~/hub") == tmp_path / "home" / "hub"
+    (tmp_path / "my-llava").symlink_to(snapshot)
+    assert hub.snapshot_of("my-llava") == hub.Snapshot(REPO, COMMIT_A, ("main",))
+    assert hub.display_name("my-llava") == "llava-tiny" and hub.display_name(two_models["A"][0]) == "A"
+
+
 def test_a_local_folder_of_the_same_name_wins(cache, two_models, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copytree(two_models["A"][0], tmp_path / REPO)  # ./tiny-org/llava-tiny, while the cache's main is B
@@ -204,17 +227,25 @@ def test_a_repo_not_in_the_cache_names_where_it_looked_and_the_download_command(
     with pytest.raises(FileNotFoundError) as e:
         tinyalign.Processor.from_pretrained(REPO, revision="v9")
     message = str(e.value)
-    for part in ("holds this repo but not its revision 'v9'", "refs: main -> bbbbbbbbbbbb, v1.0 -> aaaaaaaaaaaa",
-                 "snapshots: aaaaaaaaaaaa, bbbbbbbbbbbb", f"hf download {REPO} --revision v9"):
+    for part in ("holds this repo but not its revision 'v9'", f"refs: main -> {COMMIT_B}, v1.0 -> {COMMIT_A}",
+                 f"snapshots: {COMMIT_A}, {COMMIT_B}", f"hf download {REPO} --revision v9"):
         assert part in message, (part, message)
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):  # not a repo id: a folder, or nothing
         tinyalign.load_model(tmp_path / "no" / "such" / "folder")
+    for revision in ("../../elsewhere", "/etc", "a\\b"):  # never a path out of the repo's folder
+        with pytest.raises(FileNotFoundError, match="is not a branch, tag or commit"):
+            hub.model_folder(REPO, revision)
 
 
-def test_a_ref_whose_snapshot_is_gone_is_named(cache):
+def test_a_ref_whose_snapshot_is_gone_or_that_holds_no_commit_is_named(cache):
     shutil.rmtree(cache / "models--tiny-org--llava-tiny" / "snapshots" / COMMIT_A)
     with pytest.raises(FileNotFoundError, match=f"refs/v1.0 points to {COMMIT_A}, whose snapshot folder is missing"):
         hub.model_folder(REPO, "v1.0")
+    main = cache / "models--tiny-org--llava-tiny" / "refs" / "main"
+    for damaged in (b"../../../elsewhere", b"\xff\xfe" + COMMIT_B[2:].encode(), b""):
+        main.write_bytes(damaged)
+        with pytest.raises(FileNotFoundError, match=r"refs/main: holds '.*', not a commit hash .*: a damaged cache"):
+            tinyalign.load_model(REPO)
 
 
 @pytest.fixture
@@ -248,6 +279,15 @@ def test_a_link_whose_blob_is_gone_is_named(sharded_cache):
     (link.parent / os.readlink(link)).unlink()  # the blob deleted (a cleaned cache), the link left dangling
     with pytest.raises(FileNotFoundError, match=rf"{link.name}: a link to \.\./\.\./blobs/[0-9a-f]{{64}}, "
                                                 r"which is not there .*\n.*hf download"):
+        tinyalign.load_model(REPO)
+
+
+@pytest.mark.parametrize("file_name", ["model.safetensors", "config.json"])
+def test_a_single_file_whose_blob_is_gone_is_named(cache, file_name):
+    link = cache / "models--tiny-org--llava-tiny" / "snapshots" / COMMIT_B / file_name
+    (link.parent / os.readlink(link)).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"(?s){file_name}: a link to \.\./\.\./blobs/[0-9a-f]{{64}}, which "
+                                                rf"is not there.*hf download {REPO} --revision {COMMIT_B}"):
         tinyalign.load_model(REPO)
 
 
@@ -311,10 +351,12 @@ def test_a_saved_checkpoint_records_the_weights_it_came_from(cache, tmp_path):
 
 @pytest.fixture
 def world_cache(tiny_world, tmp_path, monkeypatch):
-    """The tiny world's start model cached as REPO (main), for the commands."""
-    snapshot = cache_repo(tmp_path / "hub", REPO, tiny_world["checkpoint"], COMMIT_A)
+    """The tiny world's start model cached as REPO at two commits: main -> B, v1.0 -> A (the same files:
+    which folder a command reads is what the tests look at)."""
+    snapshots = {name: cache_repo(tmp_path / "hub", REPO, tiny_world["checkpoint"], commit, refs=(ref,))
+                 for name, commit, ref in (("A", COMMIT_A, "v1.0"), ("B", COMMIT_B, "main"))}
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    return snapshot
+    return snapshots
 
 
 def test_every_command_resolves_a_repo_id_and_refuses_an_unknown_one(world_cache, tiny_world, tmp_path, capsys):
@@ -326,33 +368,77 @@ def test_every_command_resolves_a_repo_id_and_refuses_an_unknown_one(world_cache
                "train_steerlm.py": lambda m: train_steerlm.parse(["--model", *m, "--out", out]),
                "eval.py": lambda m: evaluate.parse(["alpaca-eval", "--model", *m, "--out", out, "--data", "x"])}
     for command, parse in parsers.items():
-        assert parse([REPO]).model == str(world_cache), command
-        assert parse([REPO, "--revision", COMMIT_A]).model == str(world_cache), command
+        assert parse([REPO]).model == str(world_cache["B"]), command
+        assert parse([REPO, "--revision", "v1.0"]).model == str(world_cache["A"]), command
+        assert parse([REPO, "--revision", COMMIT_A]).model == str(world_cache["A"]), command
+        if command == "eval.py":  # grading --answers needs no model: a name not found is left to load_model
+            assert parse(["nobody/nothing"]).model == "nobody/nothing"
+            continue
         with pytest.raises(SystemExit):
             parse(["nobody/nothing"])
         assert "--model nobody/nothing: no such folder" in capsys.readouterr().err, command
-    preference = evaluate.parse(["preference", "--model", REPO, "--reference", REPO, "--out", out, "--data", "x"])
-    assert preference.reference == str(world_cache)
-    for command, rest in ((annotate.main, ["--prompts", "p", "--out", out]), (ask.main, ["--prompt", "hi"])):
-        with pytest.raises(SystemExit):
-            command(["--model", REPO, "--revision", "v9", *rest])
-        assert f"--model {REPO}: the Hugging Face cache holds this repo but not its revision 'v9'" in \
-            capsys.readouterr().err
-    with pytest.raises(SystemExit, match="nobody/nothing: no model there: nobody/nothing: no such folder"):
+    preference = evaluate.parse(["preference", "--model", REPO, "--reference", REPO, "--revision", "v1.0", "--out",
+                                 out, "--data", "x", "--vision-tower", REPO])
+    assert (preference.model, preference.reference, preference.vision_tower) == tuple(
+        str(world_cache[name]) for name in "ABB")  # --revision is --model's only
+    assert evaluate.model_name(preference) == "llava-tiny"  # the repo's name, not its commit
+    with pytest.raises(SystemExit):
+        ask.main(["--model", REPO, "--revision", "v9", "--prompt", "hi"])
+    assert f"--model {REPO}: the Hugging Face cache holds this repo but not its revision 'v9'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^nobody/nothing: no model there: no such folder, and not in the local"):
         tokens.main(["--policy", "nobody/nothing", "--reference", REPO])
     answer = ask.main(["--model", REPO, "--prompt", "What is in the image?", "--max-new-tokens", "3", "--device", "cpu"])
     assert isinstance(answer, str)
 
 
-def test_train_dpo_by_repo_id_records_the_commit(world_cache, tiny_world, tmp_path):
-    """A DPO run started from `--model tiny-org/llava-tiny`: trains, and its model's config names the commit."""
+def test_an_eval_run_by_repo_id_names_the_model_and_its_commit(world_cache, tmp_path):
+    """eval.py pope --model tiny-org/llava-tiny: the answers are the cache's model's (greedy, so equal to the
+    same model's answers read from the snapshot folder), and results.json records the repo and commit."""
+    import eval as evaluate
+    from tinyalign.demo.world import make_benchmarks
+
+    bench = make_benchmarks(tmp_path / "bench", n=4)
+    results = {}
+    for name, model in (("by-id", REPO), ("by-folder", world_cache["B"])):
+        results[name] = evaluate.main(["pope", "--model", str(model), "--pope-dir", str(bench["pope_dir"]),
+                                       "--image-folder", str(bench["image_folder"]), "--out", str(tmp_path / name),
+                                       "--max-new-tokens", "3", "--device", "cpu"])
+    assert results["by-id"]["model_source"] == {"repo_id": REPO, "revision": COMMIT_B, "refs": ["main"]}
+    assert results["by-id"]["splits"] == results["by-folder"]["splits"]
+
+
+def test_annotate_and_the_token_view_read_a_repo_id(world_cache, tiny_world, tmp_path):
+    summary = annotate.main(["--model", REPO, "--revision", "v1.0", "--prompts", str(tiny_world["prompts"]),
+                             "--image-folder", str(tiny_world["images"]), "--out", str(tmp_path / "scored.jsonl"),
+                             "--judge", "rules", "--n", "2", "--max-new-tokens", "4", "--max-prompts", "2",
+                             "--device", "cpu"])
+    assert summary and (tmp_path / "scored.jsonl").read_text().count("\n") == 2
+    with pytest.raises(FileNotFoundError, match=f"{REPO}: the Hugging Face cache holds this repo but not its revision"):
+        annotate.main(["--model", REPO, "--revision", "v9", "--prompts", str(tiny_world["prompts"]), "--image-folder",
+                       str(tiny_world["images"]), "--out", str(tmp_path / "other.jsonl"), "--judge", "rules"])
+    result = tokens.main(["--policy", REPO, "--reference", REPO, "--pairs", str(write_pairs(tiny_world, tmp_path / "p")),
+                          "--image-folder", str(tiny_world["images"]), "--out", str(tmp_path / "tokens"), "--limit",
+                          "2", "--device", "cpu"])
+    assert list(result["views"]) == [REPO] and len(result["pairs"]) == 2
+
+
+def test_train_dpo_by_repo_id_records_the_commit_and_resumes_on_it(world_cache, tiny_world, tmp_path):
+    """A DPO run from `--model tiny-org/llava-tiny`: resumes by the same name; once the cache's main has
+    moved, --resume refuses and says which --revision resumes on the weights the run began with; its
+    model's config names that commit."""
     pairs = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
-    argv = dpo_args(tiny_world, pairs, tmp_path / "run", "--max-steps", "1")
+    argv = dpo_args(tiny_world, pairs, tmp_path / "run", "--max-steps", "3")
     argv[argv.index("--model") + 1] = REPO
-    train_dpo.main(argv)
+    train_dpo.main(argv + ["--stop-after", "1"])
+    train_dpo.main(argv + ["--stop-after", "1", "--resume"])  # the same repo id, the same snapshot
+    assert checkpoint_step(tmp_path / "run") == 2
+    (world_cache["B"].parent.parent / "refs" / "main").write_text(COMMIT_A)  # main moves (the same files here)
+    with pytest.raises(SystemExit, match=rf"(?s)--model.*--model {REPO} --revision {COMMIT_B} resumes it"):
+        train_dpo.main(argv + ["--resume"])
+    train_dpo.main(argv + ["--resume", "--revision", COMMIT_B])
+    assert checkpoint_step(tmp_path / "run") == 3
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
-    assert config[hub.SOURCE_KEY] == {"repo_id": REPO, "revision": COMMIT_A, "refs": ["main"]}
-    train_dpo.main(argv[:argv.index("--max-steps")] + ["--max-steps", "1", "--resume"])  # the same repo id resumes
+    assert config[hub.SOURCE_KEY] == {"repo_id": REPO, "revision": COMMIT_B, "refs": []}  # main is A's now
 
 
 def test_the_readme_and_recipes_name_real_models_by_repo_id():
@@ -361,7 +447,9 @@ def test_the_readme_and_recipes_name_real_models_by_repo_id():
     root = Path(__file__).resolve().parent.parent
     for page in ("README.md", "docs/recipes.md", "docs/evaluation.md"):
         text = (root / page).read_text()
-        found = re.findall(r'--(?:model|reference|vision-tower) (\S+)|(?:load_model|from_pretrained)\("([^"]+)"', text)
+        found = re.findall(r'--(?:model|reference|vision-tower) (\S+)|(?:load_model|from_pretrained)\("([^"]+)"|\bM=(\S+)',
+                           text)
+        found = [(a or c, b) for a, b, c in found]
         names = [a or b for a, b in found if (a or b) != "..." and not (a or b).startswith(("runs/", "$"))]
         assert names, page
         for name in names:

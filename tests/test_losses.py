@@ -170,7 +170,7 @@ def test_every_loss_keeps_the_tables_contract(name):
         assert losses[0].item() == pytest.approx(math.log(2), rel=1e-6)
 
 
-def test_the_loss_table_is_the_command_lines(capsys):
+def test_the_loss_table_is_the_command_lines(capsys, tmp_path):
     """Every entry is a --loss-type choice, and each hyperparameter an option in --help, with its
     default: a loss needs nothing but its function and its entry."""
     with pytest.raises(SystemExit):
@@ -180,7 +180,7 @@ def test_the_loss_table_is_the_command_lines(capsys):
         assert f"{name}: {loss.paper}" in text
         for key, h in loss.hyperparameters.items():
             assert (h.option or "--" + key.replace("_", "-")) in text
-    args = train_dpo.parse(["--model", "m", "--out", "o", "--loss-type", "simpo", "--simpo-gamma", "0.25"])
+    args = train_dpo.parse(["--model", str(tmp_path), "--out", "o", "--loss-type", "simpo", "--simpo-gamma", "0.25"])
     assert args.simpo_gamma == 0.25 and args.beta == 0.1 and args.average_logps  # SimPO compares means
 
 

@@ -331,7 +331,7 @@ def test_reference_free_losses_train_without_a_reference_pass(tiny_world, tmp_pa
     assert first["logps/chosen"] == pytest.approx(chosen.mean().item(), abs=1e-5)  # means per token, not sums
 
 
-def test_help_shows_the_paper_and_the_demo_default(capsys):
+def test_help_shows_the_paper_and_the_demo_default(capsys, tmp_path):
     """--help tells what a run will use: each recipe option's paper value and, where it differs, the
     demo's; no "(default: None)"."""
     with pytest.raises(SystemExit):
@@ -342,7 +342,7 @@ def test_help_shows_the_paper_and_the_demo_default(capsys):
     assert "(paper: True; demo: False)" in text  # --packing
     args = train_dpo.parse([])  # no --model: the demo's values
     assert (args.lr, args.lora_r, args.epochs, args.demo, args.snapshot_every) == (1e-3, 32, 6, True, 50)
-    args = train_dpo.parse(["--model", "m", "--out", "o", "--lr", "2e-5"])
+    args = train_dpo.parse(["--model", str(tmp_path), "--out", "o", "--lr", "2e-5"])  # a folder: --model is looked up
     assert (args.lr, args.lora_r, args.epochs, args.demo, args.snapshot_every) == (2e-5, 128, 3, False, 0)
 
 

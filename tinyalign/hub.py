@@ -76,16 +76,23 @@ def model_folder(name, revision: str | None = None) -> Path:
 
 
 def snapshot_folder(repo_id: str, revision: str) -> Path:
+    if Path(revision).is_absolute() or ".." in revision.split("/") or "\\" in revision:
+        raise FileNotFoundError(f"{repo_id}: revision {revision!r} is not a branch, tag or commit")
     cache, why = hub_cache()
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    repo = cache.absolute() / f"models--{repo_id.replace('/', '--')}"  # absolute: a run records this path
     looked = (f"  looked in: {Path(repo_id).absolute()} (a folder of that name: none)\n"
               f"             {repo} (the Hugging Face cache, {cache}: {why})")
     if not repo.is_dir():
         raise FileNotFoundError(f"{repo_id}: no such folder, and not in the local Hugging Face cache\n{looked}\n"
-                                f"  download it with: {download_command(repo_id, revision)}")
+                                f"  download it with: {download_command(repo_id, revision)}  (the hf command comes "
+                                "with pip install -U huggingface_hub)\n  or pass the folder it is in (hf download "
+                                "--local-dir DIR puts it in DIR, not in the cache)")
     # A commit hash names its snapshot directly; a branch or tag is read from refs/ (as the client does).
     ref = repo / "refs" / revision
-    commit = revision if COMMIT.fullmatch(revision) else ref.read_text().strip() if ref.is_file() else None
+    commit = revision if COMMIT.fullmatch(revision) else read_ref(ref) if ref.is_file() else None
+    if commit is not None and not COMMIT.fullmatch(commit):
+        raise FileNotFoundError(f"{ref}: holds {commit[:80]!r}, not a commit hash (40 hex digits): a damaged cache; "
+                                f"download it again with: {download_command(repo_id, revision)}")
     if commit is not None and (repo / "snapshots" / commit).is_dir():
         return repo / "snapshots" / commit
     missing = (f"refs/{revision} points to {commit}, whose snapshot folder is missing" if commit and commit != revision
@@ -95,11 +102,21 @@ def snapshot_folder(repo_id: str, revision: str) -> Path:
                             f"  download it with: {download_command(repo_id, revision)}")
 
 
+def ref_files(repo: Path) -> list[Path]:
+    """A repo's refs (main, tags, refs/pr/N), without the client's half-written `*.tmp` files."""
+    return sorted(p for p in (repo / "refs").rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+
+
+def read_ref(path: Path) -> str:
+    """A ref file's commit (a damaged one's bytes come out as text that is no commit, and are named so)."""
+    return path.read_text(encoding="ascii", errors="replace").strip()
+
+
 def holdings(repo: Path) -> str:
-    """What a repo's cache folder holds, in words: its refs and its snapshots."""
-    refs = sorted(f"{p.relative_to(repo / 'refs')} -> {p.read_text().strip()[:12]}"
-                  for p in (repo / "refs").rglob("*") if p.is_file())
-    snapshots = sorted(p.name[:12] for p in (repo / "snapshots").glob("*") if p.is_dir())
+    """What a repo's cache folder holds, in words: its refs and its snapshots (whole commit hashes:
+    what --revision takes)."""
+    refs = [f"{p.relative_to(repo / 'refs')} -> {read_ref(p)}" for p in ref_files(repo)]
+    snapshots = sorted(p.name for p in (repo / "snapshots").glob("*") if p.is_dir())
     return f"refs: {', '.join(refs) or 'none'}; snapshots: {', '.join(snapshots) or 'none'}"
 
 
@@ -111,14 +128,14 @@ class Snapshot:
 
 
 def snapshot_of(folder) -> Snapshot | None:
-    """The repo and commit of a snapshot folder of a Hub cache (its path says which), else None."""
-    folder = Path(folder).absolute()
-    repo = folder.parent.parent
-    if folder.parent.name != "snapshots" or not repo.name.startswith("models--"):
-        return None
-    refs = tuple(sorted(str(p.relative_to(repo / "refs")) for p in (repo / "refs").rglob("*")
-                        if p.is_file() and p.read_text().strip() == folder.name))
-    return Snapshot(repo.name[len("models--"):].replace("--", "/"), folder.name, refs)
+    """The repo and commit of a snapshot folder of a Hub cache (its path, or the path a link to it
+    leads to, says which), else None."""
+    for path in (Path(folder).absolute(), Path(folder).resolve()):
+        repo = path.parent.parent
+        if path.parent.name == "snapshots" and repo.name.startswith("models--"):
+            refs = tuple(str(p.relative_to(repo / "refs")) for p in ref_files(repo) if read_ref(p) == path.name)
+            return Snapshot(repo.name[len("models--"):].replace("--", "/"), path.name, refs)
+    return None
 
 
 def source_of(folder, config: dict | None = None) -> dict:

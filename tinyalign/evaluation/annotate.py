@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..data import (DataError, DataReport, build_pairs, check_image, numbered_jsonl, read_records, read_scored,
                     resolve_images)
 from ..demo.world import rate_answer
-from ..infra.arguments import at_least, non_negative, positive, resolve_models
+from ..infra.arguments import at_least, non_negative, positive
 from ..infra.files import FolderLock, complete_lines, write_atomic, writing
 from ..infra.weights import load_model
 from ..processor import Processor
@@ -256,7 +256,6 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    resolve_models(p, args, ("model",))  # a repo id -> its folder in the Hugging Face cache
     if args.temperature == 0 and args.n > 1:
         print(f"warning: --temperature 0 is greedy decoding, so the {args.n} answers of a prompt will be the same "
               "one and no pair can be built from them", file=sys.stderr)
@@ -265,8 +264,8 @@ def main(argv=None):
                 f"{Path(args.out) / 'scored.jsonl'}")
     prompts, report = read_prompts(args.prompts, args.image_folder, args.images_outside_folder)
     print(report.summary())
-    model = load_model(args.model, device=args.device)
-    processor = Processor.from_pretrained(args.model)
+    model = load_model(args.model, device=args.device, revision=args.revision)  # a folder, or a cached repo id
+    processor = Processor.from_pretrained(args.model, revision=args.revision)
     judge = make_judge(args)
     numbering = {r["id"]: i for i, r in enumerate(prompts)}  # keys each prompt's randomness to its line
     sample = model_sampler(model, processor, args.image_folder, args.n, args.temperature, args.max_new_tokens, args.seed,

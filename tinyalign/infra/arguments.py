@@ -79,7 +79,7 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     a = p.add_argument
     a("--model", help="checkpoint folder (llava-hf or original LLaVA layout) or Hugging Face repo id in the local "
       "cache (llava-hf/llava-1.5-7b-hf); omit to run the built-in demo")
-    a("--revision", help="--model's branch, tag or commit in the Hugging Face cache (default: main)")
+    a("--revision", help="--model's branch, tag or commit in the Hugging Face cache (default: main; --model's only)")
     a("--vision-tower", help="CLIP folder or repo id, for original LLaVA checkpoints (default: the config's "
       "mm_vision_tower, openai/clip-vit-large-patch14-336)")
     a("--data", help="training data file (JSON or JSONL)")
@@ -110,7 +110,8 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
       "folder, OUT/snapshots/step-N, kept (to look at training midway: python -m tinyalign.lab.tokens, eval.py); 0: none")
     a("--resume", action="store_true", help="continue the run in --out from its newest checkpoint; only "
       "--stop-after, --eval-every, --save-every, --snapshot-every, --device, --compile, --gradient-checkpointing, "
-      "--fsdp and --cache-dir may differ from the run's own arguments (anything else is refused, naming what differs)")
+      "--fsdp, --cache-dir and --revision (--model is compared as the snapshot folder it names) may differ from the "
+      "run's own arguments (anything else is refused, naming what differs)")
     a("--overwrite", action="store_true", help="start over in an --out that holds a run, deleting its checkpoints, "
       "metrics and model (a demo run always starts over)")
     a("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
@@ -159,10 +160,12 @@ def parse_recipe(parser: argparse.ArgumentParser, argv, paper: dict, demo: dict)
     return args
 
 
-def resolve_models(parser: argparse.ArgumentParser, args, options=("model", "vision_tower")) -> None:
+def resolve_models(parser: argparse.ArgumentParser, args, options=("model", "vision_tower"), strict: bool = True):
     """Each of these options given as a Hugging Face repo id becomes its snapshot folder in the local
     cache (tinyalign/hub.py), --revision choosing --model's; a folder stays as typed. A name found
-    nowhere stops the command here, naming the option, where it looked and how to download it."""
+    nowhere stops the command here (strict), naming the option, where it looked and how to download
+    it; or is left as typed (a command that may not need it: load_model names it if it is loaded).
+    --vision-tower is always left so: a llava-hf model never reads it."""
     revision = getattr(args, "revision", None)
     if revision and getattr(args, "model", None) is None:
         parser.error("--revision picks a revision of --model (a Hugging Face repo id): give --model")
@@ -173,7 +176,9 @@ def resolve_models(parser: argparse.ArgumentParser, args, options=("model", "vis
         try:
             folder = model_folder(name, revision if option == "model" else None)
         except FileNotFoundError as e:
-            parser.error(f"--{option.replace('_', '-')} {e}")
+            if strict and option != "vision_tower":
+                parser.error(f"--{option.replace('_', '-')} {e}")
+            continue
         if folder != Path(name):  # a repo id (or ~): the run records the folder it read, commit and all
             setattr(args, option, str(folder))
 

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import file_digest, read_jsonl
+from ..hub import snapshot_of
 from ..lora import apply_lora, merge_lora
 from .checkpoints import (latest_checkpoint, load_checkpoint, published, remove_leftovers, save_checkpoint, set_latest,
                           tensors_not_finite)
@@ -254,7 +255,8 @@ class Run:
 # What --resume lets differ from the run's own arguments: how often to log and save, where to stop
 # this session, and how to compute (not what). Everything else would change the run: refused.
 SAFE_TO_CHANGE = ("stop_after", "eval_every", "save_every", "snapshot_every", "device", "compile", "gradient_checkpointing", "fsdp",
-                  "cache_dir", "out", "resume", "overwrite")  # out: the run folder is the run, wherever it now lies
+                  "cache_dir", "revision", "out", "resume", "overwrite")  # out: the run folder is the run, wherever it
+# now lies; revision: --model is recorded as the snapshot folder it chose (its commit in the path), which is compared
 NOT_SAVED = ("resume", "overwrite", "defaults")  # how this session started, not what the run is
 
 
@@ -299,6 +301,10 @@ def refuse_changed_arguments(state: dict, args, folder: Path) -> None:
     changed += [f"--{key.replace('_', '-')} {getattr(args, key)}: "
                 + ("its files changed" if key == "model" else "the file changed") + " since the checkpoint"
                 for key, digest in state["data_digests"].items() if digests.get(key) != digest]
+    snapshot = snapshot_of(saved["model"]) if saved.get("model") and saved.get("model") != now.get("model") else None
+    if snapshot is not None:  # a repo id whose branch has moved in the cache since the run began
+        changed.append(f"(the run read {snapshot.repo_id} at commit {snapshot.commit}: --model {snapshot.repo_id} "
+                       f"--revision {snapshot.commit} resumes it on those weights)")
     if changed:
         raise SystemExit(f"--resume: {folder} was written by a run with other arguments:\n  " + "\n  ".join(changed)
                          + "\nOnly --" + ", --".join(k.replace("_", "-") for k in SAFE_TO_CHANGE[:-2])

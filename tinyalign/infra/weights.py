@@ -89,7 +89,12 @@ def weight_files(folder: Path) -> list[Path]:
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).exists():
             return [folder / single]
+        if (folder / single).is_symlink():  # a link into a Hub cache's blobs/ whose blob is gone
+            raise missing_file(folder, single, "the weights")
     found = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    for path in found:
+        if not path.exists():
+            raise missing_file(folder, path.name, "the weights")
     if not found:
         raise missing_file(folder, "model.safetensors", "the weights; no model.safetensors.index.json or "
                            "pytorch_model.bin(.index.json) either")

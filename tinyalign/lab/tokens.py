@@ -369,7 +369,7 @@ def write_token_page(result: dict, out: Path, image_folder, beta: float, shown: 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--policy", action="append", help="a trained model folder; repeat for one column each "
+    p.add_argument("--policy", action="append", help="a trained model folder (or repo id); repeat for one column each "
                                                      "(default: runs/demo-dpo/model)")
     p.add_argument("--reference", default="runs/demo-sft/model", help="the model DPO started from")
     p.add_argument("--pairs", default="runs/demo-sft/samples_heldout.jsonl",
@@ -385,15 +385,14 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     policies = args.policy or ["runs/demo-dpo/model"]
-    demo_hint = " (run python train_sft.py and python train_dpo.py first)"
-    for name in [*policies, args.reference]:
+    for name in [*policies, args.reference]:  # each a folder, or a repo id in the Hugging Face cache
+        hint = " (run python train_sft.py and python train_dpo.py first)" if name.startswith("runs/demo-") else ""
         try:
-            folder = model_folder(name)  # a folder, or a repo id in the Hugging Face cache
+            folder = model_folder(name)
         except FileNotFoundError as e:
-            raise SystemExit(f"{name}: no model there" + (demo_hint if name.startswith("runs/demo-") else f": {e}"))
+            raise SystemExit(f"{name}: no model there{hint or ': ' + str(e).removeprefix(f'{name}: ')}") from None
         if not (folder / "config.json").exists():
-            raise SystemExit(f"{name}: no model there (no config.json)" + demo_hint * name.startswith("runs/demo-"))
-    policies, args.reference = [str(model_folder(p)) for p in policies], str(model_folder(args.reference))
+            raise SystemExit(f"{name}: no model there (no config.json){hint}")
     result = token_views(policies, args.reference, args.pairs, args.image_folder, args.batch_size, args.packing,
                          args.device, args.limit)
     path = write_token_page(result, Path(args.out), args.image_folder, args.beta, args.shown, args.pair)
