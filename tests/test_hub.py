@@ -425,9 +425,9 @@ def test_annotate_and_the_token_view_read_a_repo_id(world_cache, tiny_world, tmp
 def test_train_dpo_by_repo_id_records_the_commit_and_resumes_on_it(world_cache, tiny_world, tmp_path):
     """A DPO run from `--model tiny-org/llava-tiny`: resumes by the same name; once the cache's main has
     moved, --resume refuses and says which --revision resumes on the weights the run began with; its
-    model's config names that commit."""
+    model's config names that commit, and so does its LoRA adapter's (as PEFT names a base model)."""
     pairs = write_pairs(tiny_world, tmp_path / "pairs.jsonl")
-    argv = dpo_args(tiny_world, pairs, tmp_path / "run", "--max-steps", "3")
+    argv = dpo_args(tiny_world, pairs, tmp_path / "run", "--max-steps", "3", "--save-adapter")
     argv[argv.index("--model") + 1] = REPO
     train_dpo.main(argv + ["--stop-after", "1"])
     train_dpo.main(argv + ["--stop-after", "1", "--resume"])  # the same repo id, the same snapshot
@@ -439,6 +439,8 @@ def test_train_dpo_by_repo_id_records_the_commit_and_resumes_on_it(world_cache, 
     assert checkpoint_step(tmp_path / "run") == 3
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert config[hub.SOURCE_KEY] == {"repo_id": REPO, "revision": COMMIT_B, "refs": []}  # main is A's now
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["base_model_name_or_path"], adapter["revision"]) == (REPO, COMMIT_B)  # PEFT's names for its base
 
 
 def test_the_readme_and_recipes_name_real_models_by_repo_id():

@@ -166,7 +166,7 @@ class Run:
             return None
         if self.args.save_adapter and self.args.lora_r > 0:
             save_adapter(model.language_model, self.out / "adapter", self.args.lora_r, self.args.lora_alpha,
-                         self.args.lora_dropout)
+                         self.args.lora_dropout, source=getattr(model, "source", None))
         merge_lora(model)
         return save_model(model, self.out / "model", processor=processor)
 

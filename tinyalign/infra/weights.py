@@ -374,9 +374,11 @@ def adapter_state(module: nn.Module, prefix: str = "") -> dict:
     return state
 
 
-def save_adapter(module: nn.Module, folder, r: int, alpha: float, dropout: float, targets=TARGETS):
+def save_adapter(module: nn.Module, folder, r: int, alpha: float, dropout: float, targets=TARGETS,
+                 source: dict | None = None):
     """adapter_model.safetensors + adapter_config.json, in PEFT's layout and names; written into a
-    temporary folder beside `folder` and renamed into place, as save_model writes a model."""
+    temporary folder beside `folder` and renamed into place, as save_model writes a model. source: the
+    weights the adapter goes on (a model's `source`), named as PEFT names its base model."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     recover_folder(folder)
@@ -387,6 +389,9 @@ def save_adapter(module: nn.Module, folder, r: int, alpha: float, dropout: float
                       str(tmp / "adapter_model.safetensors"))
             config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
                       "lora_dropout": dropout, "target_modules": list(targets), "bias": "none"}
+            if source:  # a Hub repo id and its commit, or the folder it was trained from
+                config["base_model_name_or_path"] = source.get("repo_id") or source.get("folder")
+                config["revision"] = source.get("revision")
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         fsync_tree(tmp)
         usual_permissions(tmp)
