@@ -76,6 +76,7 @@ def model_folder(name, revision: str | None = None) -> Path:
 
 
 def snapshot_folder(repo_id: str, revision: str) -> Path:
+    """`repo_id`'s snapshot folder at `revision` in the Hub cache, or an error saying what is there instead."""
     if Path(revision).is_absolute() or ".." in revision.split("/") or "\\" in revision:
         raise FileNotFoundError(f"{repo_id}: revision {revision!r} is not a branch, tag or commit")
     cache, why = hub_cache()
