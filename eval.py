@@ -57,9 +57,11 @@ DEFAULT_MAX_NEW_TOKENS = {"pope": 128, "mmbench": 128, "mmvet": 1024, "llava_ben
 
 def load(args):
     """The checkpoint and its processor (loaded only once the benchmark files have been checked)."""
-    model = load_model(args.model, device=args.device, vision_tower=args.vision_tower)
+    # --revision still counts for a repo id parse() did not find (its folder: already that revision's)
+    revision = None if Path(args.model).is_dir() else args.revision
+    model = load_model(args.model, device=args.device, vision_tower=args.vision_tower, revision=revision)
     processor = Processor.from_pretrained(args.model, template=args.template, image_mode=args.image_mode,
-                                          vision_tower=args.vision_tower)
+                                          vision_tower=args.vision_tower, revision=revision)
     return model, processor
 
 

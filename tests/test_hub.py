@@ -405,6 +405,9 @@ def test_an_eval_run_by_repo_id_names_the_model_and_its_commit(world_cache, tmp_
                                        "--max-new-tokens", "3", "--device", "cpu"])
     assert results["by-id"]["model_source"] == {"repo_id": REPO, "revision": COMMIT_B, "refs": ["main"]}
     assert results["by-id"]["splits"] == results["by-folder"]["splits"]
+    with pytest.raises(SystemExit, match="holds this repo but not its revision 'v9'"):  # never main in its place
+        evaluate.main(["pope", "--model", REPO, "--revision", "v9", "--pope-dir", str(bench["pope_dir"]),
+                       "--image-folder", str(bench["image_folder"]), "--out", str(tmp_path / "v9"), "--device", "cpu"])
 
 
 def test_annotate_and_the_token_view_read_a_repo_id(world_cache, tiny_world, tmp_path):
